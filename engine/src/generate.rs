@@ -1,0 +1,228 @@
+//! The generation loop: prefill, then sample and decode along the fixed path, streaming text.
+
+use crate::error::Result;
+use crate::path::LayerPath;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::session::{Logits, Route, Session};
+use crate::tokenizer::{TextStream, Tokenizer};
+use std::time::Instant;
+
+/// Generation settings.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop when one of these strings appears (it is not included in the text).
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached or the context is full.
+    Length,
+    /// The caller's callback asked to stop (e.g. the client went away).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// OpenAI's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated text (stop string excluded).
+    pub text: String,
+    /// Generated tokens.
+    pub tokens: Vec<i32>,
+    /// Prompt tokens.
+    pub n_prompt: usize,
+    /// The path the request followed.
+    pub path: LayerPath,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Seconds spent in prefill (routing included).
+    pub prefill_secs: f64,
+    /// Seconds spent generating.
+    pub decode_secs: f64,
+}
+
+/// Finds stop strings in streamed text, holding back what could be the start of one.
+#[derive(Debug, Default)]
+pub struct StopScanner {
+    stops: Vec<String>,
+    text: String,
+    emitted: usize,
+}
+
+impl StopScanner {
+    /// A scanner for these stop strings (empty ones are ignored).
+    pub fn new(stops: &[String]) -> Self {
+        StopScanner {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds text; returns what can be shown now and whether a stop string was hit.
+    pub fn push(&mut self, s: &str) -> (String, bool) {
+        self.text.push_str(s);
+        // earliest stop string occurrence; held-back text starts at `emitted`, and nothing
+        // before it can begin a stop string (see below)
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|st| self.text[self.emitted..].find(st.as_str()))
+            .min()
+            .map(|i| i + self.emitted);
+        if let Some(at) = hit {
+            let out = self.text[self.emitted..at].to_string();
+            self.text.truncate(at);
+            self.emitted = at;
+            return (out, true);
+        }
+        // hold back the longest suffix that is a prefix of a stop string
+        let mut keep = 0;
+        for st in &self.stops {
+            for l in (1..st.len()).rev() {
+                if l <= self.text.len() - self.emitted
+                    && st.is_char_boundary(l)
+                    && self.text.ends_with(&st[..l])
+                {
+                    keep = keep.max(l);
+                    break;
+                }
+            }
+        }
+        let upto = self.text.len() - keep;
+        let out = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        (out, false)
+    }
+
+    /// The held-back rest, at the end of generation.
+    pub fn finish(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+
+    /// All text accepted so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Prefills `prompt` along `route`, then generates. `on_text` receives text as it becomes
+/// final and returns false to stop.
+pub fn generate(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    prompt: &[i32],
+    route: Route<'_>,
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let t0 = Instant::now();
+    let pre = session.prefill(prompt, route, Logits::Last)?;
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut sampler = Sampler::new(&opts.sampling);
+    let mut stream = TextStream::default();
+    let mut stops = StopScanner::new(&opts.stop);
+    let mut tokens = Vec::new();
+    let mut logits = pre.logits[pre.logits.len() - session.model().n_vocab()..].to_vec();
+    let n_ctx = session.options().n_ctx;
+    let mut finish = FinishReason::Length;
+    let mut stopped_by_string = false;
+    while tokens.len() < opts.max_tokens {
+        let t = sampler.sample(&logits);
+        if !opts.ignore_eos && tokenizer.is_eog(t) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        tokens.push(t);
+        let piece = stream.push(&tokenizer.token_bytes(t));
+        let (show, hit) = stops.push(&piece);
+        if !show.is_empty() && !on_text(&show) {
+            finish = FinishReason::Cancelled;
+            break;
+        }
+        if hit {
+            finish = FinishReason::Stop;
+            stopped_by_string = true;
+            break;
+        }
+        if tokens.len() >= opts.max_tokens || session.n_past() >= n_ctx {
+            break;
+        }
+        logits.clear();
+        logits.extend_from_slice(session.decode(t)?);
+    }
+    if !stopped_by_string && finish != FinishReason::Cancelled {
+        let (mut rest, hit) = stops.push(&stream.finish());
+        if hit {
+            finish = FinishReason::Stop;
+        } else {
+            rest.push_str(&stops.finish());
+        }
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+    }
+    Ok(Generation {
+        text: stops.text().to_string(),
+        tokens,
+        n_prompt: prompt.len(),
+        path: pre.path,
+        finish,
+        prefill_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopScanner;
+
+    #[test]
+    fn stop_scanner_holds_back_and_cuts() {
+        let mut s = StopScanner::new(&["</end>".to_string()]);
+        assert_eq!(s.push("hello <"), ("hello ".to_string(), false));
+        assert_eq!(s.push("/en"), (String::new(), false));
+        assert_eq!(s.push("d> more"), (String::new(), true));
+        assert_eq!(s.text(), "hello ");
+        let mut s = StopScanner::new(&["ab".to_string()]);
+        assert_eq!(s.push("xa"), ("x".to_string(), false));
+        assert_eq!(s.push("c"), ("ac".to_string(), false));
+        assert_eq!(s.finish(), "");
+        let mut s = StopScanner::new(&[]);
+        assert_eq!(s.push("abc"), ("abc".to_string(), false));
+    }
+}

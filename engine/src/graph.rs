@@ -1,0 +1,423 @@
+//! Per-pass compute graphs, op for op as llama.cpp builds them (src/models/{llama,qwen2,qwen3,
+//! gemma3}.cpp and src/llama-graph.cpp), but for one block pass at a time so a request can
+//! take any path through the blocks.
+
+use crate::config::Family;
+use crate::error::{EngineError, Result};
+use crate::ffi::{self, GgmlCtx, Tensor};
+use crate::kv::KvSlot;
+use crate::model::Model;
+use crate::path::Pass;
+use llama_cpp_sys_2 as sys;
+
+/// KV cells are padded to this many so graphs stay the same across steps (llama.cpp does the
+/// same; it also selects the same kernels).
+pub(crate) const KV_PAD: usize = 256;
+
+/// Nodes one block pass adds to a graph (generous upper bound).
+pub(crate) const NODES_PER_PASS: usize = 64;
+
+/// The graph inputs shared by all passes of one graph.
+pub(crate) struct AttnInputs {
+    pub pos: Tensor,
+    pub kv_idxs: Tensor,
+    pub mask: Tensor,
+    pub mask_swa: Option<Tensor>,
+    pub n_kv: usize,
+}
+
+/// A graph under construction.
+pub(crate) struct GraphBuilder<'m> {
+    pub ctx: GgmlCtx,
+    pub gf: *mut sys::ggml_cgraph,
+    pub m: &'m Model,
+    pub n_tokens: usize,
+}
+
+impl<'m> GraphBuilder<'m> {
+    pub(crate) fn new(m: &'m Model, n_passes: usize, n_tokens: usize) -> Result<Self> {
+        let size = graph_size(n_passes);
+        let ctx = GgmlCtx::new(size, size)?;
+        // SAFETY: the context has room for one graph of this size.
+        let gf = unsafe { sys::ggml_new_graph_custom(ctx.ptr(), size, false) };
+        if gf.is_null() {
+            return Err(EngineError::Ggml("ggml_new_graph_custom failed".into()));
+        }
+        Ok(GraphBuilder {
+            ctx,
+            gf,
+            m,
+            n_tokens,
+        })
+    }
+
+    fn c(&self) -> *mut sys::ggml_context {
+        self.ctx.ptr()
+    }
+
+    pub(crate) fn expand(&self, t: Tensor) {
+        // SAFETY: t belongs to this graph's context (or is a weight/view of a live tensor).
+        unsafe { sys::ggml_build_forward_expand(self.gf, t) }
+    }
+
+    pub(crate) fn input(&self, t: Tensor, name: &str) -> Tensor {
+        ffi::set_name(t, name);
+        // SAFETY: live tensor.
+        unsafe { sys::ggml_set_input(t) };
+        t
+    }
+
+    /// Token ids input `[n_tokens]`.
+    pub(crate) fn tokens_input(&self) -> Tensor {
+        // SAFETY: new tensor in our context.
+        let t =
+            unsafe { sys::ggml_new_tensor_1d(self.c(), sys::GGML_TYPE_I32, self.n_tokens as i64) };
+        self.input(t, "inp_tokens")
+    }
+
+    /// Row selection input `[n_out]`.
+    pub(crate) fn out_ids_input(&self, n_out: usize) -> Tensor {
+        // SAFETY: new tensor in our context.
+        let t = unsafe { sys::ggml_new_tensor_1d(self.c(), sys::GGML_TYPE_I32, n_out as i64) };
+        self.input(t, "inp_out_ids")
+    }
+
+    /// Positions, KV cell indices and masks for `n_kv` visible cells.
+    pub(crate) fn attn_inputs(&self, n_kv: usize, with_swa: bool) -> AttnInputs {
+        let c = self.c();
+        let n = self.n_tokens as i64;
+        // SAFETY: new tensors in our context.
+        unsafe {
+            let pos = self.input(sys::ggml_new_tensor_1d(c, sys::GGML_TYPE_I32, n), "inp_pos");
+            let kv_idxs = self.input(
+                sys::ggml_new_tensor_1d(c, sys::GGML_TYPE_I64, n),
+                "attn_inp_kv_idxs",
+            );
+            let mask = self.input(
+                sys::ggml_new_tensor_4d(c, sys::GGML_TYPE_F16, n_kv as i64, n, 1, 1),
+                "attn_inp_kq_mask",
+            );
+            let mask_swa = with_swa.then(|| {
+                self.input(
+                    sys::ggml_new_tensor_4d(c, sys::GGML_TYPE_F16, n_kv as i64, n, 1, 1),
+                    "attn_inp_kq_mask_swa",
+                )
+            });
+            AttnInputs {
+                pos,
+                kv_idxs,
+                mask,
+                mask_swa,
+                n_kv,
+            }
+        }
+    }
+
+    fn rms_norm(&self, x: Tensor, w: Tensor) -> Tensor {
+        // SAFETY: ops on live tensors.
+        unsafe {
+            let cur = sys::ggml_rms_norm(self.c(), x, self.m.cfg.rms_eps);
+            sys::ggml_mul(self.c(), cur, w)
+        }
+    }
+
+    /// Token embeddings as block 0 sees them (`[n_embd, n_tokens]`).
+    pub(crate) fn embed(&self, tokens: Tensor) -> Tensor {
+        // SAFETY: ops on live tensors.
+        unsafe {
+            let mut cur = sys::ggml_get_rows(self.c(), self.m.tok_embd, tokens);
+            if let Some(s) = self.m.cfg.embd_scale {
+                cur = sys::ggml_scale(self.c(), cur, s);
+            }
+            ffi::set_name(cur, "inp_embd");
+            self.expand(cur);
+            cur
+        }
+    }
+
+    /// One pass of one block on `x` (`[n_embd, n_tokens]`). With `prune`, only the selected rows
+    /// go through the feed-forward part and come out (llama.cpp does this in its last block).
+    pub(crate) fn block(
+        &self,
+        x: Tensor,
+        pass: Pass,
+        slot: KvSlot,
+        inp: &AttnInputs,
+        prune: Option<Tensor>,
+    ) -> Tensor {
+        let m = self.m;
+        let cfg = &m.cfg;
+        let w = &m.blocks[pass.block];
+        let c = self.c();
+        let n = self.n_tokens as i64;
+        let hd = cfg.head_dim_k as i64;
+        let swa = cfg.is_swa[pass.block];
+        let (freq_base, freq_scale) = if swa {
+            (cfg.rope.freq_base_swa, cfg.rope.freq_scale_swa)
+        } else {
+            (cfg.rope.freq_base, cfg.rope.freq_scale)
+        };
+        let r = &cfg.rope;
+        let il = pass.block;
+        // SAFETY: every op takes live tensors of this graph, the model or the KV cache, with
+        // shapes checked at load time.
+        unsafe {
+            let mut cur = self.rms_norm(x, w.attn_norm);
+
+            let mut q = sys::ggml_mul_mat(c, w.wq, cur);
+            if let Some(b) = w.bq {
+                q = sys::ggml_add(c, q, b);
+            }
+            let mut k = sys::ggml_mul_mat(c, w.wk, cur);
+            if let Some(b) = w.bk {
+                k = sys::ggml_add(c, k, b);
+            }
+            let mut v = sys::ggml_mul_mat(c, w.wv, cur);
+            if let Some(b) = w.bv {
+                v = sys::ggml_add(c, v, b);
+            }
+            q = sys::ggml_reshape_3d(c, q, hd, cfg.n_head as i64, n);
+            k = sys::ggml_reshape_3d(c, k, hd, cfg.n_head_kv as i64, n);
+            v = sys::ggml_reshape_3d(c, v, cfg.head_dim_v as i64, cfg.n_head_kv as i64, n);
+
+            let rope_factors = if cfg.family == Family::Llama {
+                m.rope_freqs.unwrap_or(std::ptr::null_mut())
+            } else {
+                std::ptr::null_mut()
+            };
+            let rope = |t: Tensor| {
+                sys::ggml_rope_ext(
+                    c,
+                    t,
+                    inp.pos,
+                    rope_factors,
+                    r.n_rot as i32,
+                    r.mode,
+                    r.n_ctx_orig as i32,
+                    freq_base,
+                    freq_scale,
+                    r.ext_factor,
+                    r.attn_factor,
+                    r.beta_fast,
+                    r.beta_slow,
+                )
+            };
+            if let Some(qn) = w.q_norm {
+                q = self.rms_norm(q, qn);
+            }
+            q = rope(q);
+            if let Some(kn) = w.k_norm {
+                k = self.rms_norm(k, kn);
+            }
+            k = rope(k);
+            ffi::set_name(q, &format!("Qcur-{il}"));
+            ffi::set_name(k, &format!("Kcur-{il}"));
+            if let Some(s) = cfg.q_scale {
+                q = sys::ggml_scale(c, q, s);
+            }
+
+            // same order as llama.cpp so the scheduler makes the same splits
+            self.expand(q);
+            self.expand(v);
+            self.expand(k);
+
+            let n_embd_k = cfg.n_embd_k_gqa() as i64;
+            let n_embd_v = cfg.n_embd_v_gqa() as i64;
+            let k2 = sys::ggml_view_2d(c, k, n_embd_k, n, (*k).nb[2], 0);
+            self.expand(sys::ggml_set_rows(c, slot.k, k2, inp.kv_idxs));
+            let v2 = sys::ggml_view_2d(c, v, n_embd_v, n, (*v).nb[2], 0);
+            self.expand(sys::ggml_set_rows(c, slot.v, v2, inp.kv_idxs));
+
+            let kv_size = (*slot.k).ne[1];
+            let row = |t: Tensor, ne: i64| sys::ggml_row_size((*t).type_, ne);
+            let kview = sys::ggml_view_4d(
+                c,
+                slot.k,
+                hd,
+                cfg.n_head_kv as i64,
+                inp.n_kv as i64,
+                1,
+                row(slot.k, hd),
+                row(slot.k, n_embd_k),
+                row(slot.k, n_embd_k * kv_size),
+                0,
+            );
+            let hdv = cfg.head_dim_v as i64;
+            let vview = sys::ggml_view_4d(
+                c,
+                slot.v,
+                hdv,
+                cfg.n_head_kv as i64,
+                inp.n_kv as i64,
+                1,
+                row(slot.v, hdv),
+                row(slot.v, n_embd_v),
+                row(slot.v, n_embd_v * kv_size),
+                0,
+            );
+            let qp = sys::ggml_permute(c, q, 0, 2, 1, 3);
+            let kp = sys::ggml_permute(c, kview, 0, 2, 1, 3);
+            let vp = sys::ggml_permute(c, vview, 0, 2, 1, 3);
+            let mask = if swa {
+                inp.mask_swa.unwrap_or(inp.mask)
+            } else {
+                inp.mask
+            };
+            cur = sys::ggml_flash_attn_ext(c, qp, kp, vp, mask, cfg.kq_scale, 0.0, 0.0);
+            sys::ggml_flash_attn_ext_set_n_kv_max(cur, 0);
+            sys::ggml_prec_set_acc(cur, sys::GGML_PREC_F32);
+            cur = sys::ggml_reshape_2d(
+                c,
+                cur,
+                (*cur).ne[0] * (*cur).ne[1],
+                (*cur).ne[2] * (*cur).ne[3],
+            );
+            self.expand(cur);
+
+            cur = sys::ggml_mul_mat(c, w.wo, cur);
+            if let Some(b) = w.bo {
+                cur = sys::ggml_add(c, cur, b);
+            }
+            let mut res = x;
+            if let Some(ids) = prune {
+                cur = sys::ggml_get_rows(c, cur, ids);
+                res = sys::ggml_get_rows(c, res, ids);
+            }
+            if let Some(pn) = w.attn_post_norm {
+                cur = self.rms_norm(cur, pn);
+            }
+            let ffn_inp = sys::ggml_add(c, cur, res);
+
+            cur = self.rms_norm(ffn_inp, w.ffn_norm);
+            let up = sys::ggml_mul_mat(c, w.ffn_up, cur);
+            let gate = sys::ggml_mul_mat(c, w.ffn_gate, cur);
+            cur = if cfg.family == Family::Gemma3 {
+                sys::ggml_geglu_split(c, gate, up)
+            } else {
+                sys::ggml_swiglu_split(c, gate, up)
+            };
+            cur = sys::ggml_mul_mat(c, w.ffn_down, cur);
+            if let Some(pn) = w.ffn_post_norm {
+                cur = self.rms_norm(cur, pn);
+            }
+            let out = sys::ggml_add(c, cur, ffn_inp);
+            ffi::set_name(out, &format!("l_out-{il}.{}", pass.pass));
+            out
+        }
+    }
+
+    /// Final norm and LM head: logits `[n_vocab, rows]`.
+    pub(crate) fn head(&self, x: Tensor) -> Tensor {
+        let m = self.m;
+        let c = self.c();
+        // SAFETY: ops on live tensors.
+        unsafe {
+            let cur = self.rms_norm(x, m.output_norm);
+            let mut cur = sys::ggml_mul_mat(c, m.output, cur);
+            let cap = m.cfg.final_logit_softcap;
+            if cap != 0.0 {
+                cur = sys::ggml_scale(c, cur, 1.0 / cap);
+                cur = sys::ggml_tanh(c, cur);
+                cur = sys::ggml_scale(c, cur, cap);
+            }
+            ffi::set_name(cur, "result_output");
+            sys::ggml_set_output(cur);
+            self.expand(cur);
+            cur
+        }
+    }
+
+    /// A view of `n` columns of a persistent `[n_embd, N]` tensor starting at column `start`.
+    pub(crate) fn columns(&self, t: Tensor, start: usize, n: usize) -> Tensor {
+        // SAFETY: the caller keeps start + n within the tensor.
+        unsafe {
+            let nb1 = (*t).nb[1];
+            sys::ggml_view_2d(self.c(), t, (*t).ne[0], n as i64, nb1, nb1 * start)
+        }
+    }
+
+    /// Copies `src` into `dst` at the end of the graph.
+    pub(crate) fn store(&self, src: Tensor, dst: Tensor) {
+        // SAFETY: same shapes, dst is a view of a persistent tensor.
+        unsafe {
+            let t = sys::ggml_cpy(self.c(), src, dst);
+            self.expand(t);
+        }
+    }
+}
+
+/// Graph size for a graph running `n_passes` block passes plus embedding and head.
+pub(crate) fn graph_size(n_passes: usize) -> usize {
+    NODES_PER_PASS * (n_passes + 2) + 256
+}
+
+/// Visible KV cells for a batch ending at position `end` (exclusive).
+pub(crate) fn n_kv_for(end: usize, n_ctx: usize) -> usize {
+    let padded = end.div_ceil(KV_PAD).max(1) * KV_PAD;
+    padded.min(n_ctx)
+}
+
+/// Fills the attention inputs for tokens at positions `pos0 .. pos0 + n` of one sequence whose
+/// token at position p is stored in cell p.
+pub(crate) fn set_attn_inputs(
+    inp: &AttnInputs,
+    pos0: usize,
+    n: usize,
+    n_swa: usize,
+    scratch: &mut Scratch,
+) {
+    scratch.pos.clear();
+    scratch.pos.extend((pos0..pos0 + n).map(|p| p as i32));
+    scratch.idx.clear();
+    scratch.idx.extend((pos0..pos0 + n).map(|p| p as i64));
+    set_if_allocated(inp.pos, &scratch.pos);
+    set_if_allocated(inp.kv_idxs, &scratch.idx);
+    const ZERO: u16 = 0x0000; // f16 0.0
+    const NEG_INF: u16 = 0xFC00; // f16 -inf
+    let n_kv = inp.n_kv;
+    let fill = |buf: &mut Vec<u16>, window: Option<usize>| {
+        buf.clear();
+        buf.resize(n_kv * n, NEG_INF);
+        for i in 0..n {
+            let p = pos0 + i;
+            let lo = match window {
+                Some(w) if w > 0 => (p + 1).saturating_sub(w),
+                _ => 0,
+            };
+            let row = &mut buf[i * n_kv..(i + 1) * n_kv];
+            for cell in row.iter_mut().take((p + 1).min(n_kv)).skip(lo) {
+                *cell = ZERO;
+            }
+        }
+    };
+    if is_allocated(inp.mask) {
+        fill(&mut scratch.mask, None);
+        ffi::tensor_set(inp.mask, &scratch.mask);
+    }
+    if let Some(ms) = inp.mask_swa {
+        if is_allocated(ms) {
+            fill(&mut scratch.mask, Some(n_swa));
+            ffi::tensor_set(ms, &scratch.mask);
+        }
+    }
+}
+
+/// Reusable host buffers for graph inputs.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub pos: Vec<i32>,
+    pub idx: Vec<i64>,
+    pub mask: Vec<u16>,
+    pub ids: Vec<i32>,
+}
+
+pub(crate) fn is_allocated(t: Tensor) -> bool {
+    // SAFETY: reading a field of a live tensor. An input the graph never uses has no buffer.
+    unsafe { !(*t).buffer.is_null() }
+}
+
+pub(crate) fn set_if_allocated<T: Copy>(t: Tensor, data: &[T]) {
+    if is_allocated(t) {
+        ffi::tensor_set(t, data);
+    }
+}

@@ -1,0 +1,612 @@
+//! Loading a GGUF model into ggml backend buffers, the way llama.cpp does it.
+//!
+//! The file is first checked by drllm's own hardened GGUF reader (`drllm-gguf`), then opened with
+//! ggml's gguf reader for tensor metadata; each weight goes to the first buffer type in llama.cpp's
+//! preference list whose device supports the op that weight is used in (so on CPU, quantized
+//! matrices land in the repacked "extra" buffer types and run llama.cpp's fastest kernels).
+
+use crate::config::{Family, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::ffi::{self, Buffer, GgmlCtx, Tensor};
+use drllm_gguf::GgufFile;
+use llama_cpp_sys_2 as sys;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Which device runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The best ggml device available (a GPU when drllm is built with CUDA or Metal).
+    #[default]
+    Auto,
+    /// Force the CPU.
+    Cpu,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            other => Err(format!("unknown device '{other}' (auto or cpu)")),
+        }
+    }
+}
+
+/// Weights of one transformer block.
+pub(crate) struct BlockWeights {
+    pub attn_norm: Tensor,
+    pub wq: Tensor,
+    pub wk: Tensor,
+    pub wv: Tensor,
+    pub wo: Tensor,
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub bo: Option<Tensor>,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub attn_post_norm: Option<Tensor>,
+    pub ffn_norm: Tensor,
+    pub ffn_gate: Tensor,
+    pub ffn_up: Tensor,
+    pub ffn_down: Tensor,
+    pub ffn_post_norm: Option<Tensor>,
+}
+
+/// A loaded model: configuration and weights in backend buffers. Immutable once loaded and
+/// shared between sessions (`Arc<Model>`).
+pub struct Model {
+    pub(crate) cfg: ModelConfig,
+    path: PathBuf,
+    gguf: GgufFile,
+    pub(crate) tok_embd: Tensor,
+    pub(crate) output_norm: Tensor,
+    pub(crate) output: Tensor,
+    pub(crate) rope_freqs: Option<Tensor>,
+    pub(crate) blocks: Vec<BlockWeights>,
+    /// The accelerator the layers live on, if any.
+    pub(crate) gpu: Option<sys::ggml_backend_dev_t>,
+    pub(crate) cpu: sys::ggml_backend_dev_t,
+    buffers: Vec<Buffer>,
+    _ctxs: Vec<GgmlCtx>,
+}
+
+// SAFETY: after loading, the weights are never written; tensors and buffers are plain memory
+// owned by the Model. Sessions only read them.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    Input,
+    Output,
+    Repeating,
+}
+
+struct Wanted {
+    name: String,
+    shape: Vec<i64>,
+    op: sys::ggml_op,
+    layer: Layer,
+    required: bool,
+}
+
+type BuftList = Vec<(sys::ggml_backend_dev_t, sys::ggml_backend_buffer_type_t)>;
+
+impl Model {
+    /// Loads a model file.
+    pub fn load(path: impl AsRef<Path>, device: DeviceChoice) -> Result<Model> {
+        let path = path.as_ref().to_path_buf();
+        crate::init_backend();
+        let gguf = GgufFile::open(&path).map_err(|e| match e {
+            drllm_gguf::GgufError::Io(source) => EngineError::Io {
+                path: path.clone(),
+                source,
+            },
+            source => EngineError::Gguf {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        let mut cfg = ModelConfig::from_gguf(&gguf)?;
+
+        // ggml's own gguf reader for the tensor metadata
+        let cpath = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| EngineError::State("path contains a NUL byte".into()))?;
+        let mut meta_raw: *mut sys::ggml_context = std::ptr::null_mut();
+        let params = sys::gguf_init_params {
+            no_alloc: true,
+            ctx: &mut meta_raw,
+        };
+        // SAFETY: valid C path; on success meta_raw receives a context we own.
+        let gctx = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
+        if gctx.is_null() {
+            return Err(EngineError::Ggml(format!(
+                "ggml's gguf reader rejected {}",
+                path.display()
+            )));
+        }
+        // SAFETY: gctx is live; we only need the ggml context it made.
+        unsafe { sys::gguf_free(gctx) };
+        let meta = GgmlCtx::from_raw(meta_raw)
+            .ok_or_else(|| EngineError::Ggml("gguf reader returned no tensor context".into()))?;
+
+        // devices and buffer type lists (llama.cpp: make_cpu_buft_list / make_gpu_buft_list)
+        let cpu = ffi::cpu_device()?;
+        let gpu = match device {
+            DeviceChoice::Cpu => None,
+            DeviceChoice::Auto => {
+                let devs = ffi::devices();
+                devs.iter()
+                    .find(|(_, t)| *t == sys::GGML_BACKEND_DEVICE_TYPE_GPU)
+                    .or_else(|| {
+                        devs.iter()
+                            .find(|(_, t)| *t == sys::GGML_BACKEND_DEVICE_TYPE_IGPU)
+                    })
+                    .map(|(d, _)| *d)
+            }
+        };
+        let mut cpu_list: BuftList = Vec::new();
+        // SAFETY: registry queries.
+        unsafe {
+            for (d, t) in ffi::devices() {
+                if t == sys::GGML_BACKEND_DEVICE_TYPE_ACCEL {
+                    let b = sys::ggml_backend_dev_buffer_type(d);
+                    if b != sys::ggml_backend_cpu_buffer_type() {
+                        cpu_list.push((d, b));
+                    }
+                }
+            }
+            if let Some(g) = gpu {
+                let hb = sys::ggml_backend_dev_host_buffer_type(g);
+                if !hb.is_null() {
+                    cpu_list.push((g, hb));
+                }
+            }
+            for b in ffi::cpu_extra_bufts(cpu) {
+                cpu_list.push((cpu, b));
+            }
+            cpu_list.push((cpu, sys::ggml_backend_dev_buffer_type(cpu)));
+        }
+        let layer_list: BuftList = match gpu {
+            // SAFETY: registry query.
+            Some(g) => {
+                let mut l = vec![(g, unsafe { sys::ggml_backend_dev_buffer_type(g) })];
+                l.extend(cpu_list.iter().copied());
+                l
+            }
+            None => cpu_list.clone(),
+        };
+
+        // the tensors the family needs
+        let c = &cfg;
+        let (e, hd, nh, nkv, ff) = (
+            c.n_embd as i64,
+            c.head_dim_k as i64,
+            c.n_head as i64,
+            c.n_head_kv as i64,
+            c.n_ff as i64,
+        );
+        let mut wanted: Vec<Wanted> = Vec::new();
+        let mut want = |name: String, shape: Vec<i64>, op, layer, required| {
+            wanted.push(Wanted {
+                name,
+                shape,
+                op,
+                layer,
+                required,
+            })
+        };
+        use sys::{
+            GGML_OP_ADD as ADD, GGML_OP_GET_ROWS as ROWS, GGML_OP_MUL as MUL, GGML_OP_MUL_MAT as MM,
+        };
+        // the vocabulary size is whatever the embedding has; checked below
+        let n_vocab = meta_tensor(&meta, "token_embd.weight")
+            .map(|t| unsafe { (*t).ne[1] })
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: "token_embd.weight".into(),
+            })?;
+        if cfg.n_vocab != 0 && cfg.n_vocab as i64 != n_vocab {
+            return Err(EngineError::BadTensor {
+                name: "token_embd.weight".into(),
+                reason: format!(
+                    "{n_vocab} rows but the vocabulary has {} tokens",
+                    cfg.n_vocab
+                ),
+            });
+        }
+        cfg.n_vocab = n_vocab as usize;
+        want(
+            "token_embd.weight".into(),
+            vec![e, n_vocab],
+            ROWS,
+            Layer::Input,
+            true,
+        );
+        want(
+            "output_norm.weight".into(),
+            vec![e],
+            MUL,
+            Layer::Output,
+            true,
+        );
+        want(
+            "output.weight".into(),
+            vec![e, n_vocab],
+            MM,
+            Layer::Output,
+            false,
+        );
+        if cfg.family == Family::Llama {
+            want(
+                "rope_freqs.weight".into(),
+                vec![(cfg.rope.n_rot / 2) as i64],
+                sys::GGML_OP_ROPE,
+                Layer::Repeating,
+                false,
+            );
+        }
+        let gemma = cfg.family == Family::Gemma3;
+        let qk_norm = matches!(cfg.family, Family::Qwen3 | Family::Gemma3);
+        let qkv_bias = cfg.family == Family::Qwen2;
+        for i in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let r = Layer::Repeating;
+            want(n("attn_norm.weight"), vec![e], MUL, r, true);
+            want(n("attn_q.weight"), vec![e, nh * hd], MM, r, true);
+            want(n("attn_k.weight"), vec![e, nkv * hd], MM, r, true);
+            want(n("attn_v.weight"), vec![e, nkv * hd], MM, r, true);
+            want(n("attn_output.weight"), vec![nh * hd, e], MM, r, true);
+            want(n("attn_q.bias"), vec![nh * hd], ADD, r, qkv_bias);
+            want(n("attn_k.bias"), vec![nkv * hd], ADD, r, qkv_bias);
+            want(n("attn_v.bias"), vec![nkv * hd], ADD, r, qkv_bias);
+            want(n("attn_output.bias"), vec![e], ADD, r, false);
+            if qk_norm {
+                want(n("attn_q_norm.weight"), vec![hd], MUL, r, true);
+                want(n("attn_k_norm.weight"), vec![hd], MUL, r, true);
+            }
+            if gemma {
+                want(n("post_attention_norm.weight"), vec![e], MUL, r, true);
+                want(n("post_ffw_norm.weight"), vec![e], MUL, r, true);
+            }
+            want(n("ffn_norm.weight"), vec![e], MUL, r, true);
+            want(n("ffn_gate.weight"), vec![e, ff], MM, r, true);
+            want(n("ffn_up.weight"), vec![e, ff], MM, r, true);
+            want(n("ffn_down.weight"), vec![ff, e], MM, r, true);
+        }
+
+        // check presence/shape, pick a buffer type for each
+        let mut chosen: Vec<(usize, Tensor, sys::ggml_backend_buffer_type_t)> = Vec::new();
+        for (wi, w) in wanted.iter().enumerate() {
+            let Some(t) = meta_tensor(&meta, &w.name) else {
+                if w.required {
+                    return Err(EngineError::MissingTensor {
+                        name: w.name.clone(),
+                    });
+                }
+                continue;
+            };
+            // SAFETY: t is a live meta tensor.
+            let ne = unsafe { (*t).ne };
+            let mut want_ne = [1i64; 4];
+            want_ne[..w.shape.len()].copy_from_slice(&w.shape);
+            if ne != want_ne {
+                return Err(EngineError::BadTensor {
+                    name: w.name.clone(),
+                    reason: format!("shape {:?}, expected {:?}", trim_ne(&ne), trim_ne(&want_ne)),
+                });
+            }
+            let info = gguf
+                .tensor(&w.name)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    name: w.name.clone(),
+                })?;
+            // SAFETY: t is live.
+            if unsafe { sys::ggml_nbytes(t) } as u64 != info.size {
+                return Err(EngineError::BadTensor {
+                    name: w.name.clone(),
+                    reason: "ggml and drllm disagree on the tensor size".into(),
+                });
+            }
+            let list = match w.layer {
+                Layer::Input => &cpu_list,
+                _ => &layer_list,
+            };
+            let buft = select_buft(t, w.op, list, &cfg)?.ok_or_else(|| {
+                EngineError::Ggml(format!("no buffer type can hold tensor {}", w.name))
+            })?;
+            chosen.push((wi, t, buft));
+        }
+        // tied output: llama.cpp duplicates token_embd for the LM head in the output buffer list
+        let mut output_dup: Option<(Tensor, sys::ggml_backend_buffer_type_t)> = None;
+        let tied = meta_tensor(&meta, "output.weight").is_none();
+        if tied {
+            let t = meta_tensor(&meta, "token_embd.weight").ok_or_else(|| {
+                EngineError::MissingTensor {
+                    name: "token_embd.weight".into(),
+                }
+            })?;
+            let buft = select_buft(t, MM, &layer_list, &cfg)?
+                .ok_or_else(|| EngineError::Ggml("no buffer type can hold the LM head".into()))?;
+            output_dup = Some((t, buft));
+        }
+
+        // one context + buffer per buffer type
+        let mut by_buft: Vec<(sys::ggml_backend_buffer_type_t, Vec<(String, Tensor)>)> = Vec::new();
+        let mut push = |buft, name: String, t| {
+            if let Some(e) = by_buft.iter_mut().find(|(b, _)| *b == buft) {
+                e.1.push((name, t));
+            } else {
+                by_buft.push((buft, vec![(name, t)]));
+            }
+        };
+        let embd_buft = chosen
+            .iter()
+            .find(|(wi, _, _)| wanted[*wi].name == "token_embd.weight")
+            .map(|(_, _, b)| *b);
+        for (wi, t, buft) in &chosen {
+            push(*buft, wanted[*wi].name.clone(), *t);
+        }
+        let mut share_output_with_embd = false;
+        if let Some((t, buft)) = output_dup {
+            if Some(buft) == embd_buft {
+                share_output_with_embd = true;
+            } else {
+                push(buft, "output.weight".into(), t);
+            }
+        }
+        let mut ctxs = Vec::new();
+        let mut buffers = Vec::new();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        // (tensor in its buffer, name of the file tensor holding its bytes)
+        let mut loads: Vec<(Tensor, String)> = Vec::new();
+        for (buft, list) in &by_buft {
+            let ctx = GgmlCtx::new(list.len() + 1, 0)?;
+            for (name, meta_t) in list {
+                // SAFETY: duplicate the meta tensor's type/shape into our context.
+                let t = unsafe { sys::ggml_dup_tensor(ctx.ptr(), *meta_t) };
+                ffi::set_name(t, name);
+                tensors.insert(name.clone(), t);
+                let src = if tied && name == "output.weight" {
+                    "token_embd.weight".to_string()
+                } else {
+                    name.clone()
+                };
+                loads.push((t, src));
+            }
+            let buf = Buffer::alloc_ctx_tensors(&ctx, *buft)?;
+            // SAFETY: live buffer.
+            unsafe {
+                sys::ggml_backend_buffer_set_usage(
+                    buf.ptr(),
+                    sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
+                )
+            };
+            ctxs.push(ctx);
+            buffers.push(buf);
+        }
+        drop(meta);
+
+        // read the bytes
+        let mut file = std::fs::File::open(&path).map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut bytes: Vec<u8> = Vec::new();
+        for (t, src) in &loads {
+            let info = gguf
+                .tensor(src)
+                .ok_or_else(|| EngineError::MissingTensor { name: src.clone() })?;
+            let range = gguf.tensor_data_range(info);
+            let len = usize::try_from(info.size)
+                .map_err(|_| EngineError::State("tensor too large".into()))?;
+            bytes.resize(len, 0);
+            file.seek(SeekFrom::Start(range.start))
+                .and_then(|_| file.read_exact(&mut bytes))
+                .map_err(|source| EngineError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            ffi::tensor_set(*t, &bytes);
+        }
+
+        let get = |name: &str| tensors.get(name).copied();
+        let need = |name: String| {
+            tensors
+                .get(&name)
+                .copied()
+                .ok_or(EngineError::MissingTensor { name })
+        };
+        let tok_embd = need("token_embd.weight".into())?;
+        let output = if share_output_with_embd {
+            tok_embd
+        } else {
+            need("output.weight".into())?
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            blocks.push(BlockWeights {
+                attn_norm: need(n("attn_norm.weight"))?,
+                wq: need(n("attn_q.weight"))?,
+                wk: need(n("attn_k.weight"))?,
+                wv: need(n("attn_v.weight"))?,
+                wo: need(n("attn_output.weight"))?,
+                bq: get(&n("attn_q.bias")),
+                bk: get(&n("attn_k.bias")),
+                bv: get(&n("attn_v.bias")),
+                bo: get(&n("attn_output.bias")),
+                q_norm: get(&n("attn_q_norm.weight")),
+                k_norm: get(&n("attn_k_norm.weight")),
+                attn_post_norm: get(&n("post_attention_norm.weight")),
+                ffn_norm: need(n("ffn_norm.weight"))?,
+                ffn_gate: need(n("ffn_gate.weight"))?,
+                ffn_up: need(n("ffn_up.weight"))?,
+                ffn_down: need(n("ffn_down.weight"))?,
+                ffn_post_norm: get(&n("post_ffw_norm.weight")),
+            });
+        }
+        Ok(Model {
+            output_norm: need("output_norm.weight".into())?,
+            rope_freqs: get("rope_freqs.weight"),
+            tok_embd,
+            output,
+            blocks,
+            gpu,
+            cpu,
+            cfg,
+            path,
+            gguf,
+            buffers,
+            _ctxs: ctxs,
+        })
+    }
+
+    /// Hyperparameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Number of transformer blocks.
+    pub fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+
+    /// Vocabulary size.
+    pub fn n_vocab(&self) -> usize {
+        self.cfg.n_vocab
+    }
+
+    /// The file the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed GGUF header (metadata and tensor table).
+    pub fn gguf(&self) -> &GgufFile {
+        &self.gguf
+    }
+
+    /// Name of the device that runs the blocks.
+    pub fn device_name(&self) -> String {
+        match self.gpu {
+            Some(g) => format!("{} ({})", ffi::dev_name(g), ffi::dev_description(g)),
+            None => "CPU".into(),
+        }
+    }
+
+    /// Weight bytes per buffer type, e.g. `[("CPU_REPACK", 60_000_000), ("CPU", 40_000_000)]`.
+    pub fn buffer_summary(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for b in &self.buffers {
+            // SAFETY: live buffer.
+            let name = ffi::buft_name(unsafe { sys::ggml_backend_buffer_get_type(b.ptr()) });
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 += b.size(),
+                None => out.push((name, b.size())),
+            }
+        }
+        out
+    }
+}
+
+fn trim_ne(ne: &[i64; 4]) -> Vec<i64> {
+    let mut v = ne.to_vec();
+    while v.len() > 1 && v[v.len() - 1] == 1 {
+        v.pop();
+    }
+    v
+}
+
+fn meta_tensor(meta: &GgmlCtx, name: &str) -> Option<Tensor> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: lookup by name in a live context.
+    let t = unsafe { sys::ggml_get_tensor(meta.ptr(), c.as_ptr()) };
+    (!t.is_null()).then_some(t)
+}
+
+/// llama.cpp's `select_weight_buft`: the first buffer type whose device supports the op the
+/// weight is used in, with the weight placed in a buffer of that type.
+fn select_buft(
+    w: Tensor,
+    op: sys::ggml_op,
+    list: &BuftList,
+    cfg: &ModelConfig,
+) -> Result<Option<sys::ggml_backend_buffer_type_t>> {
+    for &(dev, buft) in list {
+        let ctx = GgmlCtx::new(8, 0)?;
+        // SAFETY: building a throwaway op in a scratch context; w is copied, not modified.
+        let supported = unsafe {
+            let wc = sys::ggml_dup_tensor(ctx.ptr(), w);
+            let c = ctx.ptr();
+            let op_t = match op {
+                sys::GGML_OP_GET_ROWS => {
+                    let b = sys::ggml_new_tensor_1d(c, sys::GGML_TYPE_I32, 512);
+                    sys::ggml_get_rows(c, wc, b)
+                }
+                sys::GGML_OP_MUL_MAT => {
+                    let b = sys::ggml_new_tensor_4d(
+                        c,
+                        sys::GGML_TYPE_F32,
+                        (*wc).ne[0],
+                        512,
+                        (*wc).ne[2],
+                        (*wc).ne[3],
+                    );
+                    sys::ggml_mul_mat(c, wc, b)
+                }
+                sys::GGML_OP_ADD => {
+                    let a = sys::ggml_new_tensor_4d(
+                        c,
+                        sys::GGML_TYPE_F32,
+                        (*wc).ne[0],
+                        (*wc).ne[1],
+                        (*wc).ne[2],
+                        (*wc).ne[3],
+                    );
+                    sys::ggml_add(c, a, wc)
+                }
+                sys::GGML_OP_MUL => {
+                    let a = sys::ggml_new_tensor_4d(
+                        c,
+                        sys::GGML_TYPE_F32,
+                        (*wc).ne[0],
+                        (*wc).ne[1],
+                        (*wc).ne[2],
+                        (*wc).ne[3],
+                    );
+                    sys::ggml_mul(c, a, wc)
+                }
+                sys::GGML_OP_ROPE => {
+                    let a = sys::ggml_new_tensor_3d(
+                        c,
+                        sys::GGML_TYPE_F32,
+                        cfg.head_dim_k as i64,
+                        cfg.n_head as i64,
+                        512,
+                    );
+                    let b = sys::ggml_new_tensor_1d(c, sys::GGML_TYPE_I32, 512);
+                    sys::ggml_rope_ext(c, a, b, wc, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+                }
+                _ => return Ok(Some(buft)),
+            };
+            let dummy = sys::ggml_backend_buft_alloc_buffer(buft, 0);
+            (*wc).buffer = dummy;
+            let ok = sys::ggml_backend_dev_supports_op(dev, op_t);
+            (*wc).buffer = std::ptr::null_mut();
+            if !dummy.is_null() {
+                sys::ggml_backend_buffer_free(dummy);
+            }
+            ok
+        };
+        if supported {
+            return Ok(Some(buft));
+        }
+    }
+    Ok(None)
+}

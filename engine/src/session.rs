@@ -1,0 +1,667 @@
+//! A session: one sequence, its KV cache and its fixed layer path.
+//!
+//! Prefill either runs a fixed path token-major (one graph per chunk of tokens, like llama.cpp),
+//! or lets a [`PrefillHook`] choose the passes block by block: then it runs layer-major, one
+//! graph per pass, keeping the residual stream of the whole prompt in a device tensor the hook
+//! can read between passes. Decoding builds one graph per token along the path, reused while
+//! the path and the number of visible KV cells stay the same.
+
+use crate::error::{EngineError, Result};
+use crate::ffi::{self, Backend, Buffer, GgmlCtx, Sched, Tensor};
+use crate::graph::{self, AttnInputs, GraphBuilder, Scratch};
+use crate::kv::KvCache;
+use crate::model::Model;
+use crate::path::{LayerPath, Pass, MAX_PASSES_PER_BLOCK};
+use llama_cpp_sys_2 as sys;
+use std::sync::Arc;
+
+/// Session settings.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Context length in tokens (KV cells per slot).
+    pub n_ctx: usize,
+    /// CPU threads.
+    pub n_threads: usize,
+    /// Most tokens per graph at prefill (llama.cpp's n_ubatch).
+    pub n_ubatch: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            n_ctx: 4096,
+            n_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(4),
+            n_ubatch: 512,
+        }
+    }
+}
+
+/// Which logits a prefill returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's.
+    Last,
+    /// Every token's, in order.
+    All,
+}
+
+/// Chooses how many passes each block gets while the prompt is prefilled (the router plugs in
+/// here). Called once per block, in order, with the residual stream entering that block.
+pub trait PrefillHook {
+    /// Passes for `block` (0 = skip, 1 = run, 2 = run twice, at most [`MAX_PASSES_PER_BLOCK`]).
+    fn passes(
+        &mut self,
+        block: usize,
+        hidden: &mut Hidden<'_>,
+    ) -> std::result::Result<usize, String>;
+}
+
+/// How the path of a prefill is chosen.
+pub enum Route<'a> {
+    /// A fixed path.
+    Fixed(&'a LayerPath),
+    /// Block by block by a hook.
+    Hook(&'a mut dyn PrefillHook),
+}
+
+/// What a prefill produced.
+#[derive(Debug, Clone)]
+pub struct Prefill {
+    /// The path the sequence now follows.
+    pub path: LayerPath,
+    /// Logits, `rows x n_vocab`, row-major.
+    pub logits: Vec<f32>,
+    /// Number of logit rows.
+    pub rows: usize,
+}
+
+/// The residual stream of the prompt entering a block, as a hook sees it. The data stays on
+/// the device; read it with [`Hidden::to_host`] or reduce it there with [`Hidden::window_means`].
+pub struct Hidden<'a> {
+    s: &'a mut Session,
+    n_tokens: usize,
+}
+
+impl Hidden<'_> {
+    /// Prompt tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Hidden size.
+    pub fn n_embd(&self) -> usize {
+        self.s.model.cfg.n_embd
+    }
+
+    /// Copies the hidden states to the host: `n_tokens x n_embd`, row-major.
+    pub fn to_host(&self) -> Vec<f32> {
+        let n = self.n_tokens * self.n_embd();
+        let mut out = vec![0f32; n];
+        // SAFETY: the residual tensor holds at least n_ctx >= n_tokens columns.
+        unsafe {
+            sys::ggml_backend_tensor_get(self.s.resid, out.as_mut_ptr().cast(), 0, n * 4);
+        }
+        out
+    }
+
+    /// Means of `n_windows` equal windows of `floor(T / n_windows)` consecutive tokens over the
+    /// first `n_windows * floor(T / n_windows)` tokens (the rest are dropped), computed on the
+    /// device: `n_windows x n_embd`, row-major. `n_windows` must be in `1..=T`.
+    pub fn window_means(&mut self, n_windows: usize) -> Result<Vec<f32>> {
+        let t = self.n_tokens;
+        if n_windows == 0 || n_windows > t {
+            return Err(EngineError::State(format!(
+                "cannot pool {t} tokens into {n_windows} windows"
+            )));
+        }
+        let size = t / n_windows;
+        let d = self.n_embd();
+        let model = self.s.model.clone();
+        let b = GraphBuilder::new(&model, 0, t)?;
+        let resid = self.s.resid;
+        // SAFETY: ops on the live residual tensor, within its first t columns.
+        let out = unsafe {
+            let c = b.ctx.ptr();
+            let x = b.columns(resid, 0, n_windows * size);
+            let x = sys::ggml_reshape_3d(c, x, d as i64, size as i64, n_windows as i64);
+            let x = sys::ggml_cont(c, sys::ggml_permute(c, x, 1, 0, 2, 3)); // [size, d, W]
+            let x = sys::ggml_sum_rows(c, x); // [1, d, W]
+            let x = sys::ggml_scale(c, x, 1.0 / size as f32);
+            sys::ggml_set_output(x);
+            b.expand(x);
+            x
+        };
+        self.s.compute(&b, |_| Ok(()))?;
+        let mut v = Vec::new();
+        ffi::tensor_get_f32(out, &mut v);
+        Ok(v)
+    }
+}
+
+struct CachedGraph {
+    _ctx: GgmlCtx,
+    gf: *mut sys::ggml_cgraph,
+    tokens: Tensor,
+    inp: AttnInputs,
+    logits: Tensor,
+    path: LayerPath,
+    n_kv: usize,
+    alloc_gen: u64,
+}
+
+/// One sequence on a model.
+pub struct Session {
+    model: Arc<Model>,
+    opts: SessionOptions,
+    sched: Sched,
+    _backends: Vec<Backend>,
+    kv: KvCache,
+    resid: Tensor,
+    _resid_store: (GgmlCtx, Buffer),
+    path: Option<LayerPath>,
+    n_past: usize,
+    decode_graph: Option<CachedGraph>,
+    /// bumped each time the scheduler allocates a graph
+    alloc_gen: u64,
+    scratch: Scratch,
+    logits: Vec<f32>,
+}
+
+// SAFETY: all raw pointers are owned by the session (or the shared, immutable Model); the
+// session is used from one thread at a time through &mut.
+unsafe impl Send for Session {}
+
+impl Session {
+    /// Creates a session with its own KV cache and compute buffers.
+    pub fn new(model: Arc<Model>, opts: SessionOptions) -> Result<Session> {
+        if opts.n_ctx == 0 || opts.n_ubatch == 0 || opts.n_threads == 0 {
+            return Err(EngineError::State(
+                "n_ctx, n_ubatch and n_threads must be positive".into(),
+            ));
+        }
+        let cfg = &model.cfg;
+        // backends: accelerator first, CPU last (the scheduler's priority order)
+        let mut backends = Vec::new();
+        let mut bufts = Vec::new();
+        if let Some(g) = model.gpu {
+            let be = Backend::init(g)?;
+            ffi::set_n_threads(be.ptr(), g, opts.n_threads);
+            // SAFETY: registry query.
+            bufts.push(unsafe { sys::ggml_backend_dev_buffer_type(g) });
+            backends.push(be);
+        }
+        let cpu = Backend::init(model.cpu)?;
+        ffi::set_n_threads(cpu.ptr(), model.cpu, opts.n_threads);
+        // SAFETY: registry queries.
+        let cpu_buft = unsafe {
+            match model.gpu {
+                Some(g) => {
+                    let hb = sys::ggml_backend_dev_host_buffer_type(g);
+                    if hb.is_null() {
+                        sys::ggml_backend_dev_buffer_type(model.cpu)
+                    } else {
+                        hb
+                    }
+                }
+                None => sys::ggml_backend_dev_buffer_type(model.cpu),
+            }
+        };
+        bufts.push(cpu_buft);
+        backends.push(cpu);
+        let ptrs: Vec<_> = backends.iter().map(|b| b.ptr()).collect();
+        let max_nodes = graph::graph_size(MAX_PASSES_PER_BLOCK * cfg.n_layer);
+        let sched = Sched::new(&ptrs, &bufts, max_nodes)?;
+
+        // KV cache and residual stream live on the device that runs the blocks
+        // SAFETY: registry query.
+        let dev_buft = unsafe { sys::ggml_backend_dev_buffer_type(model.gpu.unwrap_or(model.cpu)) };
+        let kv = KvCache::new(cfg, opts.n_ctx, dev_buft)?;
+        let rctx = GgmlCtx::new(1, 0)?;
+        // SAFETY: new tensor in our context.
+        let resid = unsafe {
+            sys::ggml_new_tensor_2d(
+                rctx.ptr(),
+                sys::GGML_TYPE_F32,
+                cfg.n_embd as i64,
+                opts.n_ctx as i64,
+            )
+        };
+        ffi::set_name(resid, "residual");
+        let rbuf = Buffer::alloc_ctx_tensors(&rctx, dev_buft)?;
+
+        let mut s = Session {
+            model,
+            opts,
+            sched,
+            _backends: backends,
+            kv,
+            resid,
+            _resid_store: (rctx, rbuf),
+            path: None,
+            n_past: 0,
+            decode_graph: None,
+            alloc_gen: 0,
+            scratch: Scratch::default(),
+            logits: Vec::new(),
+        };
+        s.reserve()?;
+        Ok(s)
+    }
+
+    /// Reserves compute buffers for the largest graph a full-depth prefill builds.
+    fn reserve(&mut self) -> Result<()> {
+        let model = self.model.clone();
+        let n = self.opts.n_ubatch.min(self.opts.n_ctx);
+        let path = LayerPath::full(model.cfg.n_layer);
+        let b = GraphBuilder::new(&model, path.len(), n)?;
+        let tok = b.tokens_input();
+        let mut x = b.embed(tok);
+        let inp = b.attn_inputs(self.opts.n_ctx, model.cfg.n_swa > 0);
+        for p in path.passes() {
+            x = b.block(x, p, self.kv.slot(p.block, p.pass)?, &inp, None);
+        }
+        b.head(x);
+        // SAFETY: live scheduler and graph.
+        let ok = unsafe { sys::ggml_backend_sched_reserve(self.sched.ptr(), b.gf) };
+        if !ok {
+            return Err(EngineError::Ggml(
+                "could not reserve compute buffers (out of memory?)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Settings.
+    pub fn options(&self) -> &SessionOptions {
+        &self.opts
+    }
+
+    /// Tokens in the sequence so far.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// The sequence's path (set by the first prefill).
+    pub fn path(&self) -> Option<&LayerPath> {
+        self.path.as_ref()
+    }
+
+    /// Logits of the last token processed.
+    pub fn last_logits(&self) -> &[f32] {
+        let v = self.model.cfg.n_vocab;
+        if self.logits.len() >= v {
+            &self.logits[self.logits.len() - v..]
+        } else {
+            &[]
+        }
+    }
+
+    /// Bytes of KV cache allocated so far.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    /// Forgets the sequence (the next prefill starts a new one, with a new path).
+    pub fn reset(&mut self) {
+        self.path = None;
+        self.n_past = 0;
+        self.logits.clear();
+    }
+
+    /// Changes the CPU thread count.
+    pub fn set_threads(&mut self, n: usize) {
+        let n = n.max(1);
+        self.opts.n_threads = n;
+        for be in &self._backends {
+            // SAFETY: live backend.
+            let dev = unsafe { sys::ggml_backend_get_device(be.ptr()) };
+            ffi::set_n_threads(be.ptr(), dev, n);
+        }
+    }
+
+    fn check_tokens(&self, tokens: &[i32]) -> Result<()> {
+        let n_vocab = self.model.cfg.n_vocab;
+        if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
+            return Err(EngineError::InvalidToken { token: t, n_vocab });
+        }
+        let needed = self.n_past + tokens.len();
+        if needed > self.opts.n_ctx {
+            return Err(EngineError::ContextFull {
+                needed,
+                n_ctx: self.opts.n_ctx,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts a new sequence with `tokens`, choosing its path, and returns the logits asked for.
+    pub fn prefill(&mut self, tokens: &[i32], route: Route<'_>, logits: Logits) -> Result<Prefill> {
+        self.reset();
+        if tokens.is_empty() {
+            return Err(EngineError::State("empty prompt".into()));
+        }
+        self.check_tokens(tokens)?;
+        match route {
+            Route::Fixed(path) => {
+                if path.n_layer() != self.model.cfg.n_layer {
+                    return Err(EngineError::State(format!(
+                        "path is for {} blocks, the model has {}",
+                        path.n_layer(),
+                        self.model.cfg.n_layer
+                    )));
+                }
+                self.kv.ensure(path)?;
+                self.path = Some(path.clone());
+                let (logits, rows) = self.run_tokens(tokens, logits)?;
+                Ok(Prefill {
+                    path: path.clone(),
+                    logits,
+                    rows,
+                })
+            }
+            Route::Hook(hook) => self.prefill_hooked(tokens, hook, logits),
+        }
+    }
+
+    /// Appends tokens to the sequence along its path (e.g. the next user turn).
+    pub fn append(&mut self, tokens: &[i32], logits: Logits) -> Result<(Vec<f32>, usize)> {
+        if self.path.is_none() {
+            return Err(EngineError::State("append before prefill".into()));
+        }
+        if tokens.is_empty() {
+            return Err(EngineError::State("nothing to append".into()));
+        }
+        self.check_tokens(tokens)?;
+        self.run_tokens(tokens, logits)
+    }
+
+    /// Processes one generated token along the fixed path; returns its logits.
+    pub fn decode(&mut self, token: i32) -> Result<&[f32]> {
+        let path = self
+            .path
+            .clone()
+            .ok_or_else(|| EngineError::State("decode before prefill".into()))?;
+        self.check_tokens(&[token])?;
+        let n_kv = graph::n_kv_for(self.n_past + 1, self.opts.n_ctx);
+        let reuse = matches!(&self.decode_graph, Some(g)
+            if g.path == path && g.n_kv == n_kv && g.alloc_gen == self.alloc_gen);
+        if !reuse {
+            self.decode_graph = None;
+            let model = self.model.clone();
+            let b = GraphBuilder::new(&model, path.len(), 1)?;
+            let tokens = b.tokens_input();
+            let mut x = b.embed(tokens);
+            let inp = b.attn_inputs(n_kv, model.cfg.n_swa > 0);
+            for p in path.passes() {
+                x = b.block(x, p, self.kv.slot(p.block, p.pass)?, &inp, None);
+            }
+            let logits = b.head(x);
+            self.alloc(&b)?;
+            let gf = b.gf;
+            self.decode_graph = Some(CachedGraph {
+                _ctx: b.ctx,
+                gf,
+                tokens,
+                inp,
+                logits,
+                path,
+                n_kv,
+                alloc_gen: self.alloc_gen,
+            });
+        }
+        let g = self
+            .decode_graph
+            .as_ref()
+            .ok_or_else(|| EngineError::State("decode graph missing".into()))?;
+        ffi::tensor_set(g.tokens, &[token]);
+        graph::set_attn_inputs(
+            &g.inp,
+            self.n_past,
+            1,
+            self.model.cfg.n_swa,
+            &mut self.scratch,
+        );
+        // SAFETY: graph allocated by this scheduler (alloc_gen matches).
+        let st = unsafe { sys::ggml_backend_sched_graph_compute(self.sched.ptr(), g.gf) };
+        if st != sys::GGML_STATUS_SUCCESS {
+            return Err(EngineError::Ggml(format!(
+                "graph compute failed (status {st})"
+            )));
+        }
+        ffi::tensor_get_f32(g.logits, &mut self.logits);
+        self.n_past += 1;
+        Ok(&self.logits)
+    }
+
+    /// Token-major run of `tokens` along the current path, chunk by chunk.
+    fn run_tokens(&mut self, tokens: &[i32], mode: Logits) -> Result<(Vec<f32>, usize)> {
+        let path = self
+            .path
+            .clone()
+            .ok_or_else(|| EngineError::State("no path".into()))?;
+        let model = self.model.clone();
+        let cfg = &model.cfg;
+        let passes = path.passes();
+        let mut out = Vec::new();
+        let mut rows = 0;
+        let n_chunks = tokens.len().div_ceil(self.opts.n_ubatch);
+        for (ci, chunk) in tokens.chunks(self.opts.n_ubatch).enumerate() {
+            let n = chunk.len();
+            let last_chunk = ci + 1 == n_chunks;
+            let pos0 = self.n_past;
+            let n_kv = graph::n_kv_for(pos0 + n, self.opts.n_ctx);
+            let b = GraphBuilder::new(&model, passes.len(), n)?;
+            let tok = b.tokens_input();
+            let mut x = b.embed(tok);
+            let inp = b.attn_inputs(n_kv, cfg.n_swa > 0);
+            let want_rows = match mode {
+                Logits::All => n,
+                Logits::Last if last_chunk => 1,
+                Logits::Last => 0,
+            };
+            let out_ids = (want_rows > 0 && want_rows < n).then(|| b.out_ids_input(want_rows));
+            for (i, p) in passes.iter().enumerate() {
+                let prune = if i + 1 == passes.len() { out_ids } else { None };
+                x = b.block(x, *p, self.kv.slot(p.block, p.pass)?, &inp, prune);
+            }
+            if passes.is_empty() {
+                if let Some(ids) = out_ids {
+                    // SAFETY: op on live tensors.
+                    x = unsafe { sys::ggml_get_rows(b.ctx.ptr(), x, ids) };
+                }
+            }
+            let logits = if want_rows > 0 {
+                Some(b.head(x))
+            } else {
+                b.expand(x);
+                None
+            };
+            let n_swa = cfg.n_swa;
+            self.compute(&b, |s| {
+                ffi::tensor_set(tok, chunk);
+                graph::set_attn_inputs(&inp, pos0, n, n_swa, s);
+                if let Some(ids) = out_ids {
+                    s.ids.clear();
+                    s.ids.push((n - 1) as i32);
+                    graph::set_if_allocated(ids, &s.ids);
+                }
+                Ok(())
+            })?;
+            if let Some(l) = logits {
+                let mut v = Vec::new();
+                ffi::tensor_get_f32(l, &mut v);
+                out.extend_from_slice(&v);
+                rows += want_rows;
+            }
+            self.n_past += n;
+        }
+        self.logits.clear();
+        self.logits
+            .extend_from_slice(&out[out.len().saturating_sub(cfg.n_vocab)..]);
+        Ok((out, rows))
+    }
+
+    /// Layer-major prefill: embed the whole prompt into the residual stream, then for each block
+    /// ask the hook for its passes and run them over all chunks.
+    fn prefill_hooked(
+        &mut self,
+        tokens: &[i32],
+        hook: &mut dyn PrefillHook,
+        mode: Logits,
+    ) -> Result<Prefill> {
+        let model = self.model.clone();
+        let cfg = &model.cfg;
+        let t_total = tokens.len();
+        let ub = self.opts.n_ubatch;
+        let chunks: Vec<(usize, usize)> = (0..t_total)
+            .step_by(ub)
+            .map(|s| (s, ub.min(t_total - s)))
+            .collect();
+
+        // embeddings into the residual stream
+        for &(s, n) in &chunks {
+            let b = GraphBuilder::new(&model, 0, n)?;
+            let tok = b.tokens_input();
+            let x = b.embed(tok);
+            b.store(x, b.columns(self.resid, s, n));
+            self.compute(&b, |_| {
+                ffi::tensor_set(tok, &tokens[s..s + n]);
+                Ok(())
+            })?;
+        }
+
+        let mut blocks: Vec<usize> = Vec::new();
+        let mut logits_out: Vec<f32> = Vec::new();
+        let mut rows = 0usize;
+        let n_layer = cfg.n_layer;
+        for block in 0..n_layer {
+            let passes = {
+                let mut h = Hidden {
+                    s: self,
+                    n_tokens: t_total,
+                };
+                hook.passes(block, &mut h).map_err(EngineError::Hook)?
+            };
+            if passes > MAX_PASSES_PER_BLOCK {
+                return Err(EngineError::Hook(format!(
+                    "{passes} passes for block {block}; at most {MAX_PASSES_PER_BLOCK}"
+                )));
+            }
+            self.kv.ensure_block(block, passes)?;
+            for pass in 0..passes {
+                let final_pass = block + 1 == n_layer && pass + 1 == passes;
+                let slot = self.kv.slot(block, pass)?;
+                let p = Pass { block, pass };
+                for (ci, &(s, n)) in chunks.iter().enumerate() {
+                    let last_chunk = ci + 1 == chunks.len();
+                    let n_kv = graph::n_kv_for(s + n, self.opts.n_ctx);
+                    let b = GraphBuilder::new(&model, 1, n)?;
+                    let inp = b.attn_inputs(n_kv, cfg.is_swa[block]);
+                    let x = b.columns(self.resid, s, n);
+                    let want_rows = match (final_pass, mode) {
+                        (false, _) => 0,
+                        (true, Logits::All) => n,
+                        (true, Logits::Last) => usize::from(last_chunk),
+                    };
+                    let prune = (want_rows == 1 && n > 1).then(|| b.out_ids_input(1));
+                    let out = b.block(x, p, slot, &inp, prune);
+                    let logits = if want_rows > 0 {
+                        Some(b.head(out))
+                    } else {
+                        if !final_pass {
+                            b.store(out, b.columns(self.resid, s, n));
+                        } else {
+                            b.expand(out);
+                        }
+                        None
+                    };
+                    let n_swa = cfg.n_swa;
+                    self.compute(&b, |sc| {
+                        graph::set_attn_inputs(&inp, s, n, n_swa, sc);
+                        if let Some(ids) = prune {
+                            sc.ids.clear();
+                            sc.ids.push((n - 1) as i32);
+                            graph::set_if_allocated(ids, &sc.ids);
+                        }
+                        Ok(())
+                    })?;
+                    if let Some(l) = logits {
+                        let mut v = Vec::new();
+                        ffi::tensor_get_f32(l, &mut v);
+                        logits_out.extend_from_slice(&v);
+                        rows += want_rows;
+                    }
+                }
+                blocks.push(block);
+            }
+        }
+
+        // the last block was skipped: the head reads the residual stream
+        if rows == 0 {
+            let spans: Vec<(usize, usize)> = match mode {
+                Logits::Last => vec![(t_total - 1, 1)],
+                Logits::All => chunks.clone(),
+            };
+            for (s, n) in spans {
+                let b = GraphBuilder::new(&model, 0, n)?;
+                let l = b.head(b.columns(self.resid, s, n));
+                self.compute(&b, |_| Ok(()))?;
+                let mut v = Vec::new();
+                ffi::tensor_get_f32(l, &mut v);
+                logits_out.extend_from_slice(&v);
+                rows += n;
+            }
+        }
+
+        let path = LayerPath::new(&blocks, n_layer)?;
+        self.path = Some(path.clone());
+        self.n_past = t_total;
+        self.logits.clear();
+        self.logits
+            .extend_from_slice(&logits_out[logits_out.len().saturating_sub(cfg.n_vocab)..]);
+        Ok(Prefill {
+            path,
+            logits: logits_out,
+            rows,
+        })
+    }
+
+    fn alloc(&mut self, b: &GraphBuilder<'_>) -> Result<()> {
+        // SAFETY: live scheduler and graph.
+        unsafe {
+            sys::ggml_backend_sched_reset(self.sched.ptr());
+            if !sys::ggml_backend_sched_alloc_graph(self.sched.ptr(), b.gf) {
+                return Err(EngineError::Ggml(
+                    "could not allocate the compute graph (out of memory?)".into(),
+                ));
+            }
+        }
+        self.alloc_gen += 1;
+        Ok(())
+    }
+
+    /// Allocates a graph, sets its inputs and runs it.
+    fn compute(
+        &mut self,
+        b: &GraphBuilder<'_>,
+        set_inputs: impl FnOnce(&mut Scratch) -> Result<()>,
+    ) -> Result<()> {
+        self.alloc(b)?;
+        set_inputs(&mut self.scratch)?;
+        // SAFETY: graph allocated just above.
+        let st = unsafe { sys::ggml_backend_sched_graph_compute(self.sched.ptr(), b.gf) };
+        if st != sys::GGML_STATUS_SUCCESS {
+            return Err(EngineError::Ggml(format!(
+                "graph compute failed (status {st})"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! `drllm bench`: stock llama.cpp and drllm's engine on the same file, measured side by side in
+//! one run (interleaved repetitions; the median of each is reported).
+
+use crate::ModelArgs;
+use anyhow::{Context, Result};
+use clap::Args;
+use drllm_engine::stock::StockModel;
+use drllm_engine::{LayerPath, Logits, Route, Session, SessionOptions, Tokenizer};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens (prompt processing test).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Generated tokens (generation test).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Repetitions of each measurement (median reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Clone, Copy, Default)]
+struct Speed {
+    pp_tok_s: f64,
+    tg_tok_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    arch: String,
+    n_layer: usize,
+    device: String,
+    threads: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    reps: usize,
+    stock: Speed,
+    engine_full: Speed,
+    full_over_stock_pp: f64,
+    full_over_stock_tg: f64,
+    path: Option<PathReport>,
+}
+
+#[derive(Serialize)]
+struct PathReport {
+    path: String,
+    passes: usize,
+    skipped: Vec<usize>,
+    repeated: Vec<usize>,
+    speed: Speed,
+    path_over_full_pp: f64,
+    path_over_full_tg: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Deterministic prompt tokens: real text repeated to the length asked for.
+fn prompt_tokens(tok: &Tokenizer, n: usize) -> Vec<i32> {
+    const TEXT: &str = "The quick brown fox jumps over the lazy dog while the farmer counts his \
+        sheep in the green valley near the old river. Scientists measure the temperature of the \
+        water every morning and write the numbers in a small notebook. ";
+    let mut out = tok.tokenize("", true, false);
+    let body = tok.tokenize(TEXT, false, false);
+    while out.len() < n {
+        out.extend_from_slice(&body);
+    }
+    out.truncate(n);
+    out
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = a.model.threads();
+    let reps = a.reps.max(1);
+    let model = a.model.load()?;
+    let tok = Tokenizer::load(&a.model.model)?;
+    let stock = StockModel::load(&a.model.model, a.model.device)?;
+    let n_ctx = (a.prompt_tokens + a.gen_tokens + 16)
+        .next_power_of_two()
+        .max(512);
+    let n_ubatch = 512;
+    let prompt = prompt_tokens(&tok, a.prompt_tokens.max(1));
+    let full = LayerPath::full(model.n_layer());
+    let routed = match &a.model.path {
+        Some(_) => Some(a.model.layer_path(model.n_layer())?),
+        None => None,
+    };
+    let mut sctx = stock
+        .context(n_ctx, threads, n_ubatch)
+        .context("stock llama.cpp context")?;
+    let mut session = Session::new(
+        model.clone(),
+        SessionOptions {
+            n_ctx,
+            n_threads: threads,
+            n_ubatch,
+        },
+    )?;
+    let first = prompt[0];
+
+    // one measurement of each kind; returns (pp tok/s, tg tok/s)
+    let mut stock_run = || -> Result<(f64, f64)> {
+        sctx.reset();
+        let t = Instant::now();
+        sctx.eval(&prompt, false)?;
+        let pp = prompt.len() as f64 / t.elapsed().as_secs_f64();
+        sctx.reset();
+        let mut logits = sctx.eval(&[first], false)?;
+        let t = Instant::now();
+        for _ in 0..a.gen_tokens {
+            let next = drllm_argmax(&logits);
+            logits = sctx.decode(next)?.to_vec();
+        }
+        let tg = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        Ok((pp, tg))
+    };
+    let engine_run = |s: &mut Session, path: &LayerPath| -> Result<(f64, f64)> {
+        let t = Instant::now();
+        s.prefill(&prompt, Route::Fixed(path), Logits::Last)?;
+        let pp = prompt.len() as f64 / t.elapsed().as_secs_f64();
+        let mut logits = s
+            .prefill(&[first], Route::Fixed(path), Logits::Last)?
+            .logits;
+        let t = Instant::now();
+        for _ in 0..a.gen_tokens {
+            let next = drllm_argmax(&logits);
+            logits = s.decode(next)?.to_vec();
+        }
+        let tg = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        Ok((pp, tg))
+    };
+
+    // warm-up
+    stock_run()?;
+    engine_run(&mut session, &full)?;
+    if let Some(p) = &routed {
+        engine_run(&mut session, p)?;
+    }
+    let (mut spp, mut stg, mut fpp, mut ftg, mut rpp, mut rtg) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // ratios are taken per repetition (runs back to back) and then the median: this machine's
+    // speed drifts, and pairing cancels most of the drift
+    let (mut r_pp, mut r_tg, mut q_pp, mut q_tg) = (vec![], vec![], vec![], vec![]);
+    for i in 0..reps {
+        if !a.json {
+            eprint!("\r[bench] repetition {}/{reps}", i + 1);
+        }
+        let (sp, sg) = stock_run()?;
+        let (fp, fg) = engine_run(&mut session, &full)?;
+        spp.push(sp);
+        stg.push(sg);
+        fpp.push(fp);
+        ftg.push(fg);
+        r_pp.push(fp / sp);
+        r_tg.push(fg / sg);
+        if let Some(path) = &routed {
+            let (p, g) = engine_run(&mut session, path)?;
+            rpp.push(p);
+            rtg.push(g);
+            q_pp.push(p / fp);
+            q_tg.push(g / fg);
+        }
+    }
+    if !a.json {
+        eprintln!();
+    }
+    let stock_s = Speed {
+        pp_tok_s: median(&mut spp),
+        tg_tok_s: median(&mut stg),
+    };
+    let full_s = Speed {
+        pp_tok_s: median(&mut fpp),
+        tg_tok_s: median(&mut ftg),
+    };
+    let path_report = routed.as_ref().map(|p| {
+        let s = Speed {
+            pp_tok_s: median(&mut rpp),
+            tg_tok_s: median(&mut rtg),
+        };
+        PathReport {
+            path: p.to_string(),
+            passes: p.len(),
+            skipped: p.skipped(),
+            repeated: p.repeated(),
+            speed: s,
+            path_over_full_pp: median(&mut q_pp),
+            path_over_full_tg: median(&mut q_tg),
+        }
+    });
+    let report = Report {
+        model: a.model.model.display().to_string(),
+        arch: model.config().family.arch_name().to_string(),
+        n_layer: model.n_layer(),
+        device: model.device_name(),
+        threads,
+        prompt_tokens: prompt.len(),
+        gen_tokens: a.gen_tokens,
+        reps,
+        stock: stock_s,
+        engine_full: full_s,
+        full_over_stock_pp: median(&mut r_pp),
+        full_over_stock_tg: median(&mut r_tg),
+        path: path_report,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "model {} ({}, {} blocks) on {}, {} threads, medians of {} runs (ratios: median of per-run ratios)",
+        report.model, report.arch, report.n_layer, report.device, threads, reps
+    );
+    println!(
+        "{:<34} {:>12} {:>12}",
+        "",
+        format!("pp{} tok/s", report.prompt_tokens),
+        format!("tg{} tok/s", report.gen_tokens)
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12.1}",
+        "stock llama.cpp", stock_s.pp_tok_s, stock_s.tg_tok_s
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12.1}   ratio to stock: pp {:.3}, tg {:.3}",
+        format!("drllm full depth ({} passes)", model.n_layer()),
+        full_s.pp_tok_s,
+        full_s.tg_tok_s,
+        report.full_over_stock_pp,
+        report.full_over_stock_tg
+    );
+    if let Some(p) = &report.path {
+        println!(
+            "{:<34} {:>12.1} {:>12.1}   speed-up over full depth: pp {:.3}x, tg {:.3}x",
+            format!("drllm path ({} passes)", p.passes),
+            p.speed.pp_tok_s,
+            p.speed.tg_tok_s,
+            p.path_over_full_pp,
+            p.path_over_full_tg
+        );
+        println!(
+            "  path {}: skipped {:?}, repeated {:?}",
+            p.path, p.skipped, p.repeated
+        );
+    }
+    Ok(())
+}
+
+fn drllm_argmax(logits: &[f32]) -> i32 {
+    let mut best = 0usize;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as i32
+}

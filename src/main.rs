@@ -1,0 +1,233 @@
+//! `drllm`: run GGUF models with a per-request layer path.
+
+mod bench;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use drllm_engine::{
+    generate, ChatMessage, DeviceChoice, GenerateOptions, LayerPath, Model, Route, SamplingParams,
+    Session, SessionOptions, Tokenizer,
+};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The model the README's main job runs when no -m is given.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser)]
+#[command(
+    name = "drllm",
+    version,
+    about = "Dynamic layer routing for local GGUF models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Prompt and generation speed of stock llama.cpp and of drllm, side by side.
+    Bench(bench::BenchArgs),
+}
+
+/// Options shared by the commands that load a model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file.
+    #[arg(short = 'm', long = "model", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// CPU threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Device: auto (best available) or cpu.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Layer path: `full`, a list like `0-3,3,5-29`, or edits like `skip=4,7 repeat=3`.
+    #[arg(long)]
+    pub path: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| SessionOptions::default().n_threads)
+    }
+
+    pub fn load(&self) -> Result<Arc<Model>> {
+        if !self.model.exists() {
+            bail!(
+                "model file {} not found (run scripts/setup.sh to fetch the default models)",
+                self.model.display()
+            );
+        }
+        let m = Model::load(&self.model, self.device)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        Ok(Arc::new(m))
+    }
+
+    pub fn layer_path(&self, n_layer: usize) -> Result<LayerPath> {
+        match &self.path {
+            None => Ok(LayerPath::full(n_layer)),
+            Some(s) => LayerPath::parse(s, n_layer).with_context(|| format!("--path '{s}'")),
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(short = 'p', long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (as a user message).
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+    n_predict: usize,
+    /// Context size.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    ctx: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: i32,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Sampling seed (default: random).
+    #[arg(long)]
+    seed: Option<u32>,
+    /// Stop at this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Generate(a) => run_generate(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let model = a.model.load()?;
+    if std::env::var_os("DRLLM_VERBOSE").is_some() {
+        for (name, bytes) in model.buffer_summary() {
+            eprintln!(
+                "[drllm] weights in {name}: {:.2} MiB",
+                bytes as f64 / (1 << 20) as f64
+            );
+        }
+    }
+    let tok = Tokenizer::load(&a.model.model)?;
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        seed: a.seed.unwrap_or_else(rand_seed),
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    let text = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", a.prompt.clone()));
+        tok.apply_chat(&msgs, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = tok.tokenize(&text, true, a.chat);
+    if prompt.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    let path = a.model.layer_path(model.n_layer())?;
+    let mut session = Session::new(
+        model.clone(),
+        SessionOptions {
+            n_ctx: a.ctx,
+            n_threads: a.model.threads(),
+            ..Default::default()
+        },
+    )?;
+    if prompt.len() >= a.ctx {
+        bail!(
+            "the prompt has {} tokens, more than the context of {} (raise --ctx-size)",
+            prompt.len(),
+            a.ctx
+        );
+    }
+    let opts = GenerateOptions {
+        max_tokens: a.n_predict,
+        sampling,
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+    };
+    let mut out = std::io::stdout().lock();
+    let g = generate(
+        &mut session,
+        &tok,
+        &prompt,
+        Route::Fixed(&path),
+        &opts,
+        |s| {
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+            true
+        },
+    )?;
+    let _ = writeln!(out);
+    let _ = out.flush();
+    let n_gen = g.tokens.len();
+    eprintln!(
+        "[drllm] path {} ({} of {} block passes; skipped {:?}, repeated {:?})",
+        g.path,
+        g.path.len(),
+        model.n_layer(),
+        g.path.skipped(),
+        g.path.repeated()
+    );
+    eprintln!(
+        "[drllm] prompt {} tokens in {:.2}s ({:.1} tok/s), generated {} tokens in {:.2}s ({:.1} tok/s), finish: {}",
+        g.n_prompt,
+        g.prefill_secs,
+        g.n_prompt as f64 / g.prefill_secs.max(1e-9),
+        n_gen,
+        g.decode_secs,
+        n_gen as f64 / g.decode_secs.max(1e-9),
+        g.finish.as_str()
+    );
+    Ok(())
+}
+
+fn rand_seed() -> u32 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (n as u32) ^ std::process::id()
+}

@@ -1,0 +1,330 @@
+//! Tiny random models that stock llama.cpp loads and runs.
+
+use std::path::Path;
+
+use drllm_gguf::{GgmlType, GgufWriter, TensorSource, Value, ValueType};
+
+use crate::quant::{quantize_q4_0, quantize_q8_0, to_f16_bytes, to_f32_bytes};
+use crate::rng::Rng;
+use crate::vocab::{tiny_vocab, BOS_ID, CHATML_TEMPLATE, EOS_ID, UNK_ID};
+use crate::TestkitError;
+
+/// Model families the fixtures can produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `llama` architecture (Llama / SmolLM style).
+    Llama,
+    /// `qwen2` architecture (q/k/v biases).
+    Qwen2,
+    /// `qwen3` architecture (q/k RMS norms, head_dim independent of n_embd).
+    Qwen3,
+    /// `gemma3` architecture (post norms, q/k norms, interleaved sliding-window attention).
+    Gemma3,
+}
+
+impl Family {
+    /// All families.
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3];
+
+    /// The `general.architecture` string.
+    pub fn arch(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// Shape and options of a tiny model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinySpec {
+    /// Architecture.
+    pub family: Family,
+    /// Number of transformer blocks.
+    pub n_layer: u32,
+    /// Hidden size.
+    pub n_embd: u32,
+    /// Number of query heads.
+    pub n_head: u32,
+    /// Number of key/value heads (GQA); must divide `n_head`.
+    pub n_head_kv: u32,
+    /// Per-head dimension (written as `key_length`/`value_length`).
+    pub head_dim: u32,
+    /// FFN hidden size.
+    pub n_ff: u32,
+    /// Type of the 2-D matrices: F32, F16, Q8_0 or Q4_0 (norms and biases are always F32).
+    pub weight_type: GgmlType,
+    /// No `output.weight`: the output projection reuses `token_embd.weight`.
+    pub tied_embeddings: bool,
+    /// Seed for all weights.
+    pub seed: u64,
+    /// Sliding window (gemma3 only; 0 disables SWA).
+    pub sliding_window: u32,
+    /// Add `<|im_start|>`/`<|im_end|>` and a ChatML `tokenizer.chat_template`.
+    pub with_chat_template: bool,
+}
+
+/// Context length written to every tiny model.
+pub const TINY_CONTEXT_LENGTH: u32 = 512;
+/// Gemma3's default sliding-window period in llama.cpp (every 6th layer is global).
+pub const GEMMA3_SWA_PERIOD: u32 = 6;
+
+impl TinySpec {
+    /// Defaults: 6 layers (gemma3: 7, so block 5 is global and block 6 sliding), n_embd 64,
+    /// 4 heads, 2 KV heads, head_dim 16 (qwen3: 32, so the q dimension differs from n_embd),
+    /// n_ff 128, F16 weights, sliding window 8 (gemma3), tied embeddings except for llama.
+    pub fn default_for(family: Family) -> Self {
+        TinySpec {
+            family,
+            n_layer: if family == Family::Gemma3 { 7 } else { 6 },
+            n_embd: 64,
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: if family == Family::Qwen3 { 32 } else { 16 },
+            n_ff: 128,
+            weight_type: GgmlType::F16,
+            tied_embeddings: family != Family::Llama,
+            seed: 0x00d1_11a0 + family as u64,
+            sliding_window: if family == Family::Gemma3 { 8 } else { 0 },
+            with_chat_template: false,
+        }
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn n_vocab(&self) -> u32 {
+        tiny_vocab(self.with_chat_template).len() as u32
+    }
+
+    /// Whether block `il` uses sliding-window attention in llama.cpp.
+    pub fn is_swa_layer(&self, il: u32) -> bool {
+        self.family == Family::Gemma3
+            && self.sliding_window > 0
+            && il % GEMMA3_SWA_PERIOD < GEMMA3_SWA_PERIOD - 1
+    }
+
+    fn q_dim(&self) -> u32 {
+        self.n_head * self.head_dim
+    }
+
+    fn kv_dim(&self) -> u32 {
+        self.n_head_kv * self.head_dim
+    }
+
+    fn validate(&self) -> Result<(), TestkitError> {
+        let bad = |m: &str| Err(TestkitError::InvalidSpec(m.to_owned()));
+        if self.n_layer == 0 || self.n_layer > 512 {
+            return bad("n_layer must be in 1..=512");
+        }
+        if self.n_embd == 0 || self.n_ff == 0 || self.n_head == 0 || self.n_head_kv == 0 {
+            return bad("sizes must be nonzero");
+        }
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
+            return bad("n_head must be a multiple of n_head_kv");
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad("head_dim must be even and nonzero (RoPE)");
+        }
+        if self.family == Family::Qwen2 && self.q_dim() != self.n_embd {
+            return bad("qwen2 requires n_head * head_dim == n_embd");
+        }
+        let wt = self.weight_type;
+        if ![GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0].contains(&wt) {
+            return bad("weight_type must be F32, F16, Q8_0 or Q4_0");
+        }
+        if (wt == GgmlType::Q8_0 || wt == GgmlType::Q4_0)
+            && (!self.n_embd.is_multiple_of(32)
+                || !self.n_ff.is_multiple_of(32)
+                || !self.q_dim().is_multiple_of(32))
+        {
+            return bad("quantised weights need n_embd, n_ff and n_head*head_dim divisible by 32");
+        }
+        Ok(())
+    }
+}
+
+struct Builder<'a> {
+    spec: &'a TinySpec,
+    w: GgufWriter,
+}
+
+impl Builder<'_> {
+    fn encode(&self, dtype: GgmlType, xs: &[f32]) -> Vec<u8> {
+        match dtype {
+            GgmlType::F16 => to_f16_bytes(xs),
+            GgmlType::Q8_0 => quantize_q8_0(xs),
+            GgmlType::Q4_0 => quantize_q4_0(xs),
+            _ => to_f32_bytes(xs),
+        }
+    }
+
+    /// A 2-D weight `{ne0, ne1}` ~ N(0, std²) in the spec's weight type.
+    fn matrix(&mut self, name: &str, ne0: u32, ne1: u32, std: f32) -> Result<(), TestkitError> {
+        let n = ne0 as usize * ne1 as usize;
+        let xs = Rng::for_label(self.spec.seed, name).normals(n, std);
+        let dtype = self.spec.weight_type;
+        let bytes = self.encode(dtype, &xs);
+        self.w.add_tensor(
+            name,
+            dtype,
+            &[u64::from(ne0), u64::from(ne1)],
+            TensorSource::Bytes(bytes),
+        )?;
+        Ok(())
+    }
+
+    /// A 1-D F32 vector `mean + std * noise`.
+    fn vector(&mut self, name: &str, n: u32, mean: f32, std: f32) -> Result<(), TestkitError> {
+        let xs: Vec<f32> = Rng::for_label(self.spec.seed, name)
+            .normals(n as usize, std)
+            .into_iter()
+            .map(|x| x + mean)
+            .collect();
+        self.w.add_tensor(
+            name,
+            GgmlType::F32,
+            &[u64::from(n)],
+            TensorSource::Bytes(to_f32_bytes(&xs)),
+        )?;
+        Ok(())
+    }
+
+    fn norm(&mut self, name: &str, n: u32) -> Result<(), TestkitError> {
+        // gemma3 GGUF norms already include the +1, so all families use 1 + noise
+        self.vector(name, n, 1.0, 0.1)
+    }
+}
+
+fn file_type(t: GgmlType) -> u32 {
+    // llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_Q4_0 = 2, MOSTLY_Q8_0 = 7
+    match t {
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q8_0 => 7,
+        _ => 0,
+    }
+}
+
+/// Builds the writer for a tiny model (metadata + tensors held in memory).
+pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
+    spec.validate()?;
+    let arch = spec.family.arch();
+    let vocab = tiny_vocab(spec.with_chat_template);
+    let n_vocab = vocab.len() as u32;
+    let k = |s: &str| format!("{arch}.{s}");
+
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::string(arch));
+    w.set("general.name", Value::string(format!("drllm tiny {arch}")));
+    w.set("general.file_type", Value::U32(file_type(spec.weight_type)));
+    w.set("general.quantization_version", Value::U32(2));
+    // llama.cpp reads these with strict types: u32 for integers, f32 for floats
+    w.set(k("context_length"), Value::U32(TINY_CONTEXT_LENGTH));
+    w.set(k("embedding_length"), Value::U32(spec.n_embd));
+    w.set(k("block_count"), Value::U32(spec.n_layer));
+    w.set(k("feed_forward_length"), Value::U32(spec.n_ff));
+    w.set(k("attention.head_count"), Value::U32(spec.n_head));
+    w.set(k("attention.head_count_kv"), Value::U32(spec.n_head_kv));
+    w.set(k("attention.key_length"), Value::U32(spec.head_dim));
+    w.set(k("attention.value_length"), Value::U32(spec.head_dim));
+    let eps = if spec.family == Family::Llama {
+        1e-5
+    } else {
+        1e-6
+    };
+    w.set(k("attention.layer_norm_rms_epsilon"), Value::F32(eps));
+    let freq_base = match spec.family {
+        Family::Llama => 10_000.0,
+        _ => 1_000_000.0,
+    };
+    w.set(k("rope.freq_base"), Value::F32(freq_base));
+    if spec.family == Family::Llama {
+        w.set(k("rope.dimension_count"), Value::U32(spec.head_dim));
+        w.set(k("vocab_size"), Value::U32(n_vocab));
+    }
+    if spec.family == Family::Gemma3 && spec.sliding_window > 0 {
+        w.set(
+            k("attention.sliding_window"),
+            Value::U32(spec.sliding_window),
+        );
+        w.set(k("rope.freq_base_swa"), Value::F32(10_000.0));
+    }
+
+    // tokenizer (SentencePiece / "llama")
+    w.set("tokenizer.ggml.model", Value::string("llama"));
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::string_array(vocab.iter().map(|e| e.text.clone())),
+    );
+    w.set(
+        "tokenizer.ggml.scores",
+        Value::array(
+            ValueType::F32,
+            vocab.iter().map(|e| Value::F32(e.score)).collect(),
+        ),
+    );
+    w.set(
+        "tokenizer.ggml.token_type",
+        Value::array(
+            ValueType::I32,
+            vocab.iter().map(|e| Value::I32(e.kind)).collect(),
+        ),
+    );
+    w.set("tokenizer.ggml.bos_token_id", Value::U32(BOS_ID));
+    w.set("tokenizer.ggml.eos_token_id", Value::U32(EOS_ID));
+    w.set("tokenizer.ggml.unknown_token_id", Value::U32(UNK_ID));
+    w.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
+    w.set("tokenizer.ggml.add_eos_token", Value::Bool(false));
+    if spec.with_chat_template {
+        w.set("tokenizer.chat_template", Value::string(CHATML_TEMPLATE));
+    }
+
+    let mut b = Builder { spec, w };
+    let (e, q, kv, ff) = (spec.n_embd, spec.q_dim(), spec.kv_dim(), spec.n_ff);
+    let emb_std = if spec.tied_embeddings { 0.5 } else { 1.0 };
+    b.matrix("token_embd.weight", e, n_vocab, emb_std)?;
+    b.norm("output_norm.weight", e)?;
+    if !spec.tied_embeddings {
+        b.matrix("output.weight", e, n_vocab, 2.0 / (e as f32).sqrt())?;
+    }
+    let inv = |fan_in: u32| 1.0 / (fan_in as f32).sqrt();
+    for il in 0..spec.n_layer {
+        let t = |s: &str| format!("blk.{il}.{s}");
+        b.norm(&t("attn_norm.weight"), e)?;
+        b.matrix(&t("attn_q.weight"), e, q, inv(e))?;
+        b.matrix(&t("attn_k.weight"), e, kv, inv(e))?;
+        b.matrix(&t("attn_v.weight"), e, kv, inv(e))?;
+        if spec.family == Family::Qwen2 {
+            b.vector(&t("attn_q.bias"), q, 0.0, 0.1)?;
+            b.vector(&t("attn_k.bias"), kv, 0.0, 0.1)?;
+            b.vector(&t("attn_v.bias"), kv, 0.0, 0.1)?;
+        }
+        if matches!(spec.family, Family::Qwen3 | Family::Gemma3) {
+            b.norm(&t("attn_q_norm.weight"), spec.head_dim)?;
+            b.norm(&t("attn_k_norm.weight"), spec.head_dim)?;
+        }
+        b.matrix(&t("attn_output.weight"), q, e, inv(q))?;
+        if spec.family == Family::Gemma3 {
+            b.norm(&t("post_attention_norm.weight"), e)?;
+        }
+        b.norm(&t("ffn_norm.weight"), e)?;
+        b.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
+        b.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
+        b.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
+        if spec.family == Family::Gemma3 {
+            b.norm(&t("post_ffw_norm.weight"), e)?;
+        }
+    }
+    Ok(b.w)
+}
+
+/// Writes a tiny random model that stock llama.cpp loads and runs.
+///
+/// Tensor names, shapes and metadata follow llama.cpp's loaders for the family
+/// (`src/models/{llama,qwen2,qwen3,gemma3}.cpp`); the tokenizer is a small
+/// SentencePiece vocabulary (see [`crate::tiny_vocab`]).
+pub fn write_tiny_model(spec: &TinySpec, path: &Path) -> Result<(), TestkitError> {
+    tiny_model_writer(spec)?.write_to_path(path)?;
+    Ok(())
+}

@@ -1,0 +1,478 @@
+//! The engine against independent references: stock llama.cpp on the same file, and model
+//! files rewritten with a block deleted or duplicated.
+
+mod common;
+
+use common::*;
+use drllm_engine::{
+    EngineError, Hidden, LayerPath, Logits, PrefillHook, Route, Tokenizer, MAX_PASSES_PER_BLOCK,
+};
+use drllm_gguf::GgmlType;
+use drllm_testkit::{prompt_text, rewrite_blocks, Family};
+use std::path::Path;
+
+const STEPS: usize = 8;
+
+fn prompt_for(p: &Path, words: usize) -> Vec<i32> {
+    let tok = Tokenizer::load(p).expect("tokenizer");
+    let ids = tok.tokenize(&prompt_text(words, 7), true, false);
+    assert!(ids.len() >= 32, "prompt has only {} tokens", ids.len());
+    ids
+}
+
+fn real_prompt(p: &Path) -> Vec<i32> {
+    let tok = Tokenizer::load(p).expect("tokenizer");
+    let ids = tok.tokenize(
+        "The history of the printing press begins in the fifteenth century, when Johannes \
+         Gutenberg combined movable metal type, oil-based ink and a wooden screw press into a \
+         system that could produce books quickly and cheaply. Within fifty years",
+        true,
+        false,
+    );
+    assert!(ids.len() >= 32);
+    ids
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Full-depth parity with stock llama.cpp
+
+fn parity_tiny(family: Family) {
+    let dir = tempfile::tempdir().unwrap();
+    for wt in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
+        let p = tiny(dir.path(), family, |s| s.weight_type = wt);
+        let m = load(&p);
+        let prompt = prompt_for(&p, 40);
+        let full = LayerPath::full(m.n_layer());
+        let e = engine_trace(&m, &full, &prompt, STEPS);
+        let s = stock_trace(&p, &prompt, STEPS);
+        assert_traces(&format!("{} {}", family.arch(), wt.name()), &e, &s, TOL);
+    }
+}
+
+#[test]
+fn parity_tiny_llama() {
+    parity_tiny(Family::Llama);
+}
+
+#[test]
+fn parity_tiny_qwen2() {
+    parity_tiny(Family::Qwen2);
+}
+
+#[test]
+fn parity_tiny_qwen3() {
+    parity_tiny(Family::Qwen3);
+}
+
+#[test]
+fn parity_tiny_gemma3() {
+    parity_tiny(Family::Gemma3);
+}
+
+#[test]
+fn parity_tiny_llama_untied_and_long_prompt() {
+    // prompts longer than one ubatch take several graphs (n_ubatch 512 -> use a small context
+    // of tiny models: 512 cells, a 300-token prompt and 8 steps)
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(dir.path(), Family::Gemma3, |s| s.sliding_window = 16);
+    let m = load(&p);
+    let prompt = prompt_for(&p, 300);
+    let e = engine_trace(&m, &LayerPath::full(m.n_layer()), &prompt, STEPS);
+    let s = stock_trace(&p, &prompt, STEPS);
+    assert_traces("gemma3 window 16, 300 tokens", &e, &s, TOL);
+}
+
+fn parity_real(rel: &str) {
+    let Some(p) = real_model(rel) else { return };
+    let m = load(&p);
+    let prompt = real_prompt(&p);
+    let e = engine_trace(&m, &LayerPath::full(m.n_layer()), &prompt, STEPS);
+    let s = stock_trace(&p, &prompt, STEPS);
+    assert_traces(rel, &e, &s, TOL);
+}
+
+#[test]
+fn parity_smollm2() {
+    parity_real(SMOLLM2);
+}
+
+#[test]
+fn parity_gemma3_270m() {
+    parity_real(GEMMA3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Skip = model without the block; repeat = model with the block duplicated
+
+fn skip_repeat(p: &Path, prompt: &[i32], skip: usize, repeat: usize, steps: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let m = load(p);
+    let n = m.n_layer();
+    for (what, blocks) in [
+        ("skip", (0..n).filter(|&b| b != skip).collect::<Vec<_>>()),
+        (
+            "repeat",
+            (0..n)
+                .flat_map(|b| if b == repeat { vec![b, b] } else { vec![b] })
+                .collect(),
+        ),
+    ] {
+        let rewritten = dir.path().join(format!("{what}.gguf"));
+        let blocks_u32: Vec<u32> = blocks.iter().map(|&b| b as u32).collect();
+        rewrite_blocks(p, &rewritten, &blocks_u32).expect("rewrite");
+        let path = LayerPath::new(&blocks, n).unwrap();
+        let routed = engine_trace(&m, &path, prompt, steps);
+        let m2 = load(&rewritten);
+        let plain_rewritten = engine_trace(&m2, &LayerPath::full(m2.n_layer()), prompt, steps);
+        let stock_rewritten = stock_trace(&rewritten, prompt, steps);
+        let label = format!("{} {what} (path {path})", p.display());
+        assert_traces(
+            &format!("{label} vs drllm on rewritten file"),
+            &routed,
+            &plain_rewritten,
+            TOL,
+        );
+        assert_traces(
+            &format!("{label} vs llama.cpp on rewritten file"),
+            &routed,
+            &stock_rewritten,
+            TOL,
+        );
+        // and the path really changes the model
+        let full = engine_trace(&m, &LayerPath::full(n), prompt, 0);
+        let last = full.len() - 1;
+        assert!(
+            max_abs_diff(&full[last], &routed[last]) > 1e-3,
+            "{label}: the path did not change the logits"
+        );
+    }
+}
+
+#[test]
+fn skip_and_repeat_tiny_families() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+        let p = tiny(dir.path(), family, |_| {});
+        let prompt = prompt_for(&p, 40);
+        // gemma3: skipping a sliding block shifts the later ones; repeating the global block 5
+        skip_repeat(&p, &prompt, 2, 5, STEPS);
+    }
+}
+
+#[test]
+fn skip_and_repeat_smollm2() {
+    let Some(p) = real_model(SMOLLM2) else { return };
+    let prompt = real_prompt(&p);
+    skip_repeat(&p, &prompt, 7, 20, 4);
+}
+
+#[test]
+fn skip_and_repeat_gemma3_270m() {
+    let Some(p) = real_model(GEMMA3) else { return };
+    let prompt = real_prompt(&p);
+    skip_repeat(&p, &prompt, 8, 11, 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Cached decoding = full recompute along the same path
+
+/// Replays a fixed path through the prefill hook (layer-major, one graph per pass).
+struct Replay(Vec<usize>);
+
+impl PrefillHook for Replay {
+    fn passes(&mut self, block: usize, hidden: &mut Hidden<'_>) -> Result<usize, String> {
+        assert!(hidden.n_tokens() > 0);
+        Ok(self.0[block])
+    }
+}
+
+fn cached_equals_recompute(p: &Path, path: &LayerPath, prompt: &[i32]) {
+    let m = load(p);
+    let v = m.n_vocab();
+    // cached: prefill + 8 decode steps
+    let cached = engine_trace(&m, path, prompt, STEPS);
+    let generated: Vec<i32> = cached[prompt.len() - 1..prompt.len() - 1 + STEPS]
+        .iter()
+        .map(|r| argmax(r) as i32)
+        .collect();
+    // recompute the whole sequence along the path in one prefill
+    let mut all = prompt.to_vec();
+    all.extend_from_slice(&generated);
+    let mut s = session(&m);
+    let full = s.prefill(&all, Route::Fixed(path), Logits::All).unwrap();
+    assert_eq!(full.rows, all.len());
+    let recomputed: Vec<Vec<f32>> = full.logits.chunks(v).map(|c| c.to_vec()).collect();
+    assert_traces_rel(
+        &format!("{} path {path}: cached vs recomputed", p.display()),
+        &cached,
+        &recomputed,
+        CACHE_REL_TOL,
+    );
+    // the hook-driven (layer-major) prefill of the same path gives the same logits
+    let mut s2 = session(&m);
+    let mut hook = Replay(path.counts());
+    let hooked = s2
+        .prefill(&all, Route::Hook(&mut hook), Logits::All)
+        .unwrap();
+    assert_eq!(&hooked.path, path);
+    let hooked_rows: Vec<Vec<f32>> = hooked.logits.chunks(v).map(|c| c.to_vec()).collect();
+    assert_traces_rel(
+        "hooked prefill vs fixed prefill",
+        &hooked_rows,
+        &recomputed,
+        CACHE_REL_TOL,
+    );
+    // and decoding after a hooked prefill continues the same sequence
+    let mut s3 = session(&m);
+    let mut hook = Replay(path.counts());
+    let pre = s3
+        .prefill(prompt, Route::Hook(&mut hook), Logits::Last)
+        .unwrap();
+    assert_close(
+        "hooked last row",
+        &pre.logits,
+        &cached[prompt.len() - 1],
+        TOL,
+    );
+    for (i, &t) in generated.iter().enumerate() {
+        let l = s3.decode(t).unwrap().to_vec();
+        assert_close(
+            &format!("decode after hooked prefill, step {i}"),
+            &l,
+            &cached[prompt.len() + i],
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn cached_decoding_equals_recompute_tiny() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Llama, Family::Qwen3, Family::Gemma3] {
+        let p = tiny(dir.path(), family, |_| {});
+        let m = load(&p);
+        let n = m.n_layer();
+        // block 1 skipped, block 3 twice, and the last block skipped too
+        let mut counts = vec![1usize; n];
+        counts[1] = 0;
+        counts[3] = 2;
+        counts[n - 1] = 0;
+        let path = LayerPath::from_counts(&counts).unwrap();
+        let prompt = prompt_for(&p, 40);
+        cached_equals_recompute(&p, &path, &prompt);
+        // and with the last block repeated (the pruned final pass is its second pass)
+        let mut counts = vec![1usize; n];
+        counts[2] = 0;
+        counts[n - 1] = 2;
+        cached_equals_recompute(&p, &LayerPath::from_counts(&counts).unwrap(), &prompt);
+    }
+}
+
+#[test]
+fn cached_decoding_equals_recompute_smollm2() {
+    let Some(p) = real_model(SMOLLM2) else { return };
+    let n = 30;
+    let path = LayerPath::parse("skip=5,6 repeat=12", n).unwrap();
+    cached_equals_recompute(&p, &path, &real_prompt(&p));
+}
+
+#[test]
+fn empty_path_and_hook_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(dir.path(), Family::Llama, |_| {});
+    let m = load(&p);
+    let prompt = prompt_for(&p, 40);
+    // a path that skips every block: embedding straight into the head, no KV inputs used
+    let empty = LayerPath::from_counts(&vec![0; m.n_layer()]).unwrap();
+    let rows = engine_trace(&m, &empty, &prompt, 3);
+    assert!(rows.iter().all(|r| r.iter().all(|x| x.is_finite())));
+    // a hook asking for too many passes gets a clear error
+    struct Greedy;
+    impl PrefillHook for Greedy {
+        fn passes(&mut self, _: usize, _: &mut Hidden<'_>) -> Result<usize, String> {
+            Ok(MAX_PASSES_PER_BLOCK + 1)
+        }
+    }
+    let mut s = session(&m);
+    let e = s
+        .prefill(&prompt, Route::Hook(&mut Greedy), Logits::Last)
+        .unwrap_err();
+    assert!(matches!(e, EngineError::Hook(_)), "{e}");
+    // window means on the device equal the host computation
+    struct Pool(Vec<Vec<f32>>);
+    impl PrefillHook for Pool {
+        fn passes(&mut self, _: usize, h: &mut Hidden<'_>) -> Result<usize, String> {
+            let d = h.n_embd();
+            let t = h.n_tokens();
+            let host = h.to_host();
+            for w in [1usize, 3, 8.min(t)] {
+                let dev = h.window_means(w).map_err(|e| e.to_string())?;
+                let size = t / w;
+                for wi in 0..w {
+                    for j in 0..d {
+                        let mean: f32 = (0..size)
+                            .map(|k| host[(wi * size + k) * d + j])
+                            .sum::<f32>()
+                            / size as f32;
+                        let got = dev[wi * d + j];
+                        if (mean - got).abs() > 1e-4 * (1.0 + mean.abs()) {
+                            return Err(format!("window {wi}/{w} dim {j}: {got} vs {mean}"));
+                        }
+                    }
+                }
+                self.0.push(dev);
+            }
+            Ok(1)
+        }
+    }
+    let mut pool = Pool(Vec::new());
+    let mut s = session(&m);
+    s.prefill(&prompt[..37], Route::Hook(&mut pool), Logits::Last)
+        .unwrap();
+    assert_eq!(pool.0.len(), 3 * m.n_layer());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Malformed model files: an error, no panic, no huge allocation
+
+fn expect_load_error(p: &Path, what: &str) {
+    let e = match drllm_engine::Model::load(p, drllm_engine::DeviceChoice::Cpu) {
+        Ok(_) => panic!("{what}: a malformed file loaded"),
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    assert!(!msg.is_empty(), "{what}");
+    assert!(Tokenizer::load(p).is_err(), "{what}: tokenizer accepted it");
+    assert!(
+        drllm_engine::stock::StockModel::load(p, drllm_engine::DeviceChoice::Cpu).is_err(),
+        "{what}: stock loader accepted it"
+    );
+}
+
+#[test]
+fn malformed_model_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = tiny(dir.path(), Family::Llama, |_| {});
+    let bytes = std::fs::read(&good).unwrap();
+    let write = |name: &str, b: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    // truncated at several places: header, metadata, tensor table, data
+    for cut in [
+        0usize,
+        3,
+        10,
+        24,
+        200,
+        5000,
+        bytes.len() / 2,
+        bytes.len() - 1,
+    ] {
+        let p = write("truncated.gguf", &bytes[..cut]);
+        expect_load_error(&p, &format!("truncated at {cut}"));
+    }
+    // bad magic
+    let mut b = bytes.clone();
+    b[..4].copy_from_slice(b"GGUX");
+    expect_load_error(&write("magic.gguf", &b), "bad magic");
+    // absurd tensor count (u64 at offset 8) and kv count (offset 16)
+    for off in [8usize, 16] {
+        let mut b = bytes.clone();
+        b[off..off + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        expect_load_error(&write("count.gguf", &b), &format!("absurd count at {off}"));
+        let mut b = bytes.clone();
+        b[off..off + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        expect_load_error(&write("count2.gguf", &b), &format!("huge count at {off}"));
+    }
+    // a tensor whose offset points past the end of the file
+    let f = drllm_gguf::GgufFile::parse(&bytes).unwrap();
+    let last = f.tensors.last().unwrap().clone();
+    let needle = last.name.as_bytes();
+    let pos = bytes
+        .windows(needle.len())
+        .rposition(|w| w == needle)
+        .expect("name in table");
+    // name, n_dims (u32), dims (u64 each), type (u32), offset (u64)
+    let off_pos = pos + needle.len() + 4 + 8 * last.dims.len() + 4;
+    let mut b = bytes.clone();
+    b[off_pos..off_pos + 8].copy_from_slice(&(bytes.len() as u64 * 4).to_le_bytes());
+    expect_load_error(&write("offset.gguf", &b), "offset past the end");
+    // not a supported architecture: clear error naming the supported ones
+    let mut w = drllm_gguf::GgufWriter::from_file(&f, &good);
+    w.set("general.architecture", drllm_gguf::Value::string("mamba"));
+    let p = dir.path().join("arch.gguf");
+    w.write_to_path(&p).unwrap();
+    let e = drllm_engine::Model::load(&p, drllm_engine::DeviceChoice::Cpu)
+        .err()
+        .expect("unsupported architecture");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("mamba") && msg.contains("qwen3") && msg.contains("gemma3"),
+        "{msg}"
+    );
+    // a missing file
+    let e = drllm_engine::Model::load(
+        dir.path().join("nope.gguf"),
+        drllm_engine::DeviceChoice::Cpu,
+    )
+    .err()
+    .expect("missing file");
+    assert!(matches!(e, EngineError::Io { .. }), "{e}");
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(dir.path(), Family::Qwen2, |_| {});
+    let m = load(&p);
+    let mut s = session(&m);
+    let full = LayerPath::full(m.n_layer());
+    // token outside the vocabulary
+    let e = s
+        .prefill(&[1, 99_999], Route::Fixed(&full), Logits::Last)
+        .unwrap_err();
+    assert!(
+        matches!(e, EngineError::InvalidToken { token: 99_999, .. }),
+        "{e}"
+    );
+    let e = s
+        .prefill(&[-1], Route::Fixed(&full), Logits::Last)
+        .unwrap_err();
+    assert!(matches!(e, EngineError::InvalidToken { .. }), "{e}");
+    // longer than the context
+    let long = vec![5i32; 600];
+    let e = s
+        .prefill(&long, Route::Fixed(&full), Logits::Last)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EngineError::ContextFull {
+                needed: 600,
+                n_ctx: 512
+            }
+        ),
+        "{e}"
+    );
+    // empty prompt, decode before prefill, wrong path size
+    assert!(s.prefill(&[], Route::Fixed(&full), Logits::Last).is_err());
+    assert!(s.decode(3).is_err());
+    let other = LayerPath::full(m.n_layer() + 1);
+    assert!(s
+        .prefill(&[1, 2], Route::Fixed(&other), Logits::Last)
+        .is_err());
+    // the session still works afterwards
+    let ok = s
+        .prefill(&[1, 5, 6], Route::Fixed(&full), Logits::Last)
+        .unwrap();
+    assert_eq!(ok.rows, 1);
+    // and fills the context up to the last cell, then refuses
+    let mut s = session(&m);
+    s.prefill(&vec![5i32; 510], Route::Fixed(&full), Logits::Last)
+        .unwrap();
+    s.decode(5).unwrap();
+    s.decode(5).unwrap();
+    assert!(matches!(s.decode(5), Err(EngineError::ContextFull { .. })));
+}
