@@ -1,11 +1,12 @@
 //! `drllm bench`: stock llama.cpp and drllm's engine on the same file, measured side by side in
 //! one run (interleaved repetitions; the median of each is reported).
 
+use crate::routing_cli::RoutingArgs;
 use crate::ModelArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use drllm_engine::stock::StockModel;
-use drllm_engine::{LayerPath, Logits, Route, Session, SessionOptions, Tokenizer};
+use drllm_engine::{LayerPath, Logits, Route, RouteOptions, Session, SessionOptions, Tokenizer};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -13,6 +14,8 @@ use std::time::Instant;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    routing: RoutingArgs,
     /// Prompt tokens (prompt processing test).
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -48,6 +51,23 @@ struct Report {
     full_over_stock_pp: f64,
     full_over_stock_tg: f64,
     path: Option<PathReport>,
+    routed: Option<RoutedReport>,
+}
+
+#[derive(Serialize)]
+struct RoutedReport {
+    routers: String,
+    generation: String,
+    path: String,
+    passes: usize,
+    skipped: Vec<usize>,
+    repeated: Vec<usize>,
+    /// prefill includes routing (pooling, router MLPs, one graph per pass)
+    speed: Speed,
+    routed_over_full_pp: f64,
+    routed_over_full_tg: f64,
+    /// observe-only routing (every block once) against the plain prefill: the routing cost
+    routing_overhead_pct: f64,
 }
 
 #[derive(Serialize)]
@@ -145,8 +165,48 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Ok((pp, tg))
     };
 
+    let routers = a.routing.resolve(&a.model, &model)?;
+    let ropts = a.routing.options()?;
+    let observe = RouteOptions {
+        observe_only: true,
+        ..ropts.clone()
+    };
+    // routed prefill (routing included), then generation along the chosen path
+    let routed_run =
+        |s: &mut Session, r: &drllm_engine::Routers| -> Result<(f64, f64, LayerPath)> {
+            let mut hook = r.hook(&ropts);
+            let t = Instant::now();
+            s.prefill(&prompt, Route::Hook(&mut hook), Logits::Last)?;
+            let pp = prompt.len() as f64 / t.elapsed().as_secs_f64();
+            let path = hook.path()?;
+            let mut logits = s
+                .prefill(&[first], Route::Fixed(&path), Logits::Last)?
+                .logits;
+            let t = Instant::now();
+            for _ in 0..a.gen_tokens {
+                let next = drllm_argmax(&logits);
+                logits = s.decode(next)?.to_vec();
+            }
+            let tg = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+            Ok((pp, tg, path))
+        };
+    // prefill seconds: plain full depth vs observe-only routing (same work plus routing)
+    let overhead_run = |s: &mut Session, r: &drllm_engine::Routers| -> Result<(f64, f64)> {
+        let t = Instant::now();
+        s.prefill(&prompt, Route::Fixed(&full), Logits::Last)?;
+        let plain = t.elapsed().as_secs_f64();
+        let mut hook = r.hook(&observe);
+        let t = Instant::now();
+        s.prefill(&prompt, Route::Hook(&mut hook), Logits::Last)?;
+        Ok((plain, t.elapsed().as_secs_f64()))
+    };
+
     // warm-up
     stock_run()?;
+    if let Some(r) = &routers {
+        routed_run(&mut session, r)?;
+        overhead_run(&mut session, r)?;
+    }
     engine_run(&mut session, &full)?;
     if let Some(p) = &routed {
         engine_run(&mut session, p)?;
@@ -156,6 +216,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // ratios are taken per repetition (runs back to back) and then the median: this machine's
     // speed drifts, and pairing cancels most of the drift
     let (mut r_pp, mut r_tg, mut q_pp, mut q_tg) = (vec![], vec![], vec![], vec![]);
+    let (mut xpp, mut xtg, mut x_pp, mut x_tg, mut overhead) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut routed_path: Option<LayerPath> = None;
     for i in 0..reps {
         if !a.json {
             eprint!("\r[bench] repetition {}/{reps}", i + 1);
@@ -174,6 +237,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rtg.push(g);
             q_pp.push(p / fp);
             q_tg.push(g / fg);
+        }
+        if let Some(r) = &routers {
+            let (p, g, path) = routed_run(&mut session, r)?;
+            xpp.push(p);
+            xtg.push(g);
+            x_pp.push(p / fp);
+            x_tg.push(g / fg);
+            routed_path = Some(path);
+            let (plain, observed) = overhead_run(&mut session, r)?;
+            overhead.push(100.0 * (observed - plain) / plain);
         }
     }
     if !a.json {
@@ -202,6 +275,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
             path_over_full_tg: median(&mut q_tg),
         }
     });
+    let routed_report = match (&routers, &routed_path) {
+        (Some(r), Some(p)) => Some(RoutedReport {
+            routers: r.path().display().to_string(),
+            generation: r.generation().to_string(),
+            path: p.to_string(),
+            passes: p.len(),
+            skipped: p.skipped(),
+            repeated: p.repeated(),
+            speed: Speed {
+                pp_tok_s: median(&mut xpp),
+                tg_tok_s: median(&mut xtg),
+            },
+            routed_over_full_pp: median(&mut x_pp),
+            routed_over_full_tg: median(&mut x_tg),
+            routing_overhead_pct: median(&mut overhead),
+        }),
+        _ => None,
+    };
     let report = Report {
         model: a.model.model.display().to_string(),
         arch: model.config().family.arch_name().to_string(),
@@ -216,6 +307,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         full_over_stock_pp: median(&mut r_pp),
         full_over_stock_tg: median(&mut r_tg),
         path: path_report,
+        routed: routed_report,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

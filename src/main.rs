@@ -1,6 +1,7 @@
 //! `drllm`: run GGUF models with a per-request layer path.
 
 mod bench;
+mod routing_cli;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +33,12 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Prompt and generation speed of stock llama.cpp and of drllm, side by side.
     Bench(bench::BenchArgs),
+    /// The path the routers choose for a prompt, with each block's decision and logits.
+    Route(routing_cli::RouteArgs),
+    /// Metadata and tensor table of a GGUF model or router sidecar.
+    Inspect(routing_cli::InspectArgs),
+    /// Write a sidecar with constant (untrained) routers, for testing and measuring.
+    RoutersInit(routing_cli::RoutersInitArgs),
 }
 
 /// Options shared by the commands that load a model.
@@ -81,6 +88,8 @@ impl ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    routing: routing_cli::RoutingArgs,
     /// Prompt text.
     #[arg(short = 'p', long)]
     prompt: String,
@@ -124,6 +133,9 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Generate(a) => run_generate(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Route(a) => routing_cli::run_route(a),
+        Cmd::Inspect(a) => routing_cli::run_inspect(a),
+        Cmd::RoutersInit(a) => routing_cli::run_routers_init(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -165,6 +177,20 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty after tokenization");
     }
     let path = a.model.layer_path(model.n_layer())?;
+    let routers = a.routing.resolve(&a.model, &model)?;
+    let route_opts = a.routing.options()?;
+    let mut hook = routers.as_ref().map(|r| r.hook(&route_opts));
+    if let Some(r) = &routers {
+        eprintln!(
+            "[drllm] routing with {} (generation {})",
+            r.path().display(),
+            r.generation().chars().take(19).collect::<String>()
+        );
+    }
+    let route = match hook.as_mut() {
+        Some(h) => Route::Hook(h),
+        None => Route::Fixed(&path),
+    };
     let mut session = Session::new(
         model.clone(),
         SessionOptions {
@@ -187,18 +213,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         ignore_eos: a.ignore_eos,
     };
     let mut out = std::io::stdout().lock();
-    let g = generate(
-        &mut session,
-        &tok,
-        &prompt,
-        Route::Fixed(&path),
-        &opts,
-        |s| {
-            let _ = out.write_all(s.as_bytes());
-            let _ = out.flush();
-            true
-        },
-    )?;
+    let g = generate(&mut session, &tok, &prompt, route, &opts, |s| {
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+        true
+    })?;
     let _ = writeln!(out);
     let _ = out.flush();
     let n_gen = g.tokens.len();

@@ -43,6 +43,11 @@ pub enum EngineError {
     State(String),
     /// Stock llama.cpp (the reference runner) failed.
     Stock(String),
+    /// A router sidecar is malformed or belongs to another model.
+    Sidecar {
+        path: PathBuf,
+        source: drllm_router_format::FormatError,
+    },
 }
 
 impl fmt::Display for EngineError {
@@ -79,6 +84,7 @@ impl fmt::Display for EngineError {
             EngineError::Hook(msg) => write!(f, "prefill hook: {msg}"),
             EngineError::State(msg) => write!(f, "{msg}"),
             EngineError::Stock(msg) => write!(f, "stock llama.cpp: {msg}"),
+            EngineError::Sidecar { path, source } => write!(f, "{}: {source}", path.display()),
         }
     }
 }
@@ -89,6 +95,7 @@ impl std::error::Error for EngineError {
             EngineError::Io { source, .. } => Some(source),
             EngineError::Gguf { source, .. } => Some(source),
             EngineError::Path(e) => Some(e),
+            EngineError::Sidecar { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -36,10 +36,12 @@ pub fn tiny(dir: &Path, family: Family, f: impl FnOnce(&mut TinySpec)) -> PathBu
     let mut spec = TinySpec::default_for(family);
     f(&mut spec);
     let name = format!(
-        "{}-{}-{}.gguf",
+        "{}-{}-{}-{:x}-w{}.gguf",
         family.arch(),
         spec.weight_type.name(),
-        spec.n_layer
+        spec.n_layer,
+        spec.seed,
+        spec.sliding_window
     );
     let p = dir.join(name);
     write_tiny_model(&spec, &p).expect("write tiny model");
