@@ -223,8 +223,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if !a.json {
             eprint!("\r[bench] repetition {}/{reps}", i + 1);
         }
-        let (sp, sg) = stock_run()?;
-        let (fp, fg) = engine_run(&mut session, &full)?;
+        // alternate who goes first, so order effects (caches, clock ramps) cancel out
+        let ((sp, sg), (fp, fg)) = if i % 2 == 0 {
+            let s = stock_run()?;
+            (s, engine_run(&mut session, &full)?)
+        } else {
+            let e = engine_run(&mut session, &full)?;
+            (stock_run()?, e)
+        };
         spp.push(sp);
         stg.push(sg);
         fpp.push(fp);
@@ -347,6 +353,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!(
             "  path {}: skipped {:?}, repeated {:?}",
             p.path, p.skipped, p.repeated
+        );
+    }
+    if let Some(r) = &report.routed {
+        println!(
+            "{:<34} {:>12.1} {:>12.1}   speed-up over full depth: pp {:.3}x, tg {:.3}x",
+            format!("drllm routed ({} passes)", r.passes),
+            r.speed.pp_tok_s,
+            r.speed.tg_tok_s,
+            r.routed_over_full_pp,
+            r.routed_over_full_tg
+        );
+        println!(
+            "  routers {} chose {}: skipped {:?}, repeated {:?}",
+            r.routers, r.path, r.skipped, r.repeated
+        );
+        println!(
+            "  routing overhead at full depth (pooling, router MLPs, one graph per pass): \
+             {:+.2}% of prefill time",
+            r.routing_overhead_pct
         );
     }
     Ok(())

@@ -66,6 +66,11 @@ impl Buffer {
         })
     }
 
+    /// Takes ownership of a buffer made elsewhere.
+    pub(crate) fn from_raw(b: sys::ggml_backend_buffer_t) -> Option<Self> {
+        NonNull::new(b).map(Buffer)
+    }
+
     pub(crate) fn ptr(&self) -> sys::ggml_backend_buffer_t {
         self.0.as_ptr()
     }

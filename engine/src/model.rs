@@ -12,7 +12,6 @@ use drllm_gguf::GgufFile;
 use llama_cpp_sys_2 as sys;
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -74,6 +73,8 @@ pub struct Model {
     pub(crate) cpu: sys::ggml_backend_dev_t,
     buffers: Vec<Buffer>,
     _ctxs: Vec<GgmlCtx>,
+    /// The file, mapped; weights in the plain CPU buffer type point into it.
+    _mmap: memmap2::Mmap,
 }
 
 // SAFETY: after loading, the weights are never written; tensors and buffers are plain memory
@@ -360,59 +361,127 @@ impl Model {
                 push(buft, "output.weight".into(), t);
             }
         }
+        // Weights in the plain CPU buffer type are used in place from a read-only mapping of
+        // the file (llama.cpp's "CPU_Mapped" buffer): no copy, shared page cache. The others
+        // (repacked CPU layouts, accelerator memory) get their own buffers and are uploaded.
+        let file = std::fs::File::open(&path).map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the mapping is read-only and kept alive by the Model; drllm never writes
+        // through it. (As with llama.cpp, truncating the file while it is mapped is not
+        // supported.)
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| EngineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if mmap.len() as u64 != gguf.file_size {
+            return Err(EngineError::State(format!(
+                "{} changed size while loading",
+                path.display()
+            )));
+        }
+        // SAFETY: registry query.
+        let cpu_plain = unsafe { sys::ggml_backend_dev_buffer_type(cpu) };
         let mut ctxs = Vec::new();
         let mut buffers = Vec::new();
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         // (tensor in its buffer, name of the file tensor holding its bytes)
-        let mut loads: Vec<(Tensor, String)> = Vec::new();
+        let mut uploads: Vec<(Tensor, String)> = Vec::new();
+        let src_name = |name: &str| -> String {
+            if tied && name == "output.weight" {
+                "token_embd.weight".to_string()
+            } else {
+                name.to_string()
+            }
+        };
         for (buft, list) in &by_buft {
             let ctx = GgmlCtx::new(list.len() + 1, 0)?;
+            let mut made = Vec::new();
             for (name, meta_t) in list {
                 // SAFETY: duplicate the meta tensor's type/shape into our context.
                 let t = unsafe { sys::ggml_dup_tensor(ctx.ptr(), *meta_t) };
                 ffi::set_name(t, name);
                 tensors.insert(name.clone(), t);
-                let src = if tied && name == "output.weight" {
-                    "token_embd.weight".to_string()
-                } else {
-                    name.clone()
-                };
-                loads.push((t, src));
+                made.push((t, src_name(name)));
             }
-            let buf = Buffer::alloc_ctx_tensors(&ctx, *buft)?;
-            // SAFETY: live buffer.
-            unsafe {
-                sys::ggml_backend_buffer_set_usage(
-                    buf.ptr(),
-                    sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
-                )
-            };
+            if *buft == cpu_plain {
+                // one buffer over the file's span of these tensors' data
+                let mut lo = u64::MAX;
+                let mut hi = 0u64;
+                for (_, src) in &made {
+                    let info = gguf
+                        .tensor(src)
+                        .ok_or_else(|| EngineError::MissingTensor { name: src.clone() })?;
+                    let r = gguf.tensor_data_range(info);
+                    lo = lo.min(r.start);
+                    hi = hi.max(r.end);
+                }
+                if lo >= hi || hi > mmap.len() as u64 {
+                    return Err(EngineError::State("tensor data outside the file".into()));
+                }
+                let base = mmap.as_ptr() as *mut u8;
+                // SAFETY: [lo, hi) lies inside the mapping (checked above, and every range
+                // was validated against the file size by drllm-gguf).
+                let buf = unsafe {
+                    sys::ggml_backend_cpu_buffer_from_ptr(
+                        base.add(lo as usize).cast(),
+                        (hi - lo) as usize,
+                    )
+                };
+                let buf = Buffer::from_raw(buf)
+                    .ok_or_else(|| EngineError::Ggml("could not map the weights".into()))?;
+                for (t, src) in &made {
+                    let info = gguf
+                        .tensor(src)
+                        .ok_or_else(|| EngineError::MissingTensor { name: src.clone() })?;
+                    let start = gguf.tensor_data_range(info).start;
+                    // SAFETY: the tensor's bytes lie inside the buffer; ggml only reads them.
+                    let st = unsafe {
+                        sys::ggml_backend_tensor_alloc(
+                            buf.ptr(),
+                            *t,
+                            base.add(start as usize).cast(),
+                        )
+                    };
+                    if st != sys::GGML_STATUS_SUCCESS {
+                        return Err(EngineError::Ggml(format!("could not map tensor {src}")));
+                    }
+                }
+                // SAFETY: live buffer.
+                unsafe {
+                    sys::ggml_backend_buffer_set_usage(
+                        buf.ptr(),
+                        sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
+                    )
+                };
+                buffers.push(buf);
+            } else {
+                let buf = Buffer::alloc_ctx_tensors(&ctx, *buft)?;
+                // SAFETY: live buffer.
+                unsafe {
+                    sys::ggml_backend_buffer_set_usage(
+                        buf.ptr(),
+                        sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
+                    )
+                };
+                buffers.push(buf);
+                uploads.extend(made);
+            }
             ctxs.push(ctx);
-            buffers.push(buf);
         }
         drop(meta);
 
-        // read the bytes
-        let mut file = std::fs::File::open(&path).map_err(|source| EngineError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let mut bytes: Vec<u8> = Vec::new();
-        for (t, src) in &loads {
+        // upload the rest (repacking happens inside ggml_backend_tensor_set)
+        for (t, src) in &uploads {
             let info = gguf
                 .tensor(src)
                 .ok_or_else(|| EngineError::MissingTensor { name: src.clone() })?;
-            let range = gguf.tensor_data_range(info);
-            let len = usize::try_from(info.size)
-                .map_err(|_| EngineError::State("tensor too large".into()))?;
-            bytes.resize(len, 0);
-            file.seek(SeekFrom::Start(range.start))
-                .and_then(|_| file.read_exact(&mut bytes))
-                .map_err(|source| EngineError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-            ffi::tensor_set(*t, &bytes);
+            let r = gguf.tensor_data_range(info);
+            let bytes = mmap
+                .get(r.start as usize..r.end as usize)
+                .ok_or_else(|| EngineError::State(format!("tensor {src} outside the file")))?;
+            ffi::tensor_set(*t, bytes);
         }
 
         let get = |name: &str| tensors.get(name).copied();
@@ -464,6 +533,7 @@ impl Model {
             gguf,
             buffers,
             _ctxs: ctxs,
+            _mmap: mmap,
         })
     }
 
