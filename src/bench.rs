@@ -6,7 +6,9 @@ use crate::ModelArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use drllm_engine::stock::StockModel;
-use drllm_engine::{LayerPath, Logits, Route, RouteOptions, Session, SessionOptions, Tokenizer};
+use drllm_engine::{
+    argmax, LayerPath, Logits, Route, RouteOptions, Session, SessionOptions, Tokenizer,
+};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -143,26 +145,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut logits = sctx.eval(&[first], false)?;
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
-            let next = drllm_argmax(&logits);
-            logits = sctx.decode(next)?.to_vec();
+            logits = sctx.decode(argmax(&logits))?.to_vec();
         }
         let tg = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
         Ok((pp, tg))
     };
-    let engine_run = |s: &mut Session, path: &LayerPath| -> Result<(f64, f64)> {
-        let t = Instant::now();
-        s.prefill(&prompt, Route::Fixed(path), Logits::Last)?;
-        let pp = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    // generation speed along a path: greedy tokens after a one-token prompt
+    let gen_speed = |s: &mut Session, path: &LayerPath| -> Result<f64> {
         let mut logits = s
             .prefill(&[first], Route::Fixed(path), Logits::Last)?
             .logits;
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
-            let next = drllm_argmax(&logits);
-            logits = s.decode(next)?.to_vec();
+            logits = s.decode(argmax(&logits))?.to_vec();
         }
-        let tg = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
-        Ok((pp, tg))
+        Ok(a.gen_tokens as f64 / t.elapsed().as_secs_f64())
+    };
+    let engine_run = |s: &mut Session, path: &LayerPath| -> Result<(f64, f64)> {
+        let t = Instant::now();
+        s.prefill(&prompt, Route::Fixed(path), Logits::Last)?;
+        let pp = prompt.len() as f64 / t.elapsed().as_secs_f64();
+        Ok((pp, gen_speed(s, path)?))
     };
 
     let routers = a.routing.resolve(&a.model, &model)?;
@@ -179,16 +182,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             s.prefill(&prompt, Route::Hook(&mut hook), Logits::Last)?;
             let pp = prompt.len() as f64 / t.elapsed().as_secs_f64();
             let path = hook.path()?;
-            let mut logits = s
-                .prefill(&[first], Route::Fixed(&path), Logits::Last)?
-                .logits;
-            let t = Instant::now();
-            for _ in 0..a.gen_tokens {
-                let next = drllm_argmax(&logits);
-                logits = s.decode(next)?.to_vec();
-            }
-            let tg = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
-            Ok((pp, tg, path))
+            Ok((pp, gen_speed(s, &path)?, path))
         };
     // prefill seconds: plain full depth vs observe-only routing (same work plus routing)
     let overhead_run = |s: &mut Session, r: &drllm_engine::Routers| -> Result<(f64, f64)> {
@@ -375,14 +369,4 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn drllm_argmax(logits: &[f32]) -> i32 {
-    let mut best = 0usize;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as i32
 }

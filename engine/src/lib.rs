@@ -28,7 +28,7 @@ pub use generate::{generate, FinishReason, GenerateOptions, Generation, StopScan
 pub use model::{DeviceChoice, Model};
 pub use path::{LayerPath, Pass, PathError, MAX_PASSES_PER_BLOCK};
 pub use routing::{constant_sidecar, decide, BlockDecision, RouteOptions, RouterHook, Routers};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{argmax, Sampler, SamplingParams};
 pub use session::{Hidden, Logits, Prefill, PrefillHook, Route, Session, SessionOptions};
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 
