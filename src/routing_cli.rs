@@ -32,7 +32,6 @@ pub struct RoutingArgs {
 impl RoutingArgs {
     pub fn options(&self) -> Result<RouteOptions> {
         let o = RouteOptions {
-            enabled: true,
             depth_bias: self.depth_bias,
             max_passes: self.max_passes,
             observe_only: false,

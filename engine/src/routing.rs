@@ -13,11 +13,10 @@ use crate::session::{Hidden, PrefillHook};
 use drllm_router_format::{base_model_info_from, content_hash, n_windows, Sidecar, CLASSES};
 use std::path::{Path, PathBuf};
 
-/// Per-request routing controls (the budget knobs the reference method lacks).
+/// Per-request routing controls (the budget knobs the reference method lacks). Routing off
+/// (the plain model) is simply a prefill without the router hook.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteOptions {
-    /// Route at all (false: the plain model, every block once).
-    pub enabled: bool,
     /// Shifts each block's decision between skip and execute, in logit units: the skip logit is
     /// lowered by this much. Positive keeps more blocks, negative skips more. 0: the routers'
     /// own decisions.
@@ -33,7 +32,6 @@ pub struct RouteOptions {
 impl Default for RouteOptions {
     fn default() -> Self {
         RouteOptions {
-            enabled: true,
             depth_bias: 0.0,
             max_passes: None,
             observe_only: false,
