@@ -476,3 +476,43 @@ fn bad_requests_are_errors() {
     s.decode(5).unwrap();
     assert!(matches!(s.decode(5), Err(EngineError::ContextFull { .. })));
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. Resuming from a saved residual stream (what path search shares between rollouts)
+
+#[test]
+fn forward_from_saved_prefix_equals_plain_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Llama, Family::Gemma3] {
+        let p = tiny(dir.path(), family, |_| {});
+        let m = load(&p);
+        let n = m.n_layer();
+        let prompt = prompt_for(&p, 40);
+        let full = LayerPath::full(n);
+        let mut s = session(&m);
+        // run the full path once, saving the residual stream after every pass
+        let (l_full, saved) = s.forward_from(&prompt, &full, None, |_| true).unwrap();
+        assert_eq!(saved.len(), n - 1);
+        let reference = engine_trace(&m, &full, &prompt, 0);
+        assert_eq!(&l_full, reference.last().unwrap());
+        // a path sharing the first 3 passes (skip block 3, repeat block 4) resumed after 3
+        let mut counts = vec![1; n];
+        counts[3] = 0;
+        counts[4] = 2;
+        let other = LayerPath::from_counts(&counts).unwrap();
+        let (k, state) = &saved[2];
+        assert_eq!(*k, 3);
+        let (resumed, _) = s
+            .forward_from(&prompt, &other, Some((*k, state)), |_| false)
+            .unwrap();
+        let plain = engine_trace(&m, &other, &prompt, 0);
+        assert_eq!(&resumed, plain.last().unwrap(), "{family:?}");
+        // the session decodes on along the path afterwards
+        let t = argmax(&resumed) as i32;
+        let mut s2 = session(&m);
+        s2.prefill(&prompt, Route::Fixed(&other), Logits::Last).unwrap();
+        assert_eq!(s.decode(t).unwrap(), s2.decode(t).unwrap());
+        // a state of the wrong size is an error
+        assert!(s.forward_from(&prompt, &other, Some((3, &state[1..])), |_| false).is_err());
+    }
+}

@@ -508,25 +508,18 @@ impl Session {
         Ok((out, rows))
     }
 
-    /// Layer-major prefill: embed the whole prompt into the residual stream, then for each block
-    /// ask the hook for its passes and run them over all chunks.
-    fn prefill_hooked(
-        &mut self,
-        tokens: &[i32],
-        hook: &mut dyn PrefillHook,
-        mode: Logits,
-    ) -> Result<Prefill> {
-        let model = self.model.clone();
-        let cfg = &model.cfg;
-        let t_total = tokens.len();
+    fn chunks(&self, t_total: usize) -> Vec<(usize, usize)> {
         let ub = self.opts.n_ubatch;
-        let chunks: Vec<(usize, usize)> = (0..t_total)
+        (0..t_total)
             .step_by(ub)
             .map(|s| (s, ub.min(t_total - s)))
-            .collect();
+            .collect()
+    }
 
-        // embeddings into the residual stream
-        for &(s, n) in &chunks {
+    /// Layer-major: the token embeddings into the residual stream.
+    fn lm_embed(&mut self, tokens: &[i32]) -> Result<()> {
+        let model = self.model.clone();
+        for (s, n) in self.chunks(tokens.len()) {
             let b = GraphBuilder::new(&model, 0, n)?;
             let tok = b.tokens_input();
             let x = b.embed(tok);
@@ -536,11 +529,111 @@ impl Session {
                 Ok(())
             })?;
         }
+        Ok(())
+    }
 
+    /// Layer-major: one pass over all `t_total` tokens of the residual stream, in chunks. Not
+    /// final: the result replaces the residual stream. Final: the head runs on the result, for
+    /// the last row (`Logits::Last`, pruned inside the pass) or every row, and the logits are
+    /// returned (`rows x n_vocab`).
+    fn lm_pass(
+        &mut self,
+        p: Pass,
+        t_total: usize,
+        final_pass: bool,
+        mode: Logits,
+    ) -> Result<Option<Vec<f32>>> {
+        let model = self.model.clone();
+        let cfg = &model.cfg;
+        self.kv.ensure_block(p.block, p.pass + 1)?;
+        let slot = self.kv.slot(p.block, p.pass)?;
+        let chunks = self.chunks(t_total);
+        let mut logits_out = Vec::new();
+        for (ci, &(s, n)) in chunks.iter().enumerate() {
+            let last_chunk = ci + 1 == chunks.len();
+            let n_kv = graph::n_kv_for(s + n, self.opts.n_ctx);
+            let b = GraphBuilder::new(&model, 1, n)?;
+            let inp = b.attn_inputs(n_kv, cfg.is_swa[p.block]);
+            let x = b.columns(self.resid, s, n);
+            let want_rows = match (final_pass, mode) {
+                (false, _) => 0,
+                (true, Logits::All) => n,
+                (true, Logits::Last) => usize::from(last_chunk),
+            };
+            let prune = (want_rows == 1 && n > 1).then(|| b.out_ids_input(1));
+            let out = b.block(x, p, slot, &inp, prune);
+            let logits = if want_rows > 0 {
+                Some(b.head(out))
+            } else {
+                if !final_pass {
+                    b.store(out, b.columns(self.resid, s, n));
+                } else {
+                    // the final pass of an earlier chunk: only its KV matters
+                    b.expand(out);
+                }
+                None
+            };
+            let n_swa = cfg.n_swa;
+            self.compute(&b, |sc| {
+                graph::set_attn_inputs(&inp, s, n, n_swa, sc);
+                if let Some(ids) = prune {
+                    sc.ids.clear();
+                    sc.ids.push((n - 1) as i32);
+                    graph::set_if_allocated(ids, &sc.ids);
+                }
+                Ok(())
+            })?;
+            if let Some(l) = logits {
+                let mut v = Vec::new();
+                ffi::tensor_get_f32(l, &mut v);
+                logits_out.extend_from_slice(&v);
+            }
+        }
+        Ok(final_pass.then_some(logits_out))
+    }
+
+    /// Layer-major: the head on the residual stream (when the path ended without a final pass
+    /// producing logits, e.g. the last block was skipped).
+    fn lm_head(&mut self, t_total: usize, mode: Logits) -> Result<Vec<f32>> {
+        let model = self.model.clone();
+        let spans: Vec<(usize, usize)> = match mode {
+            Logits::Last => vec![(t_total - 1, 1)],
+            Logits::All => self.chunks(t_total),
+        };
+        let mut out = Vec::new();
+        for (s, n) in spans {
+            let b = GraphBuilder::new(&model, 0, n)?;
+            let l = b.head(b.columns(self.resid, s, n));
+            self.compute(&b, |_| Ok(()))?;
+            let mut v = Vec::new();
+            ffi::tensor_get_f32(l, &mut v);
+            out.extend_from_slice(&v);
+        }
+        Ok(out)
+    }
+
+    fn finish_prefill(&mut self, path: &LayerPath, t_total: usize, logits: &[f32]) {
+        let v = self.model.cfg.n_vocab;
+        self.path = Some(path.clone());
+        self.n_past = t_total;
+        self.logits.clear();
+        self.logits
+            .extend_from_slice(&logits[logits.len().saturating_sub(v)..]);
+    }
+
+    /// Layer-major prefill: embed the whole prompt into the residual stream, then for each block
+    /// ask the hook for its passes and run them over all chunks.
+    fn prefill_hooked(
+        &mut self,
+        tokens: &[i32],
+        hook: &mut dyn PrefillHook,
+        mode: Logits,
+    ) -> Result<Prefill> {
+        let t_total = tokens.len();
+        let n_layer = self.model.cfg.n_layer;
+        self.lm_embed(tokens)?;
         let mut blocks: Vec<usize> = Vec::new();
-        let mut logits_out: Vec<f32> = Vec::new();
-        let mut rows = 0usize;
-        let n_layer = cfg.n_layer;
+        let mut logits: Option<Vec<f32>> = None;
         for block in 0..n_layer {
             let passes = {
                 let mut h = Hidden {
@@ -554,83 +647,94 @@ impl Session {
                     "{passes} passes for block {block}; at most {MAX_PASSES_PER_BLOCK}"
                 )));
             }
-            self.kv.ensure_block(block, passes)?;
             for pass in 0..passes {
                 let final_pass = block + 1 == n_layer && pass + 1 == passes;
-                let slot = self.kv.slot(block, pass)?;
-                let p = Pass { block, pass };
-                for (ci, &(s, n)) in chunks.iter().enumerate() {
-                    let last_chunk = ci + 1 == chunks.len();
-                    let n_kv = graph::n_kv_for(s + n, self.opts.n_ctx);
-                    let b = GraphBuilder::new(&model, 1, n)?;
-                    let inp = b.attn_inputs(n_kv, cfg.is_swa[block]);
-                    let x = b.columns(self.resid, s, n);
-                    let want_rows = match (final_pass, mode) {
-                        (false, _) => 0,
-                        (true, Logits::All) => n,
-                        (true, Logits::Last) => usize::from(last_chunk),
-                    };
-                    let prune = (want_rows == 1 && n > 1).then(|| b.out_ids_input(1));
-                    let out = b.block(x, p, slot, &inp, prune);
-                    let logits = if want_rows > 0 {
-                        Some(b.head(out))
-                    } else {
-                        if !final_pass {
-                            b.store(out, b.columns(self.resid, s, n));
-                        } else {
-                            b.expand(out);
-                        }
-                        None
-                    };
-                    let n_swa = cfg.n_swa;
-                    self.compute(&b, |sc| {
-                        graph::set_attn_inputs(&inp, s, n, n_swa, sc);
-                        if let Some(ids) = prune {
-                            sc.ids.clear();
-                            sc.ids.push((n - 1) as i32);
-                            graph::set_if_allocated(ids, &sc.ids);
-                        }
-                        Ok(())
-                    })?;
-                    if let Some(l) = logits {
-                        let mut v = Vec::new();
-                        ffi::tensor_get_f32(l, &mut v);
-                        logits_out.extend_from_slice(&v);
-                        rows += want_rows;
-                    }
-                }
+                logits = self.lm_pass(Pass { block, pass }, t_total, final_pass, mode)?;
                 blocks.push(block);
             }
         }
-
         // the last block was skipped: the head reads the residual stream
-        if rows == 0 {
-            let spans: Vec<(usize, usize)> = match mode {
-                Logits::Last => vec![(t_total - 1, 1)],
-                Logits::All => chunks.clone(),
-            };
-            for (s, n) in spans {
-                let b = GraphBuilder::new(&model, 0, n)?;
-                let l = b.head(b.columns(self.resid, s, n));
-                self.compute(&b, |_| Ok(()))?;
-                let mut v = Vec::new();
-                ffi::tensor_get_f32(l, &mut v);
-                logits_out.extend_from_slice(&v);
-                rows += n;
-            }
-        }
-
+        let logits = match logits {
+            Some(l) => l,
+            None => self.lm_head(t_total, mode)?,
+        };
         let path = LayerPath::new(&blocks, n_layer)?;
-        self.path = Some(path.clone());
-        self.n_past = t_total;
-        self.logits.clear();
-        self.logits
-            .extend_from_slice(&logits_out[logits_out.len().saturating_sub(cfg.n_vocab)..]);
+        self.finish_prefill(&path, t_total, &logits);
+        let rows = logits.len() / self.model.cfg.n_vocab;
         Ok(Prefill {
             path,
-            logits: logits_out,
+            logits,
             rows,
         })
+    }
+
+    /// Runs `tokens` as a new sequence along `path` layer by layer, resuming from a residual
+    /// stream saved earlier: `start = Some((k, state))` means `state` is the residual stream
+    /// after the first k passes of `path` (`T x n_embd`, row-major), so only passes k.. run.
+    /// After each pass i (0-based in `path`) for which `keep(i)` is true, except the last, the
+    /// residual stream is copied to the host and returned with i + 1 (the number of passes it
+    /// follows). Returns the last token's logits. This is what path search uses to share work
+    /// between paths with a common prefix; the logits are identical to a plain prefill.
+    pub fn forward_from(
+        &mut self,
+        tokens: &[i32],
+        path: &LayerPath,
+        start: Option<(usize, &[f32])>,
+        mut keep: impl FnMut(usize) -> bool,
+    ) -> Result<(Vec<f32>, Vec<(usize, Vec<f32>)>)> {
+        self.reset();
+        if tokens.is_empty() {
+            return Err(EngineError::State("empty prompt".into()));
+        }
+        self.check_tokens(tokens)?;
+        if path.n_layer() != self.model.cfg.n_layer {
+            return Err(EngineError::State("path is for another block count".into()));
+        }
+        let t_total = tokens.len();
+        let d = self.model.cfg.n_embd;
+        let passes = path.passes();
+        let first = match start {
+            None => {
+                self.lm_embed(tokens)?;
+                0
+            }
+            Some((k, state)) => {
+                if k > passes.len() || state.len() != t_total * d {
+                    return Err(EngineError::State(format!(
+                        "saved state does not fit: {} floats after {k} passes, expected {} \
+                         after at most {}",
+                        state.len(),
+                        t_total * d,
+                        passes.len()
+                    )));
+                }
+                // SAFETY: the residual tensor holds n_ctx >= t_total columns of d floats.
+                unsafe {
+                    sys::ggml_backend_tensor_set(self.resid, state.as_ptr().cast(), 0, state.len() * 4);
+                }
+                k
+            }
+        };
+        let mut saved = Vec::new();
+        let mut logits = None;
+        for (i, p) in passes.iter().enumerate().skip(first) {
+            let final_pass = i + 1 == passes.len();
+            logits = self.lm_pass(*p, t_total, final_pass, Logits::Last)?;
+            if !final_pass && keep(i) {
+                let mut v = vec![0f32; t_total * d];
+                // SAFETY: reading the first t_total columns of the residual tensor.
+                unsafe {
+                    sys::ggml_backend_tensor_get(self.resid, v.as_mut_ptr().cast(), 0, v.len() * 4);
+                }
+                saved.push((i + 1, v));
+            }
+        }
+        let logits = match logits {
+            Some(l) => l,
+            None => self.lm_head(t_total, Logits::Last)?,
+        };
+        self.finish_prefill(path, t_total, &logits);
+        Ok((logits, saved))
     }
 
     fn alloc(&mut self, b: &GraphBuilder<'_>) -> Result<()> {

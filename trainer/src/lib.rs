@@ -1,0 +1,14 @@
+//! drllm's trainer: find layer paths that answer real questions correctly with fewer block
+//! passes (Monte Carlo Tree Search over paths, rewards from the engine), teach routers to predict
+//! them (candle), export the routers as a sidecar, and evaluate routed against plain models.
+//!
+//! The binary is `drllm-train`; candle stays out of the `drllm` binary.
+
+pub mod data;
+pub mod eval;
+pub mod features;
+pub mod mcts;
+pub mod plots;
+pub mod search;
+pub mod tasks;
+pub mod train;
