@@ -510,9 +510,53 @@ fn forward_from_saved_prefix_equals_plain_prefill() {
         // the session decodes on along the path afterwards
         let t = argmax(&resumed) as i32;
         let mut s2 = session(&m);
-        s2.prefill(&prompt, Route::Fixed(&other), Logits::Last).unwrap();
+        s2.prefill(&prompt, Route::Fixed(&other), Logits::Last)
+            .unwrap();
         assert_eq!(s.decode(t).unwrap(), s2.decode(t).unwrap());
         // a state of the wrong size is an error
-        assert!(s.forward_from(&prompt, &other, Some((3, &state[1..])), |_| false).is_err());
+        assert!(s
+            .forward_from(&prompt, &other, Some((3, &state[1..])), |_| false)
+            .is_err());
+    }
+}
+
+#[test]
+fn one_session_many_paths_equals_fresh_sessions() {
+    // paths of the same length but another structure (a repeat elsewhere) once made ggml's
+    // allocator reuse a stale plan; each prefill must equal a fresh session's
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Llama, Family::Gemma3] {
+        let p = tiny(dir.path(), family, |_| {});
+        let m = load(&p);
+        let n = m.n_layer();
+        let prompt = prompt_for(&p, 40);
+        let last = n - 1;
+        let specs = [
+            "repeat=0".to_string(),
+            format!("repeat={last}"),
+            "full".into(),
+            "skip=2".into(),
+            "repeat=1".into(),
+            format!("skip=0 repeat={last}"),
+            "repeat=0,1".into(),
+        ];
+        // fixed paths back to back in one session, then hooked ones in another
+        let mut shared = session(&m);
+        let mut shared_hooked = session(&m);
+        for spec in &specs {
+            let path = LayerPath::parse(spec, n).unwrap();
+            let a = shared
+                .prefill(&prompt, Route::Fixed(&path), Logits::Last)
+                .unwrap();
+            let b = session(&m)
+                .prefill(&prompt, Route::Fixed(&path), Logits::Last)
+                .unwrap();
+            assert_eq!(a.logits, b.logits, "{family:?} {spec}");
+            let mut hook = Replay(path.counts());
+            let c = shared_hooked
+                .prefill(&prompt, Route::Hook(&mut hook), Logits::Last)
+                .unwrap();
+            assert_eq!(c.logits, b.logits, "{family:?} {spec} hooked");
+        }
     }
 }

@@ -32,6 +32,10 @@ pub(crate) struct GraphBuilder<'m> {
     pub gf: *mut sys::ggml_cgraph,
     pub m: &'m Model,
     pub n_tokens: usize,
+    /// Structural key: graphs with the same non-zero key have the same nodes and leafs in the
+    /// same order (only weights and KV slots differ), so the scheduler may reuse the previous
+    /// allocation plan. 0: unknown, always plan afresh.
+    pub shape: u64,
 }
 
 impl<'m> GraphBuilder<'m> {
@@ -48,7 +52,16 @@ impl<'m> GraphBuilder<'m> {
             gf,
             m,
             n_tokens,
+            shape: 0,
         })
+    }
+
+    /// Sets the structural key from anything hashable describing the graph's structure.
+    pub(crate) fn set_shape(&mut self, key: impl std::hash::Hash) {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        self.shape = h.finish() | 1;
     }
 
     fn c(&self) -> *mut sys::ggml_context {

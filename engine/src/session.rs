@@ -15,6 +15,9 @@ use crate::path::{LayerPath, Pass, MAX_PASSES_PER_BLOCK};
 use llama_cpp_sys_2 as sys;
 use std::sync::Arc;
 
+/// Residual streams saved by [`Session::forward_from`]: (passes they follow, `T x n_embd` floats).
+pub type SavedStates = Vec<(usize, Vec<f32>)>;
+
 /// Session settings.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -119,7 +122,8 @@ impl Hidden<'_> {
         let size = t / n_windows;
         let d = self.n_embd();
         let model = self.s.model.clone();
-        let b = GraphBuilder::new(&model, 0, t)?;
+        let mut b = GraphBuilder::new(&model, 0, t)?;
+        b.set_shape(("pool", t, n_windows));
         let resid = self.s.resid;
         // SAFETY: ops on the live residual tensor, within its first t columns.
         let out = unsafe {
@@ -165,6 +169,8 @@ pub struct Session {
     decode_graph: Option<CachedGraph>,
     /// bumped each time the scheduler allocates a graph
     alloc_gen: u64,
+    /// structural key of the graph allocated last (0: none/unknown)
+    last_shape: u64,
     scratch: Scratch,
     logits: Vec<f32>,
 }
@@ -243,6 +249,7 @@ impl Session {
             n_past: 0,
             decode_graph: None,
             alloc_gen: 0,
+            last_shape: 0,
             scratch: Scratch::default(),
             logits: Vec::new(),
         };
@@ -395,7 +402,8 @@ impl Session {
         if !reuse {
             self.decode_graph = None;
             let model = self.model.clone();
-            let b = GraphBuilder::new(&model, path.len(), 1)?;
+            let mut b = GraphBuilder::new(&model, path.len(), 1)?;
+            b.set_shape(("decode", &path, n_kv));
             let tokens = b.tokens_input();
             let mut x = b.embed(tokens);
             let inp = b.attn_inputs(n_kv, model.cfg.n_swa > 0);
@@ -457,15 +465,16 @@ impl Session {
             let last_chunk = ci + 1 == n_chunks;
             let pos0 = self.n_past;
             let n_kv = graph::n_kv_for(pos0 + n, self.opts.n_ctx);
-            let b = GraphBuilder::new(&model, passes.len(), n)?;
-            let tok = b.tokens_input();
-            let mut x = b.embed(tok);
-            let inp = b.attn_inputs(n_kv, cfg.n_swa > 0);
+            let mut b = GraphBuilder::new(&model, passes.len(), n)?;
             let want_rows = match mode {
                 Logits::All => n,
                 Logits::Last if last_chunk => 1,
                 Logits::Last => 0,
             };
+            b.set_shape(("tokens", &path, n, n_kv, want_rows));
+            let tok = b.tokens_input();
+            let mut x = b.embed(tok);
+            let inp = b.attn_inputs(n_kv, cfg.n_swa > 0);
             let out_ids = (want_rows > 0 && want_rows < n).then(|| b.out_ids_input(want_rows));
             for (i, p) in passes.iter().enumerate() {
                 let prune = if i + 1 == passes.len() { out_ids } else { None };
@@ -520,7 +529,8 @@ impl Session {
     fn lm_embed(&mut self, tokens: &[i32]) -> Result<()> {
         let model = self.model.clone();
         for (s, n) in self.chunks(tokens.len()) {
-            let b = GraphBuilder::new(&model, 0, n)?;
+            let mut b = GraphBuilder::new(&model, 0, n)?;
+            b.set_shape(("embed", n));
             let tok = b.tokens_input();
             let x = b.embed(tok);
             b.store(x, b.columns(self.resid, s, n));
@@ -552,14 +562,24 @@ impl Session {
         for (ci, &(s, n)) in chunks.iter().enumerate() {
             let last_chunk = ci + 1 == chunks.len();
             let n_kv = graph::n_kv_for(s + n, self.opts.n_ctx);
-            let b = GraphBuilder::new(&model, 1, n)?;
-            let inp = b.attn_inputs(n_kv, cfg.is_swa[p.block]);
-            let x = b.columns(self.resid, s, n);
+            let mut b = GraphBuilder::new(&model, 1, n)?;
             let want_rows = match (final_pass, mode) {
                 (false, _) => 0,
                 (true, Logits::All) => n,
                 (true, Logits::Last) => usize::from(last_chunk),
             };
+            // every block's pass graph has the same structure (weights and KV slot aside)
+            b.set_shape((
+                "pass",
+                n,
+                s,
+                n_kv,
+                cfg.is_swa[p.block],
+                final_pass,
+                want_rows,
+            ));
+            let inp = b.attn_inputs(n_kv, cfg.is_swa[p.block]);
+            let x = b.columns(self.resid, s, n);
             let prune = (want_rows == 1 && n > 1).then(|| b.out_ids_input(1));
             let out = b.block(x, p, slot, &inp, prune);
             let logits = if want_rows > 0 {
@@ -602,7 +622,8 @@ impl Session {
         };
         let mut out = Vec::new();
         for (s, n) in spans {
-            let b = GraphBuilder::new(&model, 0, n)?;
+            let mut b = GraphBuilder::new(&model, 0, n)?;
+            b.set_shape(("head", n, s));
             let l = b.head(b.columns(self.resid, s, n));
             self.compute(&b, |_| Ok(()))?;
             let mut v = Vec::new();
@@ -661,11 +682,7 @@ impl Session {
         let path = LayerPath::new(&blocks, n_layer)?;
         self.finish_prefill(&path, t_total, &logits);
         let rows = logits.len() / self.model.cfg.n_vocab;
-        Ok(Prefill {
-            path,
-            logits,
-            rows,
-        })
+        Ok(Prefill { path, logits, rows })
     }
 
     /// Runs `tokens` as a new sequence along `path` layer by layer, resuming from a residual
@@ -681,7 +698,7 @@ impl Session {
         path: &LayerPath,
         start: Option<(usize, &[f32])>,
         mut keep: impl FnMut(usize) -> bool,
-    ) -> Result<(Vec<f32>, Vec<(usize, Vec<f32>)>)> {
+    ) -> Result<(Vec<f32>, SavedStates)> {
         self.reset();
         if tokens.is_empty() {
             return Err(EngineError::State("empty prompt".into()));
@@ -710,7 +727,12 @@ impl Session {
                 }
                 // SAFETY: the residual tensor holds n_ctx >= t_total columns of d floats.
                 unsafe {
-                    sys::ggml_backend_tensor_set(self.resid, state.as_ptr().cast(), 0, state.len() * 4);
+                    sys::ggml_backend_tensor_set(
+                        self.resid,
+                        state.as_ptr().cast(),
+                        0,
+                        state.len() * 4,
+                    );
                 }
                 k
             }
@@ -738,8 +760,18 @@ impl Session {
     }
 
     fn alloc(&mut self, b: &GraphBuilder<'_>) -> Result<()> {
+        // ggml's allocator reuses its previous plan for any graph with the same node and leaf
+        // counts, matching tensors by position; graphs of the same size but another structure
+        // (e.g. a repeat at another place in the path) would then get a wrong plan. Plan afresh
+        // whenever the structure changes.
+        let replan = b.shape == 0 || self.last_shape != b.shape;
         // SAFETY: live scheduler and graph.
         unsafe {
+            if replan && !sys::ggml_backend_sched_reserve(self.sched.ptr(), b.gf) {
+                return Err(EngineError::Ggml(
+                    "could not plan the compute graph (out of memory?)".into(),
+                ));
+            }
             sys::ggml_backend_sched_reset(self.sched.ptr());
             if !sys::ggml_backend_sched_alloc_graph(self.sched.ptr(), b.gf) {
                 return Err(EngineError::Ggml(
@@ -747,6 +779,7 @@ impl Session {
                 ));
             }
         }
+        self.last_shape = b.shape;
         self.alloc_gen += 1;
         Ok(())
     }

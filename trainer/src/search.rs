@@ -1,1 +1,469 @@
-//! (in progress)
+//! `drllm-train search`: MCTS over layer paths for every example of a data set, with rewards
+//! from the engine along each candidate path.
+//!
+//! Work is shared across the simulations of one question: the residual stream after every
+//! pass is kept (keyed by the path prefix that produced it, bounded by a byte budget), so a
+//! rollout recomputes only from the first pass where its path differs from one already run.
+//! Results are appended to a JSONL file, one line per example, so a run can be resumed and
+//! split across processes (`--shard i/n`) and the files concatenated.
+
+use crate::mcts::{self, passes, MctsConfig, Outcome, Rewarder};
+use crate::tasks::{extract_final_number, numbers_equal, Example, McScorer, TaskKind};
+use drllm_engine::{argmax, EngineError, LayerPath, Logits, Route, Session, Tokenizer};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::time::Instant;
+
+/// How a path's answer becomes a reward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RewardKind {
+    /// 1 when correct, else 0 (the reference).
+    Binary,
+    /// sigmoid(margin of the gold answer): smoother, for multiple choice.
+    Margin,
+}
+
+/// Errors of the search.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SearchError {
+    /// The engine failed.
+    Engine(EngineError),
+    /// Reading or writing results failed.
+    Io(std::io::Error),
+    /// A results line could not be parsed.
+    BadResult { line: usize, reason: String },
+    /// Anything else.
+    Other(String),
+}
+
+impl std::fmt::Display for SearchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SearchError::Engine(e) => write!(f, "{e}"),
+            SearchError::Io(e) => write!(f, "{e}"),
+            SearchError::BadResult { line, reason } => {
+                write!(f, "results line {line}: {reason}")
+            }
+            SearchError::Other(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl std::error::Error for SearchError {}
+
+impl From<EngineError> for SearchError {
+    fn from(e: EngineError) -> Self {
+        SearchError::Engine(e)
+    }
+}
+impl From<std::io::Error> for SearchError {
+    fn from(e: std::io::Error) -> Self {
+        SearchError::Io(e)
+    }
+}
+
+/// Residual streams after path prefixes (one question), least recently used dropped first.
+pub struct PrefixCache {
+    map: HashMap<Vec<u16>, (Vec<f32>, u64)>,
+    bytes: usize,
+    budget: usize,
+    clock: u64,
+}
+
+impl PrefixCache {
+    /// A cache holding at most `budget` bytes of states.
+    pub fn new(budget: usize) -> Self {
+        PrefixCache {
+            map: HashMap::new(),
+            bytes: 0,
+            budget,
+            clock: 0,
+        }
+    }
+
+    /// Forgets everything (a new question).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
+    /// The longest cached proper prefix of `blocks`: (passes covered, state).
+    pub fn longest(&mut self, blocks: &[u16]) -> Option<(usize, &[f32])> {
+        self.clock += 1;
+        let clock = self.clock;
+        let k = (1..blocks.len())
+            .rev()
+            .find(|&k| self.map.contains_key(&blocks[..k]))?;
+        let e = self.map.get_mut(&blocks[..k])?;
+        e.1 = clock;
+        Some((k, &e.0))
+    }
+
+    /// Whether a prefix is cached.
+    pub fn contains(&self, prefix: &[u16]) -> bool {
+        self.map.contains_key(prefix)
+    }
+
+    /// Stores the state after `prefix`.
+    pub fn insert(&mut self, prefix: Vec<u16>, state: Vec<f32>) {
+        let size = state.len() * 4;
+        if size > self.budget {
+            return;
+        }
+        while self.bytes + size > self.budget {
+            let Some(oldest) = self
+                .map
+                .iter()
+                .min_by_key(|(_, v)| v.1)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((v, _)) = self.map.remove(&oldest) {
+                self.bytes -= v.len() * 4;
+            }
+        }
+        self.clock += 1;
+        if let Some((old, _)) = self.map.insert(prefix, (state, self.clock)) {
+            self.bytes -= old.len() * 4;
+        }
+        self.bytes += size;
+    }
+}
+
+/// Counters of work done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Work {
+    /// Rollouts (distinct paths evaluated).
+    pub rollouts: u64,
+    /// Block passes computed.
+    pub passes_run: u64,
+    /// Block passes skipped thanks to cached prefixes.
+    pub passes_reused: u64,
+}
+
+/// Rewards from the engine for one example.
+pub struct EngineRewarder<'a> {
+    /// The session (one sequence at a time).
+    pub session: &'a mut Session,
+    /// Prompt tokens.
+    pub tokens: Vec<i32>,
+    /// The example.
+    pub example: &'a Example,
+    /// MC scorer.
+    pub scorer: &'a McScorer,
+    /// Tokenizer (numeric tasks decode text).
+    pub tokenizer: &'a Tokenizer,
+    /// Reward kind.
+    pub reward: RewardKind,
+    /// Prefix cache (None: recompute every rollout from scratch).
+    pub cache: Option<&'a mut PrefixCache>,
+    /// Generated tokens allowed for numeric answers.
+    pub max_answer_tokens: usize,
+    /// Work counters.
+    pub work: Work,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Rewarder for EngineRewarder<'_> {
+    type Error = SearchError;
+
+    fn evaluate(&mut self, counts: &[u8]) -> Result<Outcome, SearchError> {
+        let cs: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
+        let path = LayerPath::from_counts(&cs).map_err(EngineError::from)?;
+        let blocks: Vec<u16> = path.blocks().map(|b| b as u16).collect();
+        self.work.rollouts += 1;
+        let n_choices = self.example.choices.len();
+        let logits = match self.cache.as_deref_mut() {
+            Some(cache) => {
+                let start = cache.longest(&blocks).map(|(k, s)| (k, s.to_vec()));
+                let k0 = start.as_ref().map_or(0, |(k, _)| *k);
+                let (logits, saved) = {
+                    let cache_ro: &PrefixCache = cache;
+                    self.session.forward_from(
+                        &self.tokens,
+                        &path,
+                        start.as_ref().map(|(k, s)| (*k, s.as_slice())),
+                        |i| !cache_ro.contains(&blocks[..i + 1]),
+                    )?
+                };
+                for (k, state) in saved {
+                    cache.insert(blocks[..k].to_vec(), state);
+                }
+                self.work.passes_reused += k0 as u64;
+                self.work.passes_run += (blocks.len() - k0) as u64;
+                logits
+            }
+            None => {
+                self.work.passes_run += blocks.len() as u64;
+                self.session
+                    .prefill(&self.tokens, Route::Fixed(&path), Logits::Last)?
+                    .logits
+            }
+        };
+        match self.example.kind {
+            TaskKind::MultipleChoice => {
+                let pred = self.scorer.predict(&logits, n_choices);
+                let margin = self.scorer.margin(&logits, n_choices, self.example.gold) as f64;
+                let correct = pred == self.example.gold;
+                let reward = match self.reward {
+                    RewardKind::Binary => f64::from(u8::from(correct)),
+                    RewardKind::Margin => sigmoid(margin),
+                };
+                Ok(Outcome {
+                    correct,
+                    reward,
+                    margin,
+                })
+            }
+            TaskKind::Numeric => {
+                // greedy answer along the path
+                let mut out = Vec::new();
+                let mut next = argmax(&logits);
+                let n_ctx = self.session.options().n_ctx;
+                for _ in 0..self.max_answer_tokens {
+                    if self.tokenizer.is_eog(next) || self.session.n_past() >= n_ctx {
+                        break;
+                    }
+                    out.push(next);
+                    let text = self.tokenizer.detokenize(&out);
+                    if text.contains("\n\n") || text.contains("Question:") {
+                        break;
+                    }
+                    next = argmax(self.session.decode(next)?);
+                }
+                let text = self.tokenizer.detokenize(&out);
+                let correct = extract_final_number(&text)
+                    .is_some_and(|n| numbers_equal(&n, &self.example.answer));
+                let r = f64::from(u8::from(correct));
+                Ok(Outcome {
+                    correct,
+                    reward: r,
+                    margin: r,
+                })
+            }
+        }
+    }
+}
+
+/// One line of the results file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SearchRecord {
+    /// Example id.
+    pub id: String,
+    /// Base model fingerprint (results of another model are ignored on resume).
+    pub model: String,
+    /// The default path answered correctly.
+    pub originally_correct: bool,
+    /// The default path's gold margin.
+    pub default_margin: f64,
+    /// The kept path (per-block pass counts), or None (dropped: no correct path found).
+    pub kept: Option<Vec<u8>>,
+    /// The kept path as text.
+    pub kept_path: Option<String>,
+    /// Its passes.
+    pub kept_passes: Option<usize>,
+    /// Its reward.
+    pub kept_reward: Option<f64>,
+    /// Its margin.
+    pub kept_margin: Option<f64>,
+    /// Simulations used.
+    pub simulations: usize,
+    /// Distinct paths evaluated.
+    pub evaluated: usize,
+    /// The early-stop rule ended the search.
+    pub stopped_early: bool,
+    /// Work counters.
+    pub work: Work,
+    /// Seconds spent.
+    pub secs: f64,
+}
+
+impl SearchRecord {
+    /// An originally wrong answer fixed by the kept path.
+    pub fn fixed(&self) -> bool {
+        !self.originally_correct && self.kept.is_some()
+    }
+}
+
+/// Reads a results file (missing file = no results).
+pub fn read_results(path: &Path) -> Result<Vec<SearchRecord>, SearchError> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: SearchRecord = serde_json::from_str(&line).map_err(|e| SearchError::BadResult {
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Settings of a search run.
+#[derive(Clone, Debug)]
+pub struct SearchRun {
+    /// MCTS settings.
+    pub mcts: MctsConfig,
+    /// Reward kind.
+    pub reward: RewardKind,
+    /// Share work between rollouts through the prefix cache.
+    pub prefix_reuse: bool,
+    /// Prefix cache budget in bytes.
+    pub cache_bytes: usize,
+    /// This process handles examples with index % n == i.
+    pub shard: (usize, usize),
+    /// Tokens a numeric answer may take.
+    pub max_answer_tokens: usize,
+}
+
+/// Summary of a run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RunSummary {
+    /// Examples searched now.
+    pub searched: usize,
+    /// Examples skipped because their result was already in the file.
+    pub resumed: usize,
+    /// Originally correct.
+    pub originally_correct: usize,
+    /// Originally wrong and fixed.
+    pub fixed: usize,
+    /// Originally correct and a shorter correct path kept.
+    pub shortened: usize,
+    /// No correct path.
+    pub dropped: usize,
+    /// Work counters.
+    pub work: Work,
+    /// Seconds.
+    pub secs: f64,
+    /// Rollouts per second.
+    pub rollouts_per_sec: f64,
+}
+
+/// Searches every example of this shard not yet in `out`, appending one line each.
+#[allow(clippy::too_many_arguments)]
+pub fn run_search(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    scorer: &McScorer,
+    examples: &[Example],
+    model_fingerprint: &str,
+    run: &SearchRun,
+    out: &Path,
+    progress: &mut dyn FnMut(&RunSummary, usize, usize),
+) -> Result<RunSummary, SearchError> {
+    let n_layer = session.model().n_layer();
+    let done: std::collections::HashSet<String> = read_results(out)?
+        .into_iter()
+        .filter(|r| r.model == model_fingerprint)
+        .map(|r| r.id)
+        .collect();
+    let (si, sn) = run.shard;
+    if sn == 0 || si >= sn {
+        return Err(SearchError::Other(format!("bad shard {si}/{sn}")));
+    }
+    let mine: Vec<&Example> = examples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % sn == si)
+        .map(|(_, e)| e)
+        .collect();
+    let mut summary = RunSummary::default();
+    let todo: Vec<&Example> = mine
+        .iter()
+        .copied()
+        .filter(|e| !done.contains(&e.id))
+        .collect();
+    summary.resumed = mine.len() - todo.len();
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)?;
+    let mut cache = PrefixCache::new(run.cache_bytes);
+    let t0 = Instant::now();
+    let total = todo.len();
+    for (i, ex) in todo.iter().enumerate() {
+        let t = Instant::now();
+        let tokens = tokenizer.tokenize(&ex.prompt, true, false);
+        cache.clear();
+        let mut rw = EngineRewarder {
+            session,
+            tokens,
+            example: ex,
+            scorer,
+            tokenizer,
+            reward: run.reward,
+            cache: run.prefix_reuse.then_some(&mut cache),
+            max_answer_tokens: run.max_answer_tokens,
+            work: Work::default(),
+        };
+        let mut cfg = run.mcts.clone();
+        // a different but reproducible action order per example
+        cfg.seed = run.mcts.seed ^ hash(&ex.id);
+        let res = mcts::search(n_layer, &cfg, &mut rw)?;
+        let work = rw.work;
+        let rec = SearchRecord {
+            id: ex.id.clone(),
+            model: model_fingerprint.to_string(),
+            originally_correct: res.default.correct,
+            default_margin: res.default.margin,
+            kept_path: res.kept.as_deref().map(mcts::counts_to_string),
+            kept_passes: res.kept.as_deref().map(passes),
+            kept_reward: res.kept_outcome.map(|o| o.reward),
+            kept_margin: res.kept_outcome.map(|o| o.margin),
+            kept: res.kept,
+            simulations: res.simulations,
+            evaluated: res.evaluated,
+            stopped_early: res.stopped_early,
+            work,
+            secs: t.elapsed().as_secs_f64(),
+        };
+        let line = serde_json::to_string(&rec).map_err(|e| SearchError::Other(e.to_string()))?;
+        writeln!(file, "{line}")?;
+        file.flush()?;
+        summary.searched += 1;
+        if rec.originally_correct {
+            summary.originally_correct += 1;
+            if rec.kept_passes.is_some_and(|p| p < n_layer) {
+                summary.shortened += 1;
+            }
+        } else if rec.kept.is_some() {
+            summary.fixed += 1;
+        } else {
+            summary.dropped += 1;
+        }
+        summary.work.rollouts += work.rollouts;
+        summary.work.passes_run += work.passes_run;
+        summary.work.passes_reused += work.passes_reused;
+        summary.secs = t0.elapsed().as_secs_f64();
+        summary.rollouts_per_sec = summary.work.rollouts as f64 / summary.secs.max(1e-9);
+        progress(&summary, i + 1, total);
+    }
+    Ok(summary)
+}
+
+fn hash(s: &str) -> u64 {
+    // FNV-1a
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

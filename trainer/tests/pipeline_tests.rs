@@ -1,0 +1,218 @@
+//! End to end on a tiny model: search with engine rewards (prefix reuse on and off give the
+//! same results), features along the kept paths, candle training, export, routed evaluation.
+
+use drllm_engine::router_format::{Sidecar, StorageType};
+use drllm_engine::{DeviceChoice, Model, Routers, Session, SessionOptions, Tokenizer};
+use drllm_testkit::{write_tiny_model, Family, TinySpec};
+use drllm_train::mcts::MctsConfig;
+use drllm_train::search::{read_results, run_search, RewardKind, SearchRun};
+use drllm_train::tasks::{Example, McScorer, TaskKind};
+use drllm_train::train::{train_split, TrainConfig};
+use drllm_train::{eval, features};
+use std::sync::Arc;
+
+fn questions(n: usize) -> Vec<Example> {
+    let words = ["cat", "dog", "the", "is", "a", "of", "and"];
+    (0..n)
+        .map(|i| {
+            let w = |k: usize| words[(i * 7 + k * 3) % words.len()];
+            Example {
+                id: format!("tiny/validation/q{i}"),
+                task: "tiny".into(),
+                split: "validation".into(),
+                kind: TaskKind::MultipleChoice,
+                prompt: format!(
+                    "the {} is {} of the {} and {} {}\n A. {}\n B. {}\n C. {}\n D. {}\nAnswer:",
+                    w(0),
+                    w(1),
+                    w(2),
+                    w(3),
+                    w(4),
+                    w(5),
+                    w(6),
+                    w(0),
+                    w(1)
+                ),
+                choices: vec!["A".into(), "B".into(), "C".into(), "D".into()],
+                gold: i % 4,
+                answer: ["A", "B", "C", "D"][i % 4].into(),
+            }
+        })
+        .collect()
+}
+
+fn setup(dir: &std::path::Path) -> (std::path::PathBuf, Arc<Model>, Tokenizer, McScorer, String) {
+    let p = dir.join("tiny.gguf");
+    let mut spec = TinySpec::default_for(Family::Llama);
+    spec.n_layer = 6;
+    write_tiny_model(&spec, &p).unwrap();
+    let model = Arc::new(Model::load(&p, DeviceChoice::Cpu).unwrap());
+    let tok = Tokenizer::load(&p).unwrap();
+    // the tiny vocabulary has no " A" pieces: score the option letters by their byte tokens
+    let ids: Vec<i32> = ["A", "B", "C", "D", "E"]
+        .iter()
+        .map(|l| *tok.tokenize(l, false, false).last().unwrap())
+        .collect();
+    let scorer = McScorer::from_tokens(&["A", "B", "C", "D", "E"], &ids).unwrap();
+    let fp = drllm_engine::router_format::base_model_info(&p)
+        .unwrap()
+        .fingerprint;
+    (p, model, tok, scorer, fp)
+}
+
+fn session(m: &Arc<Model>) -> Session {
+    Session::new(
+        m.clone(),
+        SessionOptions {
+            n_ctx: 512,
+            n_threads: 2,
+            n_ubatch: 512,
+        },
+    )
+    .unwrap()
+}
+
+fn run(
+    reuse: bool,
+    m: &Arc<Model>,
+    tok: &Tokenizer,
+    sc: &McScorer,
+    fp: &str,
+    qs: &[Example],
+    out: &std::path::Path,
+) {
+    let cfg = SearchRun {
+        mcts: MctsConfig {
+            simulations: 30,
+            ..MctsConfig::default()
+        },
+        reward: RewardKind::Binary,
+        prefix_reuse: reuse,
+        cache_bytes: 64 << 20,
+        shard: (0, 1),
+        max_answer_tokens: 8,
+    };
+    let mut s = session(m);
+    run_search(&mut s, tok, sc, qs, fp, &cfg, out, &mut |_, _, _| {}).unwrap();
+}
+
+#[test]
+fn prefix_reuse_gives_the_same_results_as_recomputing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, m, tok, sc, fp) = setup(dir.path());
+    let qs = questions(6);
+    let a = dir.path().join("reuse.jsonl");
+    let b = dir.path().join("scratch.jsonl");
+    run(true, &m, &tok, &sc, &fp, &qs, &a);
+    run(false, &m, &tok, &sc, &fp, &qs, &b);
+    let ra = read_results(&a).unwrap();
+    let rb = read_results(&b).unwrap();
+    assert_eq!(ra.len(), 6);
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!(x.id, y.id);
+        assert_eq!(x.originally_correct, y.originally_correct);
+        assert_eq!(x.default_margin, y.default_margin);
+        assert_eq!(x.kept, y.kept);
+        assert_eq!(x.kept_margin, y.kept_margin);
+        assert_eq!(x.simulations, y.simulations);
+        assert_eq!(x.work.rollouts, y.work.rollouts);
+        // the same rollouts, fewer passes computed
+        assert_eq!(
+            x.work.passes_run + x.work.passes_reused,
+            y.work.passes_run + y.work.passes_reused
+        );
+    }
+    let reused: u64 = ra.iter().map(|r| r.work.passes_reused).sum();
+    assert!(reused > 0, "prefix reuse saved nothing");
+    // resuming: a second run adds nothing
+    run(true, &m, &tok, &sc, &fp, &qs, &a);
+    assert_eq!(read_results(&a).unwrap().len(), 6);
+    // sharding: two shards cover the questions once
+    let c = dir.path().join("sharded.jsonl");
+    for i in 0..2 {
+        let cfg = SearchRun {
+            mcts: MctsConfig {
+                simulations: 5,
+                ..MctsConfig::default()
+            },
+            reward: RewardKind::Binary,
+            prefix_reuse: true,
+            cache_bytes: 64 << 20,
+            shard: (i, 2),
+            max_answer_tokens: 8,
+        };
+        let mut s = session(&m);
+        run_search(&mut s, &tok, &sc, &qs, &fp, &cfg, &c, &mut |_, _, _| {}).unwrap();
+    }
+    let mut ids: Vec<String> = read_results(&c)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6);
+}
+
+#[test]
+fn search_train_export_eval_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, m, tok, sc, fp) = setup(dir.path());
+    let qs = questions(24);
+    let out = dir.path().join("search.jsonl");
+    run(true, &m, &tok, &sc, &fp, &qs, &out);
+    let records = read_results(&out).unwrap();
+    let (chosen, stats) = features::select(&records, m.n_layer(), 0.3);
+    assert_eq!(stats.records, 24);
+    assert!(stats.kept > 0, "{stats:?}");
+    let mut s = session(&m);
+    let fs = features::build(&mut s, &tok, &qs, &chosen, 8, &mut |_, _| {}).unwrap();
+    assert_eq!(fs.examples.len(), chosen.len());
+    assert_eq!(fs.n_layer, m.n_layer());
+    let cfg = TrainConfig {
+        epochs: 3,
+        hidden: 128,
+        ..TrainConfig::default()
+    };
+    let trained = train_split(&fs, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(trained.routers.len(), m.n_layer());
+    let base = drllm_engine::router_format::base_model_info(&p).unwrap();
+    let sidecar = Sidecar {
+        version: drllm_engine::router_format::FORMAT_VERSION,
+        base,
+        shape: drllm_engine::router_format::RouterShape {
+            hidden: 128,
+            windows: 8,
+        },
+        provenance: Default::default(),
+        routers: trained.routers,
+    };
+    let side = dir.path().join("tiny.routers.gguf");
+    sidecar.write(&side, StorageType::F32).unwrap();
+    let routers = Routers::load(&side, &m).unwrap();
+    let mut s = session(&m);
+    let report = eval::evaluate(
+        &mut s,
+        &tok,
+        &sc,
+        Some(&routers),
+        &qs,
+        &eval::EvalOptions {
+            sweep: vec![-1.0, 1.0],
+            max_answer_tokens: 8,
+            ..Default::default()
+        },
+        ("tiny", "tiny", "validation"),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.plain.n, 24);
+    assert_eq!(report.plain.mean_passes, m.n_layer() as f64);
+    let routed = report.routed.as_ref().unwrap();
+    assert_eq!(routed.n, 24);
+    assert_eq!(report.sweep.len(), 2);
+    let files = eval::write_outputs(&report, &dir.path().join("eval")).unwrap();
+    assert_eq!(files.len(), 4);
+    assert!(eval::markdown(&report).contains("| plain |"));
+    let _ = fp;
+}
