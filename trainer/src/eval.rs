@@ -342,3 +342,100 @@ pub fn write_outputs(
     }
     Ok(written)
 }
+
+/// Result of choosing a depth bias on calibration questions.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Calibration {
+    /// Questions used.
+    pub n: usize,
+    /// The plain model on them.
+    pub plain: Arm,
+    /// Every bias tried.
+    pub tried: Vec<Arm>,
+    /// The bias chosen (None: no bias met the pass budget).
+    pub chosen: Option<f32>,
+    /// Passes per question that had to be saved.
+    pub min_saved: f64,
+}
+
+/// Chooses the depth bias with the best routed accuracy among those that save at least
+/// `min_saved` block passes per question on `examples` (ties: fewer passes). The questions
+/// must be disjoint from the ones the result is reported on.
+pub fn calibrate(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    scorer: &McScorer,
+    routers: &Routers,
+    examples: &[Example],
+    biases: &[f32],
+    min_saved: f64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Calibration, EngineError> {
+    let opts = EvalOptions {
+        depth_bias: biases.first().copied().unwrap_or(0.0),
+        max_passes: None,
+        sweep: biases.to_vec(),
+        max_answer_tokens: 256,
+    };
+    let r = evaluate(
+        session,
+        tokenizer,
+        scorer,
+        Some(routers),
+        examples,
+        &opts,
+        ("", "", ""),
+        progress,
+    )?;
+    let l = r.n_layer as f64;
+    let tried: Vec<Arm> = r.routed.iter().chain(r.sweep.iter()).cloned().collect();
+    let chosen = tried
+        .iter()
+        .filter(|a| l - a.mean_passes >= min_saved)
+        .max_by(|a, b| {
+            a.accuracy
+                .total_cmp(&b.accuracy)
+                .then(b.mean_passes.total_cmp(&a.mean_passes))
+        })
+        .and_then(|a| a.depth_bias);
+    Ok(Calibration {
+        n: r.plain.n,
+        plain: r.plain,
+        tried,
+        chosen,
+        min_saved,
+    })
+}
+
+/// Bakes a depth bias into routers: lowering every skip logit by `bias` gives, with no bias at
+/// run time, exactly the decisions the bias gave.
+pub fn bake_depth_bias(routers: &mut [drllm_engine::router_format::BlockRouter], bias: f32) {
+    for r in routers {
+        r.b2[0] -= bias;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bake_depth_bias;
+    use drllm_engine::router_format::BlockRouter;
+    use drllm_engine::{decide, RouteOptions};
+
+    #[test]
+    fn baked_bias_equals_run_time_bias() {
+        let mut r = vec![BlockRouter::xavier(4, 3, 1)];
+        r[0].b2 = [0.3, 0.1, -0.2];
+        let x = [0.5f32, -1.0, 0.25, 2.0];
+        for bias in [-2.0f32, -0.5, 0.0, 0.7, 3.0] {
+            let with = RouteOptions {
+                depth_bias: bias,
+                ..Default::default()
+            };
+            let want = decide(r[0].route(&x, 4), &with, 0, 0);
+            let mut baked = r.clone();
+            bake_depth_bias(&mut baked, bias);
+            let got = decide(baked[0].route(&x, 4), &RouteOptions::default(), 0, 0);
+            assert_eq!(want, got, "bias {bias}");
+        }
+    }
+}

@@ -40,6 +40,9 @@ enum Cmd {
     Train(TrainArgs),
     /// Write the trained routers as a sidecar next to the model, with provenance.
     Export(ExportArgs),
+    /// Choose a depth bias on calibration questions (disjoint from the evaluation sample) and
+    /// bake it into the routers.
+    Calibrate(CalibrateArgs),
     /// Accuracy and block passes, plain against routed, on held-out questions.
     Eval(EvalArgs),
     /// Everything: search on validation, train, export, evaluate on test.
@@ -279,6 +282,125 @@ struct EvalArgs {
 }
 
 #[derive(Args, Clone)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Trained checkpoint (default RUN_DIR/routers.ckpt.gguf); the calibrated one is written
+    /// to RUN_DIR/routers.calibrated.gguf.
+    #[arg(long)]
+    ckpt: Option<PathBuf>,
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// The evaluation sample to stay clear of: `eval --limit N --seed S` of the same split.
+    #[arg(long, default_value_t = 1000)]
+    exclude_limit: usize,
+    #[arg(long, default_value_t = 0)]
+    exclude_seed: u64,
+    /// Calibration questions (from the rest of the split).
+    #[arg(long, default_value_t = 300)]
+    n: usize,
+    /// Depth biases to try.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        default_value = "-3,-2,-1,-0.5,0,0.5,1,2,3"
+    )]
+    biases: Vec<f32>,
+    /// Block passes per question the chosen bias must save.
+    #[arg(long, default_value_t = 1.0)]
+    min_saved: f64,
+}
+
+/// The calibration questions: the split minus the evaluation sample, then a seeded sample.
+fn calibration_set(
+    all: &[drllm_train::tasks::Example],
+    exclude_limit: usize,
+    exclude_seed: u64,
+    n: usize,
+) -> Vec<drllm_train::tasks::Example> {
+    let excluded: std::collections::HashSet<String> =
+        data::sample(all, exclude_limit, exclude_seed)
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+    let rest: Vec<_> = all
+        .iter()
+        .filter(|e| !excluded.contains(&e.id))
+        .cloned()
+        .collect();
+    data::sample(&rest, n, exclude_seed ^ 0xCA11_B8A7E)
+}
+
+fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
+    let (model, tok, scorer, _fp) = a.common.load()?;
+    let run_dir = a.common.run_dir();
+    let ckpt = a
+        .ckpt
+        .clone()
+        .unwrap_or_else(|| run_dir.join("routers.ckpt.gguf"));
+    let routers = Routers::load(&ckpt, &model).with_context(|| format!("{}", ckpt.display()))?;
+    let all = data::load(&a.common.data_dir, &a.task, &a.split)?;
+    let set = calibration_set(&all, a.exclude_limit, a.exclude_seed, a.n);
+    eprintln!(
+        "[calibrate] {} questions of {} {} (disjoint from the evaluation sample of {}), biases {:?}",
+        set.len(),
+        a.task,
+        a.split,
+        a.exclude_limit,
+        a.biases
+    );
+    let mut session = a.common.session(&model)?;
+    let mut p = Progress::new("calibrate");
+    let c = eval::calibrate(
+        &mut session,
+        &tok,
+        &scorer,
+        &routers,
+        &set,
+        &a.biases,
+        a.min_saved,
+        &mut |d, t| p.tick(d, t, ""),
+    )?;
+    eprintln!(
+        "[calibrate] plain {:.2}% | {}",
+        100.0 * c.plain.accuracy,
+        c.tried
+            .iter()
+            .map(|t| format!(
+                "bias {:+.1}: {:.2}% at {:.2} passes",
+                t.depth_bias.unwrap_or(0.0),
+                100.0 * t.accuracy,
+                t.mean_passes
+            ))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    std::fs::write(
+        run_dir.join("calibration.json"),
+        serde_json::to_string_pretty(&c)?,
+    )?;
+    let Some(bias) = c.chosen else {
+        bail!(
+            "no depth bias saved {} passes per question; try a wider --biases range",
+            a.min_saved
+        );
+    };
+    let mut sc = routers.sidecar().clone();
+    eval::bake_depth_bias(&mut sc.routers, bias);
+    sc.provenance.notes = format!(
+        "depth bias {bias:+.2} baked in (chosen on {} {} {} calibration questions, disjoint from the evaluation sample)",
+        c.n, a.task, a.split
+    );
+    let out = run_dir.join("routers.calibrated.gguf");
+    sc.write(&out, StorageType::F32)?;
+    eprintln!("[calibrate] chose bias {bias:+.2}; wrote {}", out.display());
+    Ok(())
+}
+
+#[derive(Args, Clone)]
 struct PipelineArgs {
     #[command(flatten)]
     common: Common,
@@ -296,6 +418,9 @@ struct PipelineArgs {
     reward: Reward,
     #[arg(long, default_value_t = 20)]
     epochs: usize,
+    /// Calibration questions for the depth bias (ARC-Easy test, outside the evaluation sample).
+    #[arg(long, default_value_t = 300)]
+    calibration_n: usize,
 }
 
 /// Progress with rate and ETA on one stderr line.
@@ -352,6 +477,7 @@ fn main() {
         Cmd::Search(a) => cmd_search(&a).map(|_| ()),
         Cmd::Train(a) => cmd_train(&a),
         Cmd::Export(a) => cmd_export(&a).map(|_| ()),
+        Cmd::Calibrate(a) => cmd_calibrate(&a),
         Cmd::Eval(a) => cmd_eval(&a),
         Cmd::Pipeline(a) => cmd_pipeline(&a),
     };
@@ -735,7 +861,7 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         limit: Some(a.eval_limit),
         seed: 0,
         depth_bias: 0.0,
-        sweep: vec![-2.0, -1.0, 1.0, 2.0],
+        sweep: vec![-1.0, 1.0],
         max_passes: None,
         out_dir: None,
     })?;
