@@ -361,6 +361,7 @@ pub struct Calibration {
 /// Chooses the depth bias with the best routed accuracy among those that save at least
 /// `min_saved` block passes per question on `examples` (ties: fewer passes). The questions
 /// must be disjoint from the ones the result is reported on.
+#[allow(clippy::too_many_arguments)]
 pub fn calibrate(
     session: &mut Session,
     tokenizer: &Tokenizer,

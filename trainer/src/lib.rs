@@ -9,6 +9,7 @@ pub mod eval;
 pub mod features;
 pub mod mcts;
 pub mod plots;
+pub mod rng;
 pub mod search;
 pub mod tasks;
 pub mod train;

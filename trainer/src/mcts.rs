@@ -10,6 +10,7 @@
 //!
 //! The search is generic over the [`Rewarder`], so it is tested against synthetic rewards.
 
+use crate::rng::SplitMix64;
 use std::collections::HashMap;
 
 /// Search settings; the defaults are the reference method's.
@@ -118,25 +119,6 @@ struct Node {
     total: f64,
 }
 
-/// A small deterministic PRNG (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 fn apply(counts: &[u8], a: Action) -> Vec<u8> {
     let mut c = counts.to_vec();
     match a {
@@ -189,7 +171,7 @@ pub fn search<R: Rewarder>(
     cfg: &MctsConfig,
     rewarder: &mut R,
 ) -> Result<SearchResult, R::Error> {
-    let mut rng = Rng(cfg.seed ^ 0xD1B5_4A32_D192_ED03);
+    let mut rng = SplitMix64(cfg.seed ^ 0xD1B5_4A32_D192_ED03);
     let mut seen: HashMap<Vec<u8>, Outcome> = HashMap::new();
     let mut eval = |counts: &Vec<u8>, rewarder: &mut R| -> Result<Outcome, R::Error> {
         if let Some(o) = seen.get(counts) {
@@ -201,10 +183,8 @@ pub fn search<R: Rewarder>(
     };
     let root_counts = vec![1u8; n_layer];
     let default = eval(&root_counts, rewarder)?;
-    let shuffle = |mut v: Vec<Action>, rng: &mut Rng| {
-        for i in (1..v.len()).rev() {
-            v.swap(i, rng.below(i + 1));
-        }
+    let shuffle = |mut v: Vec<Action>, rng: &mut SplitMix64| {
+        rng.shuffle(&mut v);
         v
     };
     let mut nodes = vec![Node {

@@ -747,30 +747,7 @@ pub fn parse_device(name: &str) -> Result<Device, TrainError> {
     Device::new_cuda(ordinal).map_err(|e| TrainError::Device(format!("cannot open {name:?}: {e}")))
 }
 
-/// SplitMix64: the deterministic generator for block seeds, splits and batch order.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0 .. n` (`n > 0`; the modulo bias is negligible for small `n`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
+use crate::rng::SplitMix64;
 
 const SALT_INIT: u64 = 0x1A2B_3C4D_5E6F_7081;
 const SALT_SPLIT: u64 = 0x5EED_5B17_0000_0001;
