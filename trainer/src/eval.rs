@@ -96,6 +96,31 @@ fn arm(label: String, bias: Option<f32>, results: &[(bool, usize)]) -> Arm {
     }
 }
 
+/// Greedy continuation of a prefilled prompt (whose last logits are `logits`) until an end of
+/// generation, a blank line, the next "Question:", the context end or `max_tokens`.
+pub fn greedy_answer(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    logits: &[f32],
+    max_tokens: usize,
+) -> Result<String, EngineError> {
+    let mut out = Vec::new();
+    let mut next = argmax(logits);
+    let n_ctx = session.options().n_ctx;
+    for _ in 0..max_tokens {
+        if tokenizer.is_eog(next) || session.n_past() >= n_ctx {
+            break;
+        }
+        out.push(next);
+        let text = tokenizer.detokenize(&out);
+        if text.contains("\n\n") || text.contains("Question:") {
+            break;
+        }
+        next = argmax(session.decode(next)?);
+    }
+    Ok(tokenizer.detokenize(&out))
+}
+
 /// Answers one question along a route; returns (correct, path).
 pub fn answer(
     session: &mut Session,
@@ -110,22 +135,8 @@ pub fn answer(
     let correct = match ex.kind {
         TaskKind::MultipleChoice => scorer.predict(&pre.logits, ex.choices.len()) == ex.gold,
         TaskKind::Numeric => {
-            let mut out = Vec::new();
-            let mut next = argmax(&pre.logits);
-            let n_ctx = session.options().n_ctx;
-            for _ in 0..max_answer_tokens {
-                if tokenizer.is_eog(next) || session.n_past() >= n_ctx {
-                    break;
-                }
-                out.push(next);
-                let text = tokenizer.detokenize(&out);
-                if text.contains("\n\n") || text.contains("Question:") {
-                    break;
-                }
-                next = argmax(session.decode(next)?);
-            }
-            extract_final_number(&tokenizer.detokenize(&out))
-                .is_some_and(|n| numbers_equal(&n, &ex.answer))
+            let text = greedy_answer(session, tokenizer, &pre.logits, max_answer_tokens)?;
+            extract_final_number(&text).is_some_and(|n| numbers_equal(&n, &ex.answer))
         }
     };
     Ok((correct, pre.path))

@@ -9,7 +9,7 @@
 
 use crate::mcts::{self, passes, MctsConfig, Outcome, Rewarder};
 use crate::tasks::{extract_final_number, numbers_equal, Example, McScorer, TaskKind};
-use drllm_engine::{argmax, EngineError, LayerPath, Logits, Route, Session, Tokenizer};
+use drllm_engine::{EngineError, LayerPath, Logits, Route, Session, Tokenizer};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -223,21 +223,12 @@ impl Rewarder for EngineRewarder<'_> {
             }
             TaskKind::Numeric => {
                 // greedy answer along the path
-                let mut out = Vec::new();
-                let mut next = argmax(&logits);
-                let n_ctx = self.session.options().n_ctx;
-                for _ in 0..self.max_answer_tokens {
-                    if self.tokenizer.is_eog(next) || self.session.n_past() >= n_ctx {
-                        break;
-                    }
-                    out.push(next);
-                    let text = self.tokenizer.detokenize(&out);
-                    if text.contains("\n\n") || text.contains("Question:") {
-                        break;
-                    }
-                    next = argmax(self.session.decode(next)?);
-                }
-                let text = self.tokenizer.detokenize(&out);
+                let text = crate::eval::greedy_answer(
+                    self.session,
+                    self.tokenizer,
+                    &logits,
+                    self.max_answer_tokens,
+                )?;
                 let correct = extract_final_number(&text)
                     .is_some_and(|n| numbers_equal(&n, &self.example.answer));
                 let r = f64::from(u8::from(correct));
