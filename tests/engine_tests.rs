@@ -490,32 +490,55 @@ fn forward_from_saved_prefix_equals_plain_prefill() {
         let prompt = prompt_for(&p, 40);
         let full = LayerPath::full(n);
         let mut s = session(&m);
-        // run the full path once, saving the residual stream after every pass
+        // run the full path once, saving the state after every pass
         let (l_full, saved) = s.forward_from(&prompt, &full, None, |_| true).unwrap();
         assert_eq!(saved.len(), n - 1);
         let reference = engine_trace(&m, &full, &prompt, 0);
         assert_eq!(&l_full, reference.last().unwrap());
+        // another path in between overwrites the KV slots the saved passes wrote
+        let mut other_counts = vec![1; n];
+        other_counts[0] = 0;
+        let scrambler = LayerPath::from_counts(&other_counts).unwrap();
+        s.forward_from(&prompt, &scrambler, None, |_| false)
+            .unwrap();
         // a path sharing the first 3 passes (skip block 3, repeat block 4) resumed after 3
         let mut counts = vec![1; n];
         counts[3] = 0;
         counts[4] = 2;
         let other = LayerPath::from_counts(&counts).unwrap();
-        let (k, state) = &saved[2];
-        assert_eq!(*k, 3);
+        let states: Vec<&drllm_engine::PassState> = saved[..3].iter().map(|(_, st)| st).collect();
+        assert_eq!(saved[2].0, 3);
         let (resumed, _) = s
-            .forward_from(&prompt, &other, Some((*k, state)), |_| false)
+            .forward_from(&prompt, &other, Some(&states), |_| false)
             .unwrap();
         let plain = engine_trace(&m, &other, &prompt, 0);
         assert_eq!(&resumed, plain.last().unwrap(), "{family:?}");
-        // the session decodes on along the path afterwards
+        // the sequence goes on exactly as a plain prefill's (the KV of the resumed passes was
+        // restored, not left from the path in between)
         let t = argmax(&resumed) as i32;
         let mut s2 = session(&m);
         s2.prefill(&prompt, Route::Fixed(&other), Logits::Last)
             .unwrap();
-        assert_eq!(s.decode(t).unwrap(), s2.decode(t).unwrap());
-        // a state of the wrong size is an error
+        assert_eq!(
+            s.decode(t).unwrap(),
+            s2.decode(t).unwrap(),
+            "{family:?} decode"
+        );
+        let extra = &prompt[1..6];
+        s.truncate(prompt.len()).unwrap();
+        s2.truncate(prompt.len()).unwrap();
+        assert_eq!(
+            s.append(extra, Logits::All).unwrap(),
+            s2.append(extra, Logits::All).unwrap()
+        );
+        // states that do not fit are errors
+        let mut bad = saved[0].1.clone();
+        bad.residual.pop();
         assert!(s
-            .forward_from(&prompt, &other, Some((3, &state[1..])), |_| false)
+            .forward_from(&prompt, &other, Some(&[&bad]), |_| false)
+            .is_err());
+        assert!(s
+            .forward_from(&prompt[1..], &other, Some(&states), |_| false)
             .is_err());
     }
 }

@@ -206,6 +206,26 @@ pub(crate) fn tensor_set<T: Copy>(t: Tensor, data: &[T]) {
     }
 }
 
+/// Writes the first bytes of a tensor.
+pub(crate) fn tensor_set_bytes(t: Tensor, data: &[u8]) {
+    // SAFETY: callers pass at most ggml_nbytes(t) bytes (checked in debug builds).
+    unsafe {
+        debug_assert!(data.len() <= sys::ggml_nbytes(t));
+        sys::ggml_backend_tensor_set(t, data.as_ptr().cast(), 0, data.len());
+    }
+}
+
+/// Reads the first `n` bytes of a tensor.
+pub(crate) fn tensor_get_bytes(t: Tensor, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    // SAFETY: callers ask for at most ggml_nbytes(t) bytes (checked in debug builds).
+    unsafe {
+        debug_assert!(n <= sys::ggml_nbytes(t));
+        sys::ggml_backend_tensor_get(t, out.as_mut_ptr().cast(), 0, n);
+    }
+    out
+}
+
 /// Reads a tensor into a host vector of f32.
 pub(crate) fn tensor_get_f32(t: Tensor, out: &mut Vec<f32>) {
     // SAFETY: t is an allocated F32 tensor; we size the destination from it.

@@ -30,7 +30,7 @@ pub use path::{LayerPath, Pass, PathError, MAX_PASSES_PER_BLOCK};
 pub use routing::{constant_sidecar, decide, BlockDecision, RouteOptions, RouterHook, Routers};
 pub use sampler::{argmax, Sampler, SamplingParams};
 pub use session::{
-    Hidden, Logits, Prefill, PrefillHook, Route, SavedStates, Session, SessionOptions,
+    Hidden, Logits, PassState, Prefill, PrefillHook, Route, SavedStates, Session, SessionOptions,
 };
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 

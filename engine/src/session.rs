@@ -15,8 +15,29 @@ use crate::path::{LayerPath, Pass, MAX_PASSES_PER_BLOCK};
 use llama_cpp_sys_2 as sys;
 use std::sync::Arc;
 
-/// Residual streams saved by [`Session::forward_from`]: (passes they follow, `T x n_embd` floats).
-pub type SavedStates = Vec<(usize, Vec<f32>)>;
+/// What one pass of a layer-major prefill leaves behind for the prompt: the residual stream
+/// after it (`T x n_embd` floats) and the K and V rows it wrote into its KV slot (raw bytes of
+/// cells `0..T`). Resuming from the states of passes `0..k` gives exactly the sequence state
+/// those passes produced, KV cache included.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassState {
+    /// Residual stream after the pass.
+    pub residual: Vec<f32>,
+    /// K rows the pass wrote.
+    pub k: Vec<u8>,
+    /// V rows the pass wrote.
+    pub v: Vec<u8>,
+}
+
+impl PassState {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.residual.len() * 4 + self.k.len() + self.v.len()
+    }
+}
+
+/// States saved by [`Session::forward_from`]: (passes they follow, state of the last of them).
+pub type SavedStates = Vec<(usize, PassState)>;
 
 /// Session settings.
 #[derive(Debug, Clone)]
@@ -377,7 +398,8 @@ impl Session {
         }
     }
 
-    /// Appends tokens to the sequence along its path (e.g. the next user turn).
+    /// Appends tokens to the sequence along its path (e.g. the next user turn, or an answer
+    /// option to score); returns the logits asked for and their number of rows.
     pub fn append(&mut self, tokens: &[i32], logits: Logits) -> Result<(Vec<f32>, usize)> {
         if self.path.is_none() {
             return Err(EngineError::State("append before prefill".into()));
@@ -685,18 +707,18 @@ impl Session {
         Ok(Prefill { path, logits, rows })
     }
 
-    /// Runs `tokens` as a new sequence along `path` layer by layer, resuming from a residual
-    /// stream saved earlier: `start = Some((k, state))` means `state` is the residual stream
-    /// after the first k passes of `path` (`T x n_embd`, row-major), so only passes k.. run.
-    /// After each pass i (0-based in `path`) for which `keep(i)` is true, except the last, the
-    /// residual stream is copied to the host and returned with i + 1 (the number of passes it
-    /// follows). Returns the last token's logits. This is what path search uses to share work
-    /// between paths with a common prefix; the logits are identical to a plain prefill.
+    /// Runs `tokens` as a new sequence along `path` layer by layer, resuming after the first k
+    /// passes of `path` from their saved states: `start = Some(states)` with `states[i]` the
+    /// state pass i left (k = `states.len()`), so only passes k.. run. After each pass i (0-based)
+    /// for which `keep(i)` is true, except the last, its state is returned with i + 1. Returns
+    /// the last token's logits; the session then holds the sequence along `path` (KV cache
+    /// complete), ready for [`Session::append`] or [`Session::decode`]. This is what path search
+    /// uses to share work between paths with a common prefix; results equal a plain prefill.
     pub fn forward_from(
         &mut self,
         tokens: &[i32],
         path: &LayerPath,
-        start: Option<(usize, &[f32])>,
+        start: Option<&[&PassState]>,
         mut keep: impl FnMut(usize) -> bool,
     ) -> Result<(Vec<f32>, SavedStates)> {
         self.reset();
@@ -710,28 +732,49 @@ impl Session {
         let t_total = tokens.len();
         let d = self.model.cfg.n_embd;
         let passes = path.passes();
+        self.kv.ensure(path)?;
+        let kv_bytes = |t: Tensor| -> usize {
+            // SAFETY: plain size query on a live tensor.
+            unsafe { sys::ggml_row_size((*t).type_, (*t).ne[0]) * t_total }
+        };
         let first = match start {
-            None => {
+            None | Some([]) => {
                 self.lm_embed(tokens)?;
                 0
             }
-            Some((k, state)) => {
-                if k > passes.len() || state.len() != t_total * d {
+            Some(states) => {
+                let k = states.len();
+                if k > passes.len() {
                     return Err(EngineError::State(format!(
-                        "saved state does not fit: {} floats after {k} passes, expected {} \
-                         after at most {}",
-                        state.len(),
-                        t_total * d,
+                        "{k} saved passes for a path of {}",
                         passes.len()
+                    )));
+                }
+                for (i, st) in states.iter().enumerate() {
+                    let slot = self.kv.slot(passes[i].block, passes[i].pass)?;
+                    if st.k.len() != kv_bytes(slot.k) || st.v.len() != kv_bytes(slot.v) {
+                        return Err(EngineError::State(format!(
+                            "saved state of pass {i} does not fit {t_total} tokens"
+                        )));
+                    }
+                    ffi::tensor_set_bytes(slot.k, &st.k);
+                    ffi::tensor_set_bytes(slot.v, &st.v);
+                }
+                let last = states[k - 1];
+                if last.residual.len() != t_total * d {
+                    return Err(EngineError::State(format!(
+                        "saved residual has {} floats, expected {}",
+                        last.residual.len(),
+                        t_total * d
                     )));
                 }
                 // SAFETY: the residual tensor holds n_ctx >= t_total columns of d floats.
                 unsafe {
                     sys::ggml_backend_tensor_set(
                         self.resid,
-                        state.as_ptr().cast(),
+                        last.residual.as_ptr().cast(),
                         0,
-                        state.len() * 4,
+                        last.residual.len() * 4,
                     );
                 }
                 k
@@ -743,12 +786,20 @@ impl Session {
             let final_pass = i + 1 == passes.len();
             logits = self.lm_pass(*p, t_total, final_pass, Logits::Last)?;
             if !final_pass && keep(i) {
-                let mut v = vec![0f32; t_total * d];
+                let mut residual = vec![0f32; t_total * d];
                 // SAFETY: reading the first t_total columns of the residual tensor.
                 unsafe {
-                    sys::ggml_backend_tensor_get(self.resid, v.as_mut_ptr().cast(), 0, v.len() * 4);
+                    sys::ggml_backend_tensor_get(
+                        self.resid,
+                        residual.as_mut_ptr().cast(),
+                        0,
+                        residual.len() * 4,
+                    );
                 }
-                saved.push((i + 1, v));
+                let slot = self.kv.slot(p.block, p.pass)?;
+                let k = ffi::tensor_get_bytes(slot.k, kv_bytes(slot.k));
+                let v = ffi::tensor_get_bytes(slot.v, kv_bytes(slot.v));
+                saved.push((i + 1, PassState { residual, k, v }));
             }
         }
         let logits = match logits {
@@ -757,6 +808,19 @@ impl Session {
         };
         self.finish_prefill(path, t_total, &logits);
         Ok((logits, saved))
+    }
+
+    /// Forgets the tokens after the first `n` (e.g. one answer option scored after a shared
+    /// question); the path stays. Later tokens overwrite the dropped cells.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        if n > self.n_past || n == 0 {
+            return Err(EngineError::State(format!(
+                "cannot keep {n} of {} tokens",
+                self.n_past
+            )));
+        }
+        self.n_past = n;
+        Ok(())
     }
 
     fn alloc(&mut self, b: &GraphBuilder<'_>) -> Result<()> {

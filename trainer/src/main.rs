@@ -7,6 +7,7 @@ use drllm_engine::router_format::{
 };
 use drllm_engine::{DeviceChoice, Model, Routers, Session, SessionOptions, Tokenizer};
 use drllm_train::mcts::MctsConfig;
+use drllm_train::scoring::Scoring;
 use drllm_train::search::{read_results, RewardKind, SearchRun};
 use drllm_train::tasks::McScorer;
 use drllm_train::train::{FeatureSet, TrainConfig};
@@ -79,6 +80,26 @@ struct Common {
     /// Device for the engine (auto or cpu).
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// Multiple-choice scoring: continuation (mean log-probability of each answer text after
+    /// the bare question, as llama.cpp scores) or letters (option letters' logits after a prompt
+    /// listing the options). Search, training and evaluation must use the same.
+    #[arg(long, value_enum, default_value = "continuation")]
+    scoring: ScoringArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScoringArg {
+    Continuation,
+    Letters,
+}
+
+impl Common {
+    fn scoring(&self) -> Scoring {
+        match self.scoring {
+            ScoringArg::Continuation => Scoring::Continuation,
+            ScoringArg::Letters => Scoring::Letters,
+        }
+    }
 }
 
 impl Common {
@@ -360,6 +381,7 @@ fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
         &scorer,
         &routers,
         &set,
+        a.common.scoring(),
         &a.biases,
         a.min_saved,
         &mut |d, t| p.tick(d, t, ""),
@@ -535,6 +557,7 @@ fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
         cache_bytes: a.cache_mb << 20,
         shard: (si, sn),
         max_answer_tokens: 256,
+        scoring: a.common.scoring(),
     };
     let out = search_out(a);
     let mut session = a.common.session(&model)?;
@@ -612,9 +635,15 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
             let examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
             let mut session = a.common.session(&model)?;
             let mut p = Progress::new("features");
-            let fs = features::build(&mut session, &tok, &examples, &chosen, 8, &mut |d, t| {
-                p.tick(d, t, "")
-            })?;
+            let fs = features::build(
+                &mut session,
+                &tok,
+                a.common.scoring(),
+                &examples,
+                &chosen,
+                8,
+                &mut |d, t| p.tick(d, t, ""),
+            )?;
             fs.save(&cache)?;
             fs
         }
@@ -772,6 +801,7 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
         max_passes: a.max_passes,
         sweep: a.sweep.clone(),
         max_answer_tokens: 256,
+        scoring: a.common.scoring(),
     };
     let model_name = a.common.model.display().to_string();
     let r = eval::evaluate(

@@ -8,8 +8,9 @@
 //! split across processes (`--shard i/n`) and the files concatenated.
 
 use crate::mcts::{self, passes, MctsConfig, Outcome, Rewarder};
-use crate::tasks::{extract_final_number, numbers_equal, Example, McScorer, TaskKind};
-use drllm_engine::{EngineError, LayerPath, Logits, Route, Session, Tokenizer};
+use crate::scoring::{judge, Scoring};
+use crate::tasks::{Example, McScorer, TaskKind};
+use drllm_engine::{EngineError, LayerPath, Logits, PassState, Route, Session, Tokenizer};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -64,9 +65,11 @@ impl From<std::io::Error> for SearchError {
     }
 }
 
-/// Residual streams after path prefixes (one question), least recently used dropped first.
+/// States after path prefixes (one question): the entry for a prefix of length i + 1 holds
+/// what pass i left (residual stream and the KV rows it wrote). Least recently used entries go
+/// first when the byte budget is exceeded.
 pub struct PrefixCache {
-    map: HashMap<Vec<u16>, (Vec<f32>, u64)>,
+    map: HashMap<Vec<u16>, (PassState, u64)>,
     bytes: usize,
     budget: usize,
     clock: u64,
@@ -89,16 +92,28 @@ impl PrefixCache {
         self.bytes = 0;
     }
 
-    /// The longest cached proper prefix of `blocks`: (passes covered, state).
-    pub fn longest(&mut self, blocks: &[u16]) -> Option<(usize, &[f32])> {
+    /// The longest k < `blocks.len()` such that the states of all prefixes of length 1..=k are
+    /// cached (a resume needs every pass's KV rows); marks them used.
+    pub fn longest_chain(&mut self, blocks: &[u16]) -> usize {
         self.clock += 1;
-        let clock = self.clock;
-        let k = (1..blocks.len())
-            .rev()
-            .find(|&k| self.map.contains_key(&blocks[..k]))?;
-        let e = self.map.get_mut(&blocks[..k])?;
-        e.1 = clock;
-        Some((k, &e.0))
+        let mut k = 0;
+        while k + 1 < blocks.len() {
+            match self.map.get_mut(&blocks[..k + 1]) {
+                Some(e) => {
+                    e.1 = self.clock;
+                    k += 1;
+                }
+                None => break,
+            }
+        }
+        k
+    }
+
+    /// The states of the prefixes of length 1..=k (after [`PrefixCache::longest_chain`]).
+    pub fn chain(&self, blocks: &[u16], k: usize) -> Vec<&PassState> {
+        (1..=k)
+            .filter_map(|j| self.map.get(&blocks[..j]).map(|e| &e.0))
+            .collect()
     }
 
     /// Whether a prefix is cached.
@@ -107,8 +122,8 @@ impl PrefixCache {
     }
 
     /// Stores the state after `prefix`.
-    pub fn insert(&mut self, prefix: Vec<u16>, state: Vec<f32>) {
-        let size = state.len() * 4;
+    pub fn insert(&mut self, prefix: Vec<u16>, state: PassState) {
+        let size = state.bytes();
         if size > self.budget {
             return;
         }
@@ -122,12 +137,12 @@ impl PrefixCache {
                 break;
             };
             if let Some((v, _)) = self.map.remove(&oldest) {
-                self.bytes -= v.len() * 4;
+                self.bytes -= v.bytes();
             }
         }
         self.clock += 1;
         if let Some((old, _)) = self.map.insert(prefix, (state, self.clock)) {
-            self.bytes -= old.len() * 4;
+            self.bytes -= old.bytes();
         }
         self.bytes += size;
     }
@@ -148,8 +163,10 @@ pub struct Work {
 pub struct EngineRewarder<'a> {
     /// The session (one sequence at a time).
     pub session: &'a mut Session,
-    /// Prompt tokens.
+    /// Prompt tokens (of `scoring.prompt(example)`).
     pub tokens: Vec<i32>,
+    /// Multiple-choice scoring.
+    pub scoring: Scoring,
     /// The example.
     pub example: &'a Example,
     /// MC scorer.
@@ -178,17 +195,16 @@ impl Rewarder for EngineRewarder<'_> {
         let path = LayerPath::from_counts(&cs).map_err(EngineError::from)?;
         let blocks: Vec<u16> = path.blocks().map(|b| b as u16).collect();
         self.work.rollouts += 1;
-        let n_choices = self.example.choices.len();
         let logits = match self.cache.as_deref_mut() {
             Some(cache) => {
-                let start = cache.longest(&blocks).map(|(k, s)| (k, s.to_vec()));
-                let k0 = start.as_ref().map_or(0, |(k, _)| *k);
+                let k0 = cache.longest_chain(&blocks);
                 let (logits, saved) = {
                     let cache_ro: &PrefixCache = cache;
+                    let states = cache_ro.chain(&blocks, k0);
                     self.session.forward_from(
                         &self.tokens,
                         &path,
-                        start.as_ref().map(|(k, s)| (*k, s.as_slice())),
+                        (k0 > 0).then_some(states.as_slice()),
                         |i| !cache_ro.contains(&blocks[..i + 1]),
                     )?
                 };
@@ -206,39 +222,25 @@ impl Rewarder for EngineRewarder<'_> {
                     .logits
             }
         };
-        match self.example.kind {
-            TaskKind::MultipleChoice => {
-                let pred = self.scorer.predict(&logits, n_choices);
-                let margin = self.scorer.margin(&logits, n_choices, self.example.gold) as f64;
-                let correct = pred == self.example.gold;
-                let reward = match self.reward {
-                    RewardKind::Binary => f64::from(u8::from(correct)),
-                    RewardKind::Margin => sigmoid(margin),
-                };
-                Ok(Outcome {
-                    correct,
-                    reward,
-                    margin,
-                })
-            }
-            TaskKind::Numeric => {
-                // greedy answer along the path
-                let text = crate::eval::greedy_answer(
-                    self.session,
-                    self.tokenizer,
-                    &logits,
-                    self.max_answer_tokens,
-                )?;
-                let correct = extract_final_number(&text)
-                    .is_some_and(|n| numbers_equal(&n, &self.example.answer));
-                let r = f64::from(u8::from(correct));
-                Ok(Outcome {
-                    correct,
-                    reward: r,
-                    margin: r,
-                })
-            }
-        }
+        let (correct, margin) = judge(
+            self.session,
+            self.tokenizer,
+            self.scorer,
+            self.scoring,
+            self.example,
+            &self.tokens,
+            &logits,
+            self.max_answer_tokens,
+        )?;
+        let reward = match (self.reward, self.example.kind) {
+            (RewardKind::Margin, TaskKind::MultipleChoice) => sigmoid(margin),
+            _ => f64::from(u8::from(correct)),
+        };
+        Ok(Outcome {
+            correct,
+            reward,
+            margin,
+        })
     }
 }
 
@@ -319,6 +321,8 @@ pub struct SearchRun {
     pub shard: (usize, usize),
     /// Tokens a numeric answer may take.
     pub max_answer_tokens: usize,
+    /// Multiple-choice scoring.
+    pub scoring: Scoring,
 }
 
 /// Summary of a run.
@@ -391,11 +395,12 @@ pub fn run_search(
     let total = todo.len();
     for (i, ex) in todo.iter().enumerate() {
         let t = Instant::now();
-        let tokens = tokenizer.tokenize(&ex.prompt, true, false);
+        let tokens = tokenizer.tokenize(run.scoring.prompt(ex), true, false);
         cache.clear();
         let mut rw = EngineRewarder {
             session,
             tokens,
+            scoring: run.scoring,
             example: ex,
             scorer,
             tokenizer,

@@ -39,6 +39,14 @@ pub struct Example {
     pub gold: usize,
     /// Multiple choice: the gold label; numeric: the gold final number as text (`"18"`).
     pub answer: String,
+    /// Multiple choice: the answer texts, in the order of `choices` (scored as continuations
+    /// of `cont_prompt`, the way llama.cpp's multiple-choice scoring does); may be empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub texts: Vec<String>,
+    /// Multiple choice: the question without the listed options, ending in `Answer:`; the
+    /// answer texts follow it after a space. Empty when `texts` is.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cont_prompt: String,
 }
 
 /// Errors of this module.

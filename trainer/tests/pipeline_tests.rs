@@ -5,6 +5,7 @@ use drllm_engine::router_format::{Sidecar, StorageType};
 use drllm_engine::{DeviceChoice, Model, Routers, Session, SessionOptions, Tokenizer};
 use drllm_testkit::{write_tiny_model, Family, TinySpec};
 use drllm_train::mcts::MctsConfig;
+use drllm_train::scoring::Scoring;
 use drllm_train::search::{read_results, run_search, RewardKind, SearchRun};
 use drllm_train::tasks::{Example, McScorer, TaskKind};
 use drllm_train::train::{train_split, TrainConfig};
@@ -36,6 +37,20 @@ fn questions(n: usize) -> Vec<Example> {
                 choices: vec!["A".into(), "B".into(), "C".into(), "D".into()],
                 gold: i % 4,
                 answer: ["A", "B", "C", "D"][i % 4].into(),
+                texts: vec![
+                    format!("{} {} {}", w(5), w(1), w(2)),
+                    format!("{} {}", w(6), w(3)),
+                    format!("{} {} {}", w(0), w(4), w(6)),
+                    format!("{} {}", w(1), w(5)),
+                ],
+                cont_prompt: format!(
+                    "the {} is {} of the {} and {} {}\nAnswer:",
+                    w(0),
+                    w(1),
+                    w(2),
+                    w(3),
+                    w(4)
+                ),
             }
         })
         .collect()
@@ -72,8 +87,10 @@ fn session(m: &Arc<Model>) -> Session {
     .unwrap()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     reuse: bool,
+    scoring: Scoring,
     m: &Arc<Model>,
     tok: &Tokenizer,
     sc: &McScorer,
@@ -82,6 +99,7 @@ fn run(
     out: &std::path::Path,
 ) {
     let cfg = SearchRun {
+        scoring,
         mcts: MctsConfig {
             simulations: 30,
             ..MctsConfig::default()
@@ -98,13 +116,19 @@ fn run(
 
 #[test]
 fn prefix_reuse_gives_the_same_results_as_recomputing() {
+    for scoring in [Scoring::Continuation, Scoring::Letters] {
+        prefix_reuse_case(scoring);
+    }
+}
+
+fn prefix_reuse_case(scoring: Scoring) {
     let dir = tempfile::tempdir().unwrap();
     let (_p, m, tok, sc, fp) = setup(dir.path());
     let qs = questions(6);
     let a = dir.path().join("reuse.jsonl");
     let b = dir.path().join("scratch.jsonl");
-    run(true, &m, &tok, &sc, &fp, &qs, &a);
-    run(false, &m, &tok, &sc, &fp, &qs, &b);
+    run(true, scoring, &m, &tok, &sc, &fp, &qs, &a);
+    run(false, scoring, &m, &tok, &sc, &fp, &qs, &b);
     let ra = read_results(&a).unwrap();
     let rb = read_results(&b).unwrap();
     assert_eq!(ra.len(), 6);
@@ -125,7 +149,7 @@ fn prefix_reuse_gives_the_same_results_as_recomputing() {
     let reused: u64 = ra.iter().map(|r| r.work.passes_reused).sum();
     assert!(reused > 0, "prefix reuse saved nothing");
     // resuming: a second run adds nothing
-    run(true, &m, &tok, &sc, &fp, &qs, &a);
+    run(true, scoring, &m, &tok, &sc, &fp, &qs, &a);
     assert_eq!(read_results(&a).unwrap().len(), 6);
     // sharding: two shards cover the questions once
     let c = dir.path().join("sharded.jsonl");
@@ -140,6 +164,7 @@ fn prefix_reuse_gives_the_same_results_as_recomputing() {
             cache_bytes: 64 << 20,
             shard: (i, 2),
             max_answer_tokens: 8,
+            scoring,
         };
         let mut s = session(&m);
         run_search(&mut s, &tok, &sc, &qs, &fp, &cfg, &c, &mut |_, _, _| {}).unwrap();
@@ -160,13 +185,22 @@ fn search_train_export_eval_end_to_end() {
     let (p, m, tok, sc, fp) = setup(dir.path());
     let qs = questions(24);
     let out = dir.path().join("search.jsonl");
-    run(true, &m, &tok, &sc, &fp, &qs, &out);
+    run(true, Scoring::Continuation, &m, &tok, &sc, &fp, &qs, &out);
     let records = read_results(&out).unwrap();
     let (chosen, stats) = features::select(&records, m.n_layer(), 0.3);
     assert_eq!(stats.records, 24);
     assert!(stats.kept > 0, "{stats:?}");
     let mut s = session(&m);
-    let fs = features::build(&mut s, &tok, &qs, &chosen, 8, &mut |_, _| {}).unwrap();
+    let fs = features::build(
+        &mut s,
+        &tok,
+        Scoring::Continuation,
+        &qs,
+        &chosen,
+        8,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(fs.examples.len(), chosen.len());
     assert_eq!(fs.n_layer, m.n_layer());
     let cfg = TrainConfig {
@@ -215,4 +249,50 @@ fn search_train_export_eval_end_to_end() {
     assert_eq!(files.len(), 4);
     assert!(eval::markdown(&report).contains("| plain |"));
     let _ = fp;
+}
+
+#[test]
+fn every_rollout_with_prefix_reuse_equals_recomputing() {
+    use drllm_train::mcts::Rewarder;
+    use drllm_train::search::{EngineRewarder, PrefixCache};
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, m, tok, sc, _fp) = setup(dir.path());
+    let qs = questions(3);
+    let paths: Vec<Vec<u8>> = vec![
+        vec![1, 1, 1, 1, 1, 1],
+        vec![1, 1, 0, 1, 1, 1],
+        vec![1, 1, 1, 1, 0, 1],
+        vec![1, 2, 1, 1, 1, 1],
+        vec![1, 1, 1, 1, 0, 0],
+        vec![1, 1, 0, 2, 1, 1],
+        vec![1, 1, 1, 1, 2, 1],
+    ];
+    for scoring in [Scoring::Continuation, Scoring::Letters] {
+        for q in &qs {
+            let tokens = tok.tokenize(scoring.prompt(q), true, false);
+            let mut outcomes = Vec::new();
+            for reuse in [true, false] {
+                let mut s = session(&m);
+                let mut cache = PrefixCache::new(64 << 20);
+                let mut rw = EngineRewarder {
+                    session: &mut s,
+                    tokens: tokens.clone(),
+                    scoring,
+                    example: q,
+                    scorer: &sc,
+                    tokenizer: &tok,
+                    reward: RewardKind::Margin,
+                    cache: reuse.then_some(&mut cache),
+                    max_answer_tokens: 8,
+                    work: Default::default(),
+                };
+                let o: Vec<_> = paths.iter().map(|p| rw.evaluate(p).unwrap()).collect();
+                if reuse {
+                    assert!(rw.work.passes_reused > 0);
+                }
+                outcomes.push(o);
+            }
+            assert_eq!(outcomes[0], outcomes[1], "{scoring:?} {}", q.id);
+        }
+    }
 }
