@@ -327,13 +327,16 @@ struct CalibrateArgs {
         long,
         value_delimiter = ',',
         allow_negative_numbers = true,
-        default_value = "-3,-2,-1,-0.5,0,0.5,1,2,3"
+        default_value = DEFAULT_BIASES
     )]
     biases: Vec<f32>,
     /// Block passes per question the chosen bias must save.
     #[arg(long, default_value_t = 1.0)]
     min_saved: f64,
 }
+
+/// Depth biases `calibrate` tries unless told otherwise (also the pipeline's).
+const DEFAULT_BIASES: &str = "-3,-2,-1,-0.5,0,0.5,1,2,3";
 
 /// The calibration questions: the split minus the evaluation sample, then a seeded sample.
 fn calibration_set(
@@ -356,6 +359,17 @@ fn calibration_set(
 }
 
 fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
+    match calibrate(a)? {
+        Some(_) => Ok(()),
+        None => bail!(
+            "no depth bias saved {} passes per question; try a wider --biases range",
+            a.min_saved
+        ),
+    }
+}
+
+/// Runs the calibration; the calibrated sidecar's path, or None when no bias saved enough.
+fn calibrate(a: &CalibrateArgs) -> Result<Option<PathBuf>> {
     let (model, tok, scorer, _fp) = a.common.load()?;
     let run_dir = a.common.run_dir();
     let ckpt = a
@@ -405,10 +419,7 @@ fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
         serde_json::to_string_pretty(&c)?,
     )?;
     let Some(bias) = c.chosen else {
-        bail!(
-            "no depth bias saved {} passes per question; try a wider --biases range",
-            a.min_saved
-        );
+        return Ok(None);
     };
     let mut sc = routers.sidecar().clone();
     eval::bake_depth_bias(&mut sc.routers, bias);
@@ -419,7 +430,7 @@ fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
     let out = run_dir.join("routers.calibrated.gguf");
     sc.write(&out, StorageType::F32)?;
     eprintln!("[calibrate] chose bias {bias:+.2}; wrote {}", out.display());
-    Ok(())
+    Ok(Some(out))
 }
 
 #[derive(Args, Clone)]
@@ -881,7 +892,33 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         "[pipeline] training done after {:.0}s",
         t0.elapsed().as_secs_f64()
     );
-    let ck = a.common.run_dir().join("routers.ckpt.gguf");
+    let raw = a.common.run_dir().join("routers.ckpt.gguf");
+    let biases = DEFAULT_BIASES
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<f32>, _>>()?;
+    let calibrated = calibrate(&CalibrateArgs {
+        common: a.common.clone(),
+        ckpt: Some(raw.clone()),
+        task: "arc_easy".into(),
+        split: "test".into(),
+        exclude_limit: a.eval_limit,
+        exclude_seed: 0,
+        n: a.calibration_n,
+        biases,
+        min_saved: 1.0,
+    })?;
+    let ck = calibrated.unwrap_or_else(|| {
+        eprintln!(
+            "[pipeline] warning: no depth bias saved a block pass per question on the \
+             calibration questions; evaluating and exporting the uncalibrated routers"
+        );
+        raw
+    });
+    eprintln!(
+        "[pipeline] calibration done after {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
     cmd_eval(&EvalArgs {
         common: a.common.clone(),
         routers: Some(ck.clone()),
