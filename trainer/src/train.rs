@@ -13,8 +13,10 @@
 //! - AdamW with a cosine schedule after a linear warmup, applied per optimiser step;
 //! - Xavier-uniform init with zero biases ([`drllm_router_format::BlockRouter::xavier`],
 //!   deterministic from the seed);
-//! - the weights of the epoch with the best validation macro-recall are kept (ties: the lower
-//!   validation loss), since collapse to "always execute" is the known failure mode.
+//! - the weights of the epoch with the best validation macro-F1 are kept (ties: the lower
+//!   validation loss): collapse to "always execute" is the known failure mode, and the
+//!   opposite one, predicting a rare class everywhere (which macro-recall would reward), costs
+//!   accuracy at every wrongly skipped or repeated block.
 //!
 //! Batching: all blocks are computed at once with batched matmuls over `[L, S, d]` inputs
 //! (`L` blocks, `S` windows of the batch packed without padding: examples with fewer windows
@@ -1008,6 +1010,27 @@ impl Confusion {
     }
 }
 
+/// Mean F1 (harmonic mean of precision and recall; 0 when both are 0) over the classes present
+/// in the labels (support > 0); 0 when none is.
+pub fn macro_f1(stats: &[ClassStats; 3]) -> f64 {
+    let present: Vec<f64> = stats
+        .iter()
+        .filter(|s| s.support > 0)
+        .map(|s| {
+            if s.precision + s.recall > 0.0 {
+                2.0 * s.precision * s.recall / (s.precision + s.recall)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    if present.is_empty() {
+        0.0
+    } else {
+        present.iter().sum::<f64>() / present.len() as f64
+    }
+}
+
 /// Mean recall over the classes present (support > 0); 0 when none is.
 pub fn macro_recall(stats: &[ClassStats; 3]) -> f64 {
     let present: Vec<f64> = stats
@@ -1061,12 +1084,12 @@ fn check_ids(fs: &FeatureSet, ids: &[usize], what: &str) -> Result<(), TrainErro
 
 /// Trains one router per block jointly (sum of the blocks' losses), on the examples in `train_ids`, validating on `val_ids` each epoch.
 /// Per example and block: run the MLP on each of the W window means, AVERAGE the W logit vectors (exactly the inference rule), focal loss on the averaged logits.
-/// AdamW (candle_nn::AdamW; lr, weight decay) with the cosine-warmup schedule applied per step; Xavier-uniform init with zero biases (deterministic from seed); keep the weights of the epoch with the best validation macro-recall (ties: lower val loss) — collapse to "always execute" is the known failure mode, so report per-class precision and recall every epoch.
+/// AdamW (candle_nn::AdamW; lr, weight decay) with the cosine-warmup schedule applied per step; Xavier-uniform init with zero biases (deterministic from seed); keep the weights of the epoch with the best validation macro-F1 (ties: lower val loss) — collapse to "always execute" is the known failure mode, so report per-class precision and recall every epoch.
 ///
 /// Details: class weights come from the label counts of `train_ids` ([`class_weights`]);
 /// block `i` starts from `BlockRouter::xavier(d, hidden, block_init_seed(seed, i))`; the
 /// batch order is reshuffled every epoch from the seed; the last batch of an epoch may be
-/// smaller. Macro-recall averages the recall of the classes present in the validation set.
+/// smaller. Macro-F1 averages the F1 of the classes present in the validation set.
 /// With no validation ids, the epoch is chosen by the same rule on the training metrics.
 /// `progress` is called after every epoch.
 pub fn train(
@@ -1173,9 +1196,9 @@ pub fn train(
             train_per_class: train_conf.stats(),
         };
         let (score, tie_loss) = if val_ids.is_empty() {
-            (macro_recall(&report.train_per_class), train_loss)
+            (macro_f1(&report.train_per_class), train_loss)
         } else {
-            (macro_recall(&report.val_per_class), val_loss)
+            (macro_f1(&report.val_per_class), val_loss)
         };
         let better = match &best {
             None => true,

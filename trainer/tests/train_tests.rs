@@ -7,9 +7,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use drllm_router_format::{gelu_tanh, BlockRouter, Decision};
 use drllm_train::train::{
-    candle_decisions, candle_logits, class_weights, focal_loss, gelu_tanh_tensor, lr_at,
-    macro_recall, parse_device, split_ids, train, train_split, EpochReport, ExampleFeatures,
-    FeatureSet, TrainConfig, TrainError, Trained, FEATURE_MAGIC,
+    candle_decisions, candle_logits, class_weights, focal_loss, gelu_tanh_tensor, lr_at, macro_f1,
+    macro_recall, parse_device, split_ids, train, train_split, ClassStats, EpochReport,
+    ExampleFeatures, FeatureSet, TrainConfig, TrainError, Trained, FEATURE_MAGIC,
 };
 
 /// SplitMix64 for test data.
@@ -314,12 +314,9 @@ fn training_drives_the_loss_down_on_a_separable_set() {
         assert!(best.val_per_class[c].support > 0);
         assert!(best.val_per_class[c].recall > 0.8, "class {c}: {best:?}");
     }
-    // The kept epoch has the best macro-recall (ties: lower val loss).
+    // The kept epoch has the best macro-F1 (ties: lower val loss).
     for r in h {
-        let (m, mb) = (
-            macro_recall(&r.val_per_class),
-            macro_recall(&best.val_per_class),
-        );
+        let (m, mb) = (macro_f1(&r.val_per_class), macro_f1(&best.val_per_class));
         assert!(m < mb || (m == mb && r.val_loss >= best.val_loss), "{r:?}");
     }
     // The kept routers reproduce the kept epoch's validation accuracy.
@@ -702,5 +699,34 @@ fn time_smollm2_sized_training() {
         "candle_decisions on {} examples: {:.2}s",
         dec.len(),
         t1.elapsed().as_secs_f64()
+    );
+}
+
+/// Macro-F1 and macro-recall by hand; the selection rule must not reward predicting a rare
+/// class everywhere.
+#[test]
+fn macro_f1_hand_values() {
+    let cs = |precision: f64, recall: f64, support: usize| ClassStats {
+        precision,
+        recall,
+        support,
+        predicted: 0,
+    };
+    // skip P 0.5 R 0.25 -> F1 1/3; execute P R 0.9 -> 0.9; repeat absent -> not averaged
+    let a = [cs(0.5, 0.25, 8), cs(0.9, 0.9, 100), cs(0.0, 0.0, 0)];
+    assert!((macro_f1(&a) - (1.0 / 3.0 + 0.9) / 2.0).abs() < 1e-12);
+    assert!((macro_recall(&a) - (0.25 + 0.9) / 2.0).abs() < 1e-12);
+    // a class present but never predicted right counts as 0
+    let b = [cs(0.0, 0.0, 8), cs(0.9, 0.9, 100), cs(0.0, 0.0, 0)];
+    assert!((macro_f1(&b) - 0.45).abs() < 1e-12);
+    // "repeat everywhere": high recall, tiny precision. Macro-recall prefers it to a model
+    // that never repeats; macro-F1 does not.
+    let everywhere = [cs(0.3, 0.3, 8), cs(0.95, 0.5, 100), cs(0.01, 1.0, 2)];
+    let never = [cs(0.3, 0.3, 8), cs(0.95, 0.99, 100), cs(0.0, 0.0, 2)];
+    assert!(macro_recall(&everywhere) > macro_recall(&never));
+    assert!(macro_f1(&everywhere) < macro_f1(&never));
+    assert_eq!(
+        macro_f1(&[cs(0.0, 0.0, 0), cs(0.0, 0.0, 0), cs(0.0, 0.0, 0)]),
+        0.0
     );
 }
