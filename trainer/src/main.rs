@@ -194,6 +194,10 @@ struct SearchArgs {
     /// Early stop when a correct path this many passes shorter is found.
     #[arg(long, default_value_t = 2)]
     early_stop_shorter_by: usize,
+    /// On originally correct questions, keep only paths whose gold margin is at least the
+    /// plain model's (not in the reference; see `MctsConfig::margin_floor`).
+    #[arg(long)]
+    margin_floor: bool,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -449,6 +453,9 @@ struct PipelineArgs {
     /// Reward kind.
     #[arg(long, value_enum, default_value = "binary")]
     reward: Reward,
+    /// Search keeps only paths that do not lower the gold margin (see `search --margin-floor`).
+    #[arg(long)]
+    margin_floor: bool,
     #[arg(long, default_value_t = 20)]
     epochs: usize,
     /// Calibration questions for the depth bias (ARC-Easy test, outside the evaluation sample).
@@ -558,6 +565,7 @@ fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
             random_rate: a.random_rate,
             early_stop: !a.no_early_stop,
             early_stop_shorter_by: a.early_stop_shorter_by,
+            margin_floor: a.margin_floor,
             seed: a.seed,
         },
         reward: match a.reward {
@@ -571,6 +579,14 @@ fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
         scoring: a.common.scoring(),
     };
     let out = search_out(a);
+    search::check_params(
+        &out,
+        &serde_json::json!({
+            "task": a.task, "split": a.split, "mcts": run.mcts,
+            "reward": run.reward, "scoring": run.scoring,
+            "max_answer_tokens": run.max_answer_tokens,
+        }),
+    )?;
     let mut session = a.common.session(&model)?;
     let mut p = Progress::new("search");
     eprintln!(
@@ -616,9 +632,15 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         a.search.clone()
     };
     let mut records = Vec::new();
+    let mut params = Vec::new();
     for f in &files {
         let r = read_results(f).with_context(|| format!("{}", f.display()))?;
         records.extend(r.into_iter().filter(|r| r.model == fp));
+        if let Ok(text) = std::fs::read_to_string(search::params_path(f)) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                params.push(v);
+            }
+        }
     }
     if records.is_empty() {
         bail!("no search results for this model in {files:?} (run drllm-train search first)");
@@ -709,7 +731,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
                 "{} {} ({} examples with a kept path, {} fixed)",
                 a.task, a.split, stats.kept, stats.fixed
             ),
-            search: search_summary(&records),
+            search: search_summary(&records, &params),
             training: serde_json::to_string(&cfg)?,
             metrics: serde_json::to_string(
                 &trained.history.get(trained.best_epoch.saturating_sub(1)),
@@ -726,7 +748,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn search_summary(records: &[search::SearchRecord]) -> String {
+fn search_summary(records: &[search::SearchRecord], params: &[serde_json::Value]) -> String {
     let n = records.len();
     let fixed = records.iter().filter(|r| r.fixed()).count();
     let correct = records.iter().filter(|r| r.originally_correct).count();
@@ -734,6 +756,7 @@ fn search_summary(records: &[search::SearchRecord]) -> String {
     serde_json::json!({
         "questions": n, "originally_correct": correct, "fixed": fixed,
         "mean_simulations": sims as f64 / n.max(1) as f64,
+        "settings": params,
     })
     .to_string()
 }
@@ -859,6 +882,7 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         random_rate: 0.1,
         no_early_stop: false,
         early_stop_shorter_by: 2,
+        margin_floor: a.margin_floor,
         seed: 0,
         reward: a.reward,
         no_prefix_reuse: false,

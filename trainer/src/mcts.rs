@@ -37,6 +37,12 @@ pub struct MctsConfig {
     pub early_stop: bool,
     /// See `early_stop`.
     pub early_stop_shorter_by: usize,
+    /// On an originally correct example, a path counts as correct (for keeping it and for the
+    /// early stop) only if its gold margin is at least the default path's: a shorter path must
+    /// not make the model less sure of the right answer. Off in the reference, where any path
+    /// that still answers right counts; at 135M-270M parameters answer margins are tiny and
+    /// such paths are mostly luck that does not carry over to other questions.
+    pub margin_floor: bool,
     /// RNG seed (action order, random selections).
     pub seed: u64,
 }
@@ -54,6 +60,7 @@ impl Default for MctsConfig {
             random_rate: 0.1,
             early_stop: true,
             early_stop_shorter_by: 2,
+            margin_floor: false,
             seed: 0,
         }
     }
@@ -197,8 +204,9 @@ pub fn search<R: Rewarder>(
     let l = n_layer as f64;
     let mut best: Option<(Vec<u8>, Outcome)> =
         default.correct.then(|| (root_counts.clone(), default));
+    let floor = (cfg.margin_floor && default.correct).then_some(default.margin);
     let better = |c: &[u8], o: &Outcome, cur: &Option<(Vec<u8>, Outcome)>| -> bool {
-        if !o.correct {
+        if !o.correct || floor.is_some_and(|f| o.margin < f) {
             return false;
         }
         match cur {

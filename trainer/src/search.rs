@@ -13,7 +13,7 @@ use crate::tasks::{Example, McScorer, TaskKind};
 use drllm_engine::{EngineError, LayerPath, Logits, PassState, Route, Session, Tokenizer};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// How a path's answer becomes a reward.
@@ -462,4 +462,46 @@ fn hash(s: &str) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+/// Where the search settings of a results file are kept (`RESULTS.params.json`).
+pub fn params_path(results: &Path) -> PathBuf {
+    let mut name = results.file_name().unwrap_or_default().to_os_string();
+    name.push(".params.json");
+    results.with_file_name(name)
+}
+
+/// Records the search settings (any JSON object; `mcts.simulations` may differ between runs)
+/// next to the results file, or refuses a search whose settings differ from those the file's
+/// results were found with: resuming must not mix two searches in one file.
+pub fn check_params(results: &Path, params: &serde_json::Value) -> Result<(), SearchError> {
+    let path = params_path(results);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(SearchError::Io)?;
+        let old: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
+        // a search may be resumed with another simulation budget, nothing else
+        let key = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(m) = v.get_mut("mcts").and_then(|m| m.as_object_mut()) {
+                m.remove("simulations");
+            }
+            v
+        };
+        if key(&old) != key(params) {
+            return Err(SearchError::Other(format!(
+                "{} holds results searched with other settings ({}); this search: {params}. \
+                 Use another --out or --run-dir",
+                results.display(),
+                text.trim()
+            )));
+        }
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(SearchError::Io)?;
+    }
+    let text = serde_json::to_string_pretty(params)
+        .map_err(|e| SearchError::Other(format!("settings: {e}")))?;
+    std::fs::write(&path, text).map_err(SearchError::Io)
 }

@@ -182,3 +182,66 @@ fn paths_follow_the_rules_and_search_is_deterministic() {
     .unwrap();
     assert_eq!(c.simulations, 300);
 }
+
+/// Correct everywhere; the margin is given per path (the default's otherwise).
+struct Margins {
+    default_margin: f64,
+    by_path: Vec<(Vec<u8>, f64)>,
+}
+
+impl Rewarder for Margins {
+    type Error = Infallible;
+    fn evaluate(&mut self, counts: &[u8]) -> Result<Outcome, Infallible> {
+        let m = self.by_path.iter().find(|(p, _)| p == counts).map_or(
+            if counts.iter().all(|&c| c == 1) {
+                self.default_margin
+            } else {
+                0.1
+            },
+            |(_, m)| *m,
+        );
+        Ok(Outcome {
+            correct: true,
+            reward: 1.0 / (1.0 + (-m).exp()),
+            margin: m,
+        })
+    }
+}
+
+#[test]
+fn margin_floor_keeps_only_paths_that_stay_as_sure() {
+    let l = 6;
+    // every path answers right, but only skipping blocks 2 and 3 keeps the margin
+    let safe = path(l, &[(2, 0), (3, 0)]);
+    let r = || Margins {
+        default_margin: 2.0,
+        by_path: vec![(safe.clone(), 2.5)],
+    };
+    // reference rule: the first 2-shorter correct path stops the search, whichever it is
+    let res = search(l, &MctsConfig::default(), &mut r()).unwrap();
+    assert!(res.stopped_early);
+    assert_eq!(passes(res.kept.as_deref().unwrap()), l - 2);
+    // margin floor: only the safe path counts; found and kept, then the search stops
+    let cfg = MctsConfig {
+        margin_floor: true,
+        simulations: 400,
+        ..MctsConfig::default()
+    };
+    let res = search(l, &cfg, &mut r()).unwrap();
+    assert_eq!(res.kept.as_deref(), Some(&safe[..]));
+    assert!(res.stopped_early);
+    // nothing as sure as the default: the default path itself is kept, all budget spent
+    let mut none = Margins {
+        default_margin: 2.0,
+        by_path: vec![],
+    };
+    let cfg = MctsConfig {
+        margin_floor: true,
+        simulations: 40,
+        ..MctsConfig::default()
+    };
+    let res = search(l, &cfg, &mut none).unwrap();
+    assert_eq!(res.kept.as_deref(), Some(&vec![1u8; l][..]));
+    assert!(!res.stopped_early);
+    assert_eq!(res.simulations, 40);
+}

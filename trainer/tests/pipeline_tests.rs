@@ -296,3 +296,46 @@ fn every_rollout_with_prefix_reuse_equals_recomputing() {
         }
     }
 }
+
+/// A results file remembers its search settings; resuming with other settings is refused,
+/// another simulation budget is not.
+#[test]
+fn search_settings_are_recorded_and_checked() {
+    use drllm_train::search::{check_params, params_path};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs").join("search-x-y.jsonl");
+    let p = |mcts: MctsConfig| {
+        serde_json::json!({ "task": "x", "split": "y", "mcts": mcts,
+                            "reward": RewardKind::Binary, "scoring": Scoring::Continuation })
+    };
+    let base = MctsConfig::default();
+    check_params(&out, &p(base.clone())).unwrap();
+    assert!(params_path(&out).exists());
+    assert_eq!(
+        params_path(&out).file_name().unwrap(),
+        "search-x-y.jsonl.params.json"
+    );
+    check_params(&out, &p(base.clone())).unwrap();
+    check_params(
+        &out,
+        &p(MctsConfig {
+            simulations: 200,
+            ..base.clone()
+        }),
+    )
+    .unwrap();
+    let e = check_params(
+        &out,
+        &p(MctsConfig {
+            margin_floor: true,
+            ..base.clone()
+        }),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("other settings"), "{e}");
+    let mut other = p(base);
+    other["reward"] = serde_json::json!(RewardKind::Margin);
+    assert!(check_params(&out, &other).is_err());
+    std::fs::write(params_path(&out), "{not json").unwrap();
+    assert!(check_params(&out, &other).is_err());
+}
