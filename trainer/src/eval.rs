@@ -97,7 +97,11 @@ fn arm(label: String, bias: Option<f32>, results: &[(bool, usize)]) -> Arm {
     }
 }
 
-/// Answers one question along a route; returns (correct, path).
+/// Answers one question along a route; returns (correct, path). `known` holds the outcomes
+/// of paths this question was already judged along: a route that lands on one of them is not
+/// judged again (the outcome along a fixed path is deterministic; the prefill still runs, since
+/// only it tells the routers' path).
+#[allow(clippy::too_many_arguments)]
 pub fn answer(
     session: &mut Session,
     tokenizer: &Tokenizer,
@@ -106,9 +110,13 @@ pub fn answer(
     ex: &Example,
     route: Route<'_>,
     max_answer_tokens: usize,
+    known: &mut Vec<(LayerPath, bool)>,
 ) -> Result<(bool, LayerPath), EngineError> {
     let tokens = tokenizer.tokenize(scoring.prompt(ex), true, false);
     let pre = session.prefill(&tokens, route, Logits::Last)?;
+    if let Some((_, c)) = known.iter().find(|(p, _)| *p == pre.path) {
+        return Ok((*c, pre.path));
+    }
     let (correct, _) = judge(
         session,
         tokenizer,
@@ -119,6 +127,7 @@ pub fn answer(
         &pre.logits,
         max_answer_tokens,
     )?;
+    known.push((pre.path.clone(), correct));
     Ok((correct, pre.path))
 }
 
@@ -160,6 +169,7 @@ pub fn evaluate(
     let mut questions = Vec::new();
     let total = examples.len();
     for (i, ex) in examples.iter().enumerate() {
+        let mut known = Vec::new();
         let (pc, _) = answer(
             session,
             tokenizer,
@@ -168,6 +178,7 @@ pub fn evaluate(
             ex,
             Route::Fixed(&full),
             opts.max_answer_tokens,
+            &mut known,
         )?;
         plain.push((pc, n_layer));
         let mut q = QuestionEval {
@@ -192,6 +203,7 @@ pub fn evaluate(
                     ex,
                     Route::Hook(&mut hook),
                     opts.max_answer_tokens,
+                    &mut known,
                 )?;
                 routed[bi].push((rc, path.len()));
                 if bi == 0 {

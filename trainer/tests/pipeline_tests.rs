@@ -245,6 +245,87 @@ fn search_train_export_eval_end_to_end() {
     let routed = report.routed.as_ref().unwrap();
     assert_eq!(routed.n, 24);
     assert_eq!(report.sweep.len(), 2);
+    // Skipping the judging of paths a question was already judged along changes nothing:
+    // judge every arm afresh and compare.
+    let mut fresh = session(&m);
+    let mut same_as_plain = 0;
+    for (ex, q) in qs.iter().zip(&report.questions) {
+        let full = drllm_engine::LayerPath::full(m.n_layer());
+        let (pc, _) = eval::answer(
+            &mut fresh,
+            &tok,
+            &sc,
+            Scoring::Continuation,
+            ex,
+            drllm_engine::Route::Fixed(&full),
+            8,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(pc, q.plain_correct, "{}", ex.id);
+        let ro = drllm_engine::RouteOptions::default();
+        let mut hook = routers.hook(&ro);
+        let (rc, path) = eval::answer(
+            &mut fresh,
+            &tok,
+            &sc,
+            Scoring::Continuation,
+            ex,
+            drllm_engine::Route::Hook(&mut hook),
+            8,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(Some(rc), q.routed_correct, "{}", ex.id);
+        let counts: Vec<u8> = path.counts().iter().map(|&c| c as u8).collect();
+        assert_eq!(Some(&counts), q.routed_counts.as_ref(), "{}", ex.id);
+        same_as_plain += usize::from(path == full);
+    }
+    eprintln!(
+        "{same_as_plain} of {} routed paths are the full path",
+        qs.len()
+    );
+    // Two biases that never skip give the same paths: the second arm is never judged, only
+    // looked up. Its count must equal judging every question afresh.
+    let mut s = session(&m);
+    let again = eval::evaluate(
+        &mut s,
+        &tok,
+        &sc,
+        Some(&routers),
+        &qs,
+        &eval::EvalOptions {
+            depth_bias: 50.0,
+            sweep: vec![60.0],
+            max_answer_tokens: 8,
+            ..Default::default()
+        },
+        ("tiny", "tiny", "validation"),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let mut fresh_correct = 0;
+    for ex in &qs {
+        let ro = drllm_engine::RouteOptions {
+            depth_bias: 60.0,
+            ..Default::default()
+        };
+        let mut hook = routers.hook(&ro);
+        let (rc, _) = eval::answer(
+            &mut fresh,
+            &tok,
+            &sc,
+            Scoring::Continuation,
+            ex,
+            drllm_engine::Route::Hook(&mut hook),
+            8,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        fresh_correct += usize::from(rc);
+    }
+    assert_eq!(again.sweep[0].correct, fresh_correct);
+    assert_eq!(again.routed.as_ref().unwrap().correct, fresh_correct);
     let files = eval::write_outputs(&report, &dir.path().join("eval")).unwrap();
     assert_eq!(files.len(), 4);
     assert!(eval::markdown(&report).contains("| plain |"));
