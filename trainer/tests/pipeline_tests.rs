@@ -251,31 +251,17 @@ fn search_train_export_eval_end_to_end() {
     let mut same_as_plain = 0;
     for (ex, q) in qs.iter().zip(&report.questions) {
         let full = drllm_engine::LayerPath::full(m.n_layer());
-        let (pc, _) = eval::answer(
-            &mut fresh,
-            &tok,
-            &sc,
-            Scoring::Continuation,
-            ex,
-            drllm_engine::Route::Fixed(&full),
-            8,
-            &mut Vec::new(),
-        )
-        .unwrap();
+        let (pc, _) = answer_afresh(&mut fresh, &tok, &sc, ex, drllm_engine::Route::Fixed(&full));
         assert_eq!(pc, q.plain_correct, "{}", ex.id);
         let ro = drllm_engine::RouteOptions::default();
         let mut hook = routers.hook(&ro);
-        let (rc, path) = eval::answer(
+        let (rc, path) = answer_afresh(
             &mut fresh,
             &tok,
             &sc,
-            Scoring::Continuation,
             ex,
             drllm_engine::Route::Hook(&mut hook),
-            8,
-            &mut Vec::new(),
-        )
-        .unwrap();
+        );
         assert_eq!(Some(rc), q.routed_correct, "{}", ex.id);
         let counts: Vec<u8> = path.counts().iter().map(|&c| c as u8).collect();
         assert_eq!(Some(&counts), q.routed_counts.as_ref(), "{}", ex.id);
@@ -311,17 +297,13 @@ fn search_train_export_eval_end_to_end() {
             ..Default::default()
         };
         let mut hook = routers.hook(&ro);
-        let (rc, _) = eval::answer(
+        let (rc, _) = answer_afresh(
             &mut fresh,
             &tok,
             &sc,
-            Scoring::Continuation,
             ex,
             drllm_engine::Route::Hook(&mut hook),
-            8,
-            &mut Vec::new(),
-        )
-        .unwrap();
+        );
         fresh_correct += usize::from(rc);
     }
     assert_eq!(again.sweep[0].correct, fresh_correct);
@@ -419,4 +401,25 @@ fn search_settings_are_recorded_and_checked() {
     assert!(check_params(&out, &other).is_err());
     std::fs::write(params_path(&out), "{not json").unwrap();
     assert!(check_params(&out, &other).is_err());
+}
+
+/// One question judged along one route with nothing remembered from earlier arms.
+fn answer_afresh(
+    s: &mut Session,
+    tok: &Tokenizer,
+    sc: &McScorer,
+    ex: &Example,
+    route: drllm_engine::Route<'_>,
+) -> (bool, drllm_engine::LayerPath) {
+    eval::answer(
+        s,
+        tok,
+        sc,
+        Scoring::Continuation,
+        ex,
+        route,
+        8,
+        &mut Vec::new(),
+    )
+    .unwrap()
 }
