@@ -41,6 +41,8 @@ pub struct QuestionEval {
     pub routed_correct: Option<bool>,
     /// Routed path's per-block passes.
     pub routed_counts: Option<Vec<u8>>,
+    /// Correct along each static path of the options, in order.
+    pub static_correct: Vec<bool>,
 }
 
 /// The evaluation.
@@ -64,6 +66,12 @@ pub struct EvalReport {
     pub sweep: Vec<Arm>,
     /// Routed minus plain accuracy, and its paired standard error.
     pub diff: Option<(f64, f64)>,
+    /// Static paths (e.g. the best static prune at about the routed model's passes).
+    pub statics: Vec<Arm>,
+    /// Each static path minus plain accuracy, and its paired standard error.
+    pub static_diffs: Vec<(f64, f64)>,
+    /// Routed minus each static path, and its paired standard error.
+    pub routed_vs_static: Vec<(f64, f64)>,
     /// Per question.
     pub questions: Vec<QuestionEval>,
     /// Seconds.
@@ -144,6 +152,21 @@ pub struct EvalOptions {
     pub max_answer_tokens: usize,
     /// Multiple-choice scoring.
     pub scoring: Scoring,
+    /// Fixed paths judged beside plain and routed (label, path).
+    pub statics: Vec<(String, LayerPath)>,
+}
+
+/// Mean of `a - b` over paired outcomes and its standard error.
+fn paired_diff(a: &[bool], b: &[bool]) -> (f64, f64) {
+    let d: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(u8::from(x)) - f64::from(u8::from(y)))
+        .collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n.max(1.0);
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n.max(1.0)).sqrt())
 }
 
 /// Evaluates the plain model and, with routers, the routed model on `examples`.
@@ -166,6 +189,7 @@ pub fn evaluate(
         .collect();
     let mut plain = Vec::new();
     let mut routed: Vec<Vec<(bool, usize)>> = vec![Vec::new(); biases.len()];
+    let mut statics: Vec<Vec<(bool, usize)>> = vec![Vec::new(); opts.statics.len()];
     let mut questions = Vec::new();
     let total = examples.len();
     for (i, ex) in examples.iter().enumerate() {
@@ -186,7 +210,22 @@ pub fn evaluate(
             plain_correct: pc,
             routed_correct: None,
             routed_counts: None,
+            static_correct: Vec::new(),
         };
+        for (si, (_, path)) in opts.statics.iter().enumerate() {
+            let (c, _) = answer(
+                session,
+                tokenizer,
+                scorer,
+                opts.scoring,
+                ex,
+                Route::Fixed(path),
+                opts.max_answer_tokens,
+                &mut known,
+            )?;
+            statics[si].push((c, path.len()));
+            q.static_correct.push(c);
+        }
         if let Some(r) = routers {
             for (bi, &bias) in biases.iter().enumerate() {
                 let ro = RouteOptions {
@@ -227,18 +266,28 @@ pub fn evaluate(
             .zip(&routed[1..])
             .map(|(&b, res)| arm(format!("routed (bias {b:+.1})"), Some(b), res))
             .collect();
-        // paired difference routed - plain
-        let n = plain.len() as f64;
-        let d: Vec<f64> = plain
-            .iter()
-            .zip(&routed[0])
-            .map(|(p, r)| f64::from(u8::from(r.0)) - f64::from(u8::from(p.0)))
-            .collect();
-        let mean = d.iter().sum::<f64>() / n.max(1.0);
-        let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-        (Some(main), sweep, Some((mean, (var / n.max(1.0)).sqrt())))
+        let diff = paired_diff(&correct_of(&routed[0]), &correct_of(&plain));
+        (Some(main), sweep, Some(diff))
     } else {
         (None, Vec::new(), None)
+    };
+    let static_arms: Vec<Arm> = opts
+        .statics
+        .iter()
+        .zip(&statics)
+        .map(|((label, _), res)| arm(label.clone(), None, res))
+        .collect();
+    let static_diffs = statics
+        .iter()
+        .map(|s| paired_diff(&correct_of(s), &correct_of(&plain)))
+        .collect();
+    let routed_vs_static = if routers.is_some() {
+        statics
+            .iter()
+            .map(|s| paired_diff(&correct_of(&routed[0]), &correct_of(s)))
+            .collect()
+    } else {
+        Vec::new()
     };
     Ok(EvalReport {
         model: labels.0.to_string(),
@@ -250,9 +299,16 @@ pub fn evaluate(
         routed: routed_arm,
         sweep,
         diff,
+        statics: static_arms,
+        static_diffs,
+        routed_vs_static,
         questions,
         secs: t0.elapsed().as_secs_f64(),
     })
+}
+
+fn correct_of(res: &[(bool, usize)]) -> Vec<bool> {
+    res.iter().map(|r| r.0).collect()
 }
 
 /// The report as a markdown table.
@@ -288,14 +344,36 @@ pub fn markdown(r: &EvalReport) -> String {
     for a in &r.sweep {
         s.push_str(&row(a));
     }
+    for a in &r.statics {
+        s.push_str(&row(a));
+    }
+    s.push('\n');
     if let Some((d, se)) = r.diff {
         s.push_str(&format!(
-            "\nrouted − plain: {:+.2} points (paired s.e. {:.2}); {:.1} s\n",
+            "routed − plain: {:+.2} points (paired s.e. {:.2})\n",
             100.0 * d,
             100.0 * se,
-            r.secs
         ));
     }
+    for (i, a) in r.statics.iter().enumerate() {
+        if let Some((d, se)) = r.static_diffs.get(i) {
+            s.push_str(&format!(
+                "{} − plain: {:+.2} points (paired s.e. {:.2})\n",
+                a.label,
+                100.0 * d,
+                100.0 * se
+            ));
+        }
+        if let Some((d, se)) = r.routed_vs_static.get(i) {
+            s.push_str(&format!(
+                "routed − {}: {:+.2} points (paired s.e. {:.2})\n",
+                a.label,
+                100.0 * d,
+                100.0 * se
+            ));
+        }
+    }
+    s.push_str(&format!("\n{:.1} s\n", r.secs));
     s
 }
 
@@ -331,7 +409,12 @@ pub fn write_outputs(
             accuracy: 100.0 * r.plain.accuracy,
             stderr: 100.0 * r.plain.stderr,
         }];
-        for a in r.routed.iter().chain(r.sweep.iter()) {
+        for a in r
+            .routed
+            .iter()
+            .chain(r.sweep.iter())
+            .chain(r.statics.iter())
+        {
             points.push(Point {
                 label: a.label.clone(),
                 passes: a.mean_passes,
@@ -386,6 +469,7 @@ pub fn calibrate(
         sweep: biases.to_vec(),
         max_answer_tokens: 256,
         scoring,
+        statics: Vec::new(),
     };
     let r = evaluate(
         session,

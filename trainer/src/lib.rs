@@ -9,6 +9,7 @@ pub mod eval;
 pub mod features;
 pub mod mcts;
 pub mod plots;
+pub mod prune;
 pub mod rng;
 pub mod scoring;
 pub mod search;

@@ -5,13 +5,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use drllm_engine::router_format::{
     base_model_info_from, rfc3339_utc_now, sidecar_path_for, Sidecar, StorageType,
 };
-use drllm_engine::{DeviceChoice, Model, Routers, Session, SessionOptions, Tokenizer};
+use drllm_engine::{DeviceChoice, LayerPath, Model, Routers, Session, SessionOptions, Tokenizer};
 use drllm_train::mcts::MctsConfig;
 use drllm_train::scoring::Scoring;
 use drllm_train::search::{read_results, RewardKind, SearchRun};
 use drllm_train::tasks::McScorer;
 use drllm_train::train::{FeatureSet, TrainConfig};
-use drllm_train::{data, eval, features, search, train};
+use drllm_train::{data, eval, features, prune, search, train};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +44,9 @@ enum Cmd {
     /// Choose a depth bias on calibration questions (disjoint from the evaluation sample) and
     /// bake it into the routers.
     Calibrate(CalibrateArgs),
+    /// The best static prune (greedy block removal) on the calibration questions: the baseline
+    /// routed models are compared with at the same mean passes.
+    Prune(PruneArgs),
     /// Accuracy and block passes, plain against routed, on held-out questions.
     Eval(EvalArgs),
     /// Everything: search on validation, train, export, evaluate on test.
@@ -253,6 +256,14 @@ struct TrainArgs {
     /// Rebuild the feature cache even if present.
     #[arg(long)]
     rebuild_features: bool,
+    /// A block's router never predicts skip or repeat if that block has fewer training labels
+    /// of the class (0: off, the reference).
+    #[arg(long, default_value_t = 0)]
+    min_class_count: usize,
+    /// Train on standardised router inputs (not the reference; folded into the first layer on
+    /// export, so the exported routers read raw inputs either way).
+    #[arg(long)]
+    standardize: bool,
 }
 
 #[derive(Args, Clone)]
@@ -301,6 +312,12 @@ struct EvalArgs {
     /// Pass cap.
     #[arg(long)]
     max_passes: Option<usize>,
+    /// A `prune` report: its static prunes are judged beside plain and routed.
+    #[arg(long)]
+    prune: Option<PathBuf>,
+    /// Which of the report's prunes (blocks skipped), e.g. 1,2 (default: all).
+    #[arg(long, value_delimiter = ',')]
+    prune_skips: Vec<usize>,
     /// Output directory (default RUN_DIR/eval-TASK-SPLIT).
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -363,7 +380,7 @@ fn calibration_set(
 }
 
 fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
-    match calibrate(a)? {
+    match calibrate(a)?.0 {
         Some(_) => Ok(()),
         None => bail!(
             "no depth bias saved {} passes per question; try a wider --biases range",
@@ -372,8 +389,9 @@ fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
     }
 }
 
-/// Runs the calibration; the calibrated sidecar's path, or None when no bias saved enough.
-fn calibrate(a: &CalibrateArgs) -> Result<Option<PathBuf>> {
+/// Runs the calibration; the calibrated sidecar's path (None when no bias saved enough) and
+/// the calibration.
+fn calibrate(a: &CalibrateArgs) -> Result<(Option<PathBuf>, eval::Calibration)> {
     let (model, tok, scorer, _fp) = a.common.load()?;
     let run_dir = a.common.run_dir();
     let ckpt = a
@@ -423,7 +441,7 @@ fn calibrate(a: &CalibrateArgs) -> Result<Option<PathBuf>> {
         serde_json::to_string_pretty(&c)?,
     )?;
     let Some(bias) = c.chosen else {
-        return Ok(None);
+        return Ok((None, c));
     };
     let mut sc = routers.sidecar().clone();
     eval::bake_depth_bias(&mut sc.routers, bias);
@@ -434,7 +452,7 @@ fn calibrate(a: &CalibrateArgs) -> Result<Option<PathBuf>> {
     let out = run_dir.join("routers.calibrated.gguf");
     sc.write(&out, StorageType::F32)?;
     eprintln!("[calibrate] chose bias {bias:+.2}; wrote {}", out.display());
-    Ok(Some(out))
+    Ok((Some(out), c))
 }
 
 #[derive(Args, Clone)]
@@ -458,9 +476,22 @@ struct PipelineArgs {
     margin_floor: bool,
     #[arg(long, default_value_t = 20)]
     epochs: usize,
+    /// See `train --min-class-count`.
+    #[arg(long, default_value_t = 0)]
+    min_class_count: usize,
+    /// See `train --standardize`.
+    #[arg(long)]
+    standardize: bool,
     /// Calibration questions for the depth bias (ARC-Easy test, outside the evaluation sample).
     #[arg(long, default_value_t = 300)]
     calibration_n: usize,
+    /// Skip the static-prune baseline (chosen on the calibration questions, judged in `eval`).
+    #[arg(long)]
+    no_prune: bool,
+    /// Calibration questions the static prune is chosen on (default: all of them). Each greedy
+    /// step judges every question along about L paths.
+    #[arg(long)]
+    prune_n: Option<usize>,
 }
 
 /// Progress with rate and ETA on one stderr line.
@@ -518,6 +549,7 @@ fn main() {
         Cmd::Train(a) => cmd_train(&a),
         Cmd::Export(a) => cmd_export(&a).map(|_| ()),
         Cmd::Calibrate(a) => cmd_calibrate(&a),
+        Cmd::Prune(a) => cmd_prune(&a).map(|_| ()),
         Cmd::Eval(a) => cmd_eval(&a),
         Cmd::Pipeline(a) => cmd_pipeline(&a),
     };
@@ -692,6 +724,8 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         val_frac: a.val_frac,
         seed: a.seed,
         device: a.train_device.clone(),
+        min_class_count: a.min_class_count,
+        standardize: a.standardize,
         ..TrainConfig::default()
     };
     let t0 = Instant::now();
@@ -836,6 +870,7 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
         sweep: a.sweep.clone(),
         max_answer_tokens: 256,
         scoring: a.common.scoring(),
+        statics: static_paths(a, model.n_layer())?,
     };
     let model_name = a.common.model.display().to_string();
     let r = eval::evaluate(
@@ -859,6 +894,107 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
         eprintln!("[eval] wrote {}", f.display());
     }
     Ok(())
+}
+
+/// The static prunes `eval` judges: from `--prune FILE`, the steps `--prune-skips` names.
+fn static_paths(a: &EvalArgs, n_layer: usize) -> Result<Vec<(String, LayerPath)>> {
+    let Some(file) = &a.prune else {
+        return Ok(Vec::new());
+    };
+    let r: prune::PruneReport = serde_json::from_str(
+        &std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?,
+    )
+    .with_context(|| format!("{}: not a prune report", file.display()))?;
+    if r.n_layer != n_layer {
+        bail!(
+            "{}: prune report for a {}-block model, this model has {n_layer}",
+            file.display(),
+            r.n_layer
+        );
+    }
+    let ks: Vec<usize> = if a.prune_skips.is_empty() {
+        (1..=r.steps.len()).collect()
+    } else {
+        a.prune_skips.clone()
+    };
+    ks.iter()
+        .map(|&k| {
+            let set = r.skip_set(k).with_context(|| {
+                format!(
+                    "{}: no prune with {k} blocks skipped (has 1..={})",
+                    file.display(),
+                    r.steps.len()
+                )
+            })?;
+            let counts: Vec<usize> = (0..n_layer)
+                .map(|b| usize::from(!set.contains(&b)))
+                .collect();
+            let path = LayerPath::from_counts(&counts)?;
+            Ok((format!("static prune, skip {set:?}"), path))
+        })
+        .collect()
+}
+
+#[derive(Args, Clone)]
+struct PruneArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// The evaluation sample to stay clear of: `eval --limit N --seed S` of the same split.
+    #[arg(long, default_value_t = 1000)]
+    exclude_limit: usize,
+    #[arg(long, default_value_t = 0)]
+    exclude_seed: u64,
+    /// Selection questions (the calibration questions: from the rest of the split).
+    #[arg(long, default_value_t = 300)]
+    n: usize,
+    /// Greedy steps (blocks removed).
+    #[arg(long, default_value_t = 2)]
+    max_skips: usize,
+    /// Report (default RUN_DIR/prune.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn cmd_prune(a: &PruneArgs) -> Result<PathBuf> {
+    let (model, tok, scorer, _fp) = a.common.load()?;
+    let all = data::load(&a.common.data_dir, &a.task, &a.split)?;
+    let set = calibration_set(&all, a.exclude_limit, a.exclude_seed, a.n);
+    eprintln!(
+        "[prune] {} questions of {} {} (disjoint from the evaluation sample of {}), {} greedy steps",
+        set.len(),
+        a.task,
+        a.split,
+        a.exclude_limit,
+        a.max_skips
+    );
+    let mut session = a.common.session(&model)?;
+    let mut p = Progress::new("prune");
+    let r = prune::greedy_prune(
+        &mut session,
+        &tok,
+        &scorer,
+        a.common.scoring(),
+        &set,
+        a.max_skips,
+        512 << 20,
+        &mut |d, t| p.tick(d, t, "paths"),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.common.run_dir().join("prune.json"));
+    if let Some(d) = out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&r)?)?;
+    println!("{}", prune::markdown(&r));
+    eprintln!("[prune] wrote {} ({:.0} s)", out.display(), r.secs);
+    Ok(out)
 }
 
 fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
@@ -911,6 +1047,8 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         seed: 0,
         train_device: "cpu".into(),
         rebuild_features: false,
+        min_class_count: a.min_class_count,
+        standardize: a.standardize,
     })?;
     eprintln!(
         "[pipeline] training done after {:.0}s",
@@ -921,7 +1059,7 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         .split(',')
         .map(str::parse)
         .collect::<Result<Vec<f32>, _>>()?;
-    let calibrated = calibrate(&CalibrateArgs {
+    let (calibrated, cal) = calibrate(&CalibrateArgs {
         common: a.common.clone(),
         ckpt: Some(raw.clone()),
         task: "arc_easy".into(),
@@ -943,6 +1081,35 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         "[pipeline] calibration done after {:.0}s",
         t0.elapsed().as_secs_f64()
     );
+    // the best static prune at about the calibrated routers' passes, chosen on the same
+    // calibration questions
+    let prune_file = if a.no_prune {
+        None
+    } else {
+        let n_layer = cal.plain.mean_passes;
+        let routed_passes = cal
+            .tried
+            .iter()
+            .find(|t| t.depth_bias == cal.chosen)
+            .map(|t| t.mean_passes)
+            .unwrap_or(n_layer - 1.0);
+        let k = ((n_layer - routed_passes).round() as usize).max(1);
+        let f = cmd_prune(&PruneArgs {
+            common: a.common.clone(),
+            task: "arc_easy".into(),
+            split: "test".into(),
+            exclude_limit: a.eval_limit,
+            exclude_seed: 0,
+            n: a.prune_n.unwrap_or(a.calibration_n).min(a.calibration_n),
+            max_skips: k,
+            out: None,
+        })?;
+        eprintln!(
+            "[pipeline] static prune done after {:.0}s",
+            t0.elapsed().as_secs_f64()
+        );
+        Some(f)
+    };
     cmd_eval(&EvalArgs {
         common: a.common.clone(),
         routers: Some(ck.clone()),
@@ -954,6 +1121,8 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         depth_bias: 0.0,
         sweep: vec![-1.0, 1.0],
         max_passes: None,
+        prune: prune_file,
+        prune_skips: vec![],
         out_dir: None,
     })?;
     let out = cmd_export(&ExportArgs {

@@ -423,3 +423,112 @@ fn answer_afresh(
     )
     .unwrap()
 }
+
+/// The greedy static prune: every candidate's count equals judging its path afresh (no prefix
+/// reuse), the chosen block is a best one, and later steps keep the earlier choices. `eval`'s
+/// static arms judge the prune's paths like any fixed path.
+#[test]
+fn static_prune_counts_match_judging_each_path_afresh() {
+    use drllm_engine::{LayerPath, Route};
+    use drllm_train::prune;
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, m, tok, sc, _fp) = setup(dir.path());
+    let qs = questions(8);
+    let n_layer = m.n_layer();
+    let mut s = session(&m);
+    let mut ticks = 0;
+    let r = prune::greedy_prune(
+        &mut s,
+        &tok,
+        &sc,
+        Scoring::Continuation,
+        &qs,
+        2,
+        64 << 20,
+        &mut |d, t| {
+            ticks += 1;
+            assert!(d <= t);
+        },
+    )
+    .unwrap();
+    assert!(ticks > 0);
+    assert_eq!(r.steps.len(), 2);
+    assert_eq!(r.ids.len(), qs.len());
+    let path_without = |skipped: &[usize]| {
+        let counts: Vec<usize> = (0..n_layer)
+            .map(|b| usize::from(!skipped.contains(&b)))
+            .collect();
+        LayerPath::from_counts(&counts).unwrap()
+    };
+    let afresh = |skipped: &[usize]| {
+        let path = path_without(skipped);
+        let mut fresh = session(&m);
+        qs.iter()
+            .filter(|ex| answer_afresh(&mut fresh, &tok, &sc, ex, Route::Fixed(&path)).0)
+            .count()
+    };
+    assert_eq!(r.plain_correct, afresh(&[]));
+    let mut before: Vec<usize> = Vec::new();
+    for st in &r.steps {
+        assert_eq!(st.candidates.len(), n_layer - before.len());
+        for c in &st.candidates {
+            let mut set = before.clone();
+            set.push(c.block);
+            assert_eq!(c.correct, afresh(&set), "skip {set:?}");
+            assert!(c.mean_margin.is_finite());
+        }
+        let best = st.candidates.iter().map(|c| c.correct).max().unwrap();
+        assert_eq!(st.correct, best);
+        assert!(before.iter().all(|b| st.skipped.contains(b)));
+        assert!(st.skipped.contains(&st.chosen));
+        assert_eq!(st.skipped.len(), before.len() + 1);
+        before = st.skipped.clone();
+    }
+    assert_eq!(r.skip_set(1), Some(&r.steps[0].skipped[..]));
+    assert_eq!(r.skip_set(0), None);
+    assert_eq!(r.skip_set(3), None);
+    assert!(prune::markdown(&r).contains("| 2 |"));
+    // the report round-trips through JSON (eval reads it back)
+    let back: prune::PruneReport =
+        serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(back, r);
+
+    // eval's static arms
+    let statics: Vec<(String, LayerPath)> = r
+        .steps
+        .iter()
+        .map(|st| (format!("skip {:?}", st.skipped), path_without(&st.skipped)))
+        .collect();
+    let mut s = session(&m);
+    let report = eval::evaluate(
+        &mut s,
+        &tok,
+        &sc,
+        None,
+        &qs,
+        &eval::EvalOptions {
+            max_answer_tokens: 8,
+            statics: statics.clone(),
+            ..Default::default()
+        },
+        ("tiny", "tiny", "validation"),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.statics.len(), 2);
+    assert_eq!(report.static_diffs.len(), 2);
+    assert!(report.routed_vs_static.is_empty());
+    for (i, (arm, st)) in report.statics.iter().zip(&r.steps).enumerate() {
+        assert_eq!(arm.correct, afresh(&st.skipped));
+        assert_eq!(arm.mean_passes, (n_layer - st.skipped.len()) as f64);
+        let d = report.static_diffs[i].0;
+        let expect = (arm.correct as f64 - report.plain.correct as f64) / qs.len() as f64;
+        assert!((d - expect).abs() < 1e-12);
+        for (q, ex) in report.questions.iter().zip(&qs) {
+            let mut fresh = session(&m);
+            let (c, _) = answer_afresh(&mut fresh, &tok, &sc, ex, Route::Fixed(&statics[i].1));
+            assert_eq!(q.static_correct[i], c);
+        }
+    }
+    assert!(eval::markdown(&report).contains("skip ["));
+}

@@ -730,3 +730,148 @@ fn macro_f1_hand_values() {
         0.0
     );
 }
+
+/// `min_class_count`: a block with too few labels of a class never predicts it (its output
+/// bias is the disabled logit); the other blocks are trained as without the option.
+#[test]
+fn min_class_count_disables_rare_classes_per_block() {
+    use drllm_train::train::{disabled_classes, DISABLED_LOGIT};
+    let mut fs = synth(200, 16, 4, 1.0, 42);
+    // block 3: keep only two repeat labels (the rest become execute)
+    let mut kept = 0;
+    for ex in &mut fs.examples {
+        if ex.labels[3] == 2 {
+            if kept < 2 {
+                kept += 1;
+            } else {
+                ex.labels[3] = 1;
+            }
+        }
+    }
+    assert_eq!(kept, 2);
+    let (tr, va) = split_ids(fs.examples.len(), 0.15, 7);
+    let counts = fs.block_class_counts(&tr);
+    assert_eq!(counts.len(), 4);
+    let total: usize = counts.iter().map(|c| c.iter().sum::<usize>()).sum();
+    assert_eq!(total, tr.len() * 4);
+    let min = 5;
+    let off = disabled_classes(&counts, min);
+    assert!(off[3][2], "{counts:?}");
+    for (b, c) in counts.iter().enumerate() {
+        assert_eq!(off[b], [c[0] < min, false, c[2] < min]);
+    }
+    let cfg = TrainConfig {
+        min_class_count: min,
+        ..quick_cfg(7)
+    };
+    let t = train(&fs, &cfg, &tr, &va, &mut |_| {}).expect("training");
+    let plain = train(&fs, &quick_cfg(7), &tr, &va, &mut |_| {}).expect("training");
+    for (b, r) in t.routers.iter().enumerate() {
+        for (c, &disabled) in off[b].iter().enumerate() {
+            if disabled {
+                assert_eq!(r.b2[c], DISABLED_LOGIT, "block {b} class {c}");
+            } else if t.best_epoch == plain.best_epoch {
+                assert_eq!(r.b2[c], plain.routers[b].b2[c], "block {b} class {c}");
+            }
+        }
+    }
+    let dec = candle_decisions(&t.routers, &fs, "cpu").expect("decisions");
+    for (i, d) in dec.iter().enumerate() {
+        for (b, &k) in d.iter().enumerate() {
+            assert!(
+                !off[b][usize::from(k)],
+                "example {i} block {b} predicts {k}"
+            );
+        }
+    }
+    // 0 is the reference: nothing disabled
+    assert!(disabled_classes(&counts, 0)
+        .iter()
+        .all(|o| o == &[false; 3]));
+}
+
+/// Standardisation: the folded routers on raw inputs give the logits the unfolded routers give
+/// on standardised inputs; training on inputs scaled by 1000 and shifted learns the same as on
+/// the originals (the affine map is undone), and the exported routers read raw inputs.
+#[test]
+fn standardisation_folds_into_the_first_layer() {
+    use drllm_train::train::Standardizer;
+    let fs = synth(60, 16, 3, 1.0, 5);
+    let mut big = fs.clone();
+    for ex in &mut big.examples {
+        for p in &mut ex.pooled {
+            for (j, v) in p.iter_mut().enumerate() {
+                *v = *v * 1000.0 + 500.0 * (j % 16) as f32;
+            }
+        }
+    }
+    let ids: Vec<usize> = (0..big.examples.len()).collect();
+    let st = Standardizer::fit(&big, &ids);
+    let normed = st.apply(&big);
+    // standardised windows have mean ~0 and variance ~1 per block and dimension
+    for b in 0..3 {
+        for j in 0..16 {
+            let vals: Vec<f64> = normed
+                .examples
+                .iter()
+                .flat_map(|e| e.pooled[b].chunks_exact(16).map(move |w| f64::from(w[j])))
+                .collect();
+            let m = vals.iter().sum::<f64>() / vals.len() as f64;
+            let v = vals.iter().map(|x| (x - m).powi(2)).sum::<f64>() / vals.len() as f64;
+            assert!(
+                m.abs() < 1e-3 && (v - 1.0).abs() < 1e-3,
+                "block {b} dim {j}: {m} {v}"
+            );
+        }
+    }
+    let mut routers: Vec<BlockRouter> = (0..3).map(|i| BlockRouter::xavier(16, 8, i)).collect();
+    let on_normed = candle_logits(&routers, &normed, "cpu").expect("logits");
+    st.fold(&mut routers);
+    let on_raw = candle_logits(&routers, &big, "cpu").expect("logits");
+    for (a, b) in on_normed.iter().flatten().zip(on_raw.iter().flatten()) {
+        for c in 0..3 {
+            assert!(
+                (a[c] - b[c]).abs() < 1e-3 * (1.0 + a[c].abs()),
+                "{a:?} {b:?}"
+            );
+        }
+    }
+    // a constant dimension does not blow up the folded weights
+    let mut flat = fs.clone();
+    for ex in &mut flat.examples {
+        for p in &mut ex.pooled {
+            for w in p.chunks_exact_mut(16) {
+                w[0] = 3.0;
+            }
+        }
+    }
+    let st0 = Standardizer::fit(&flat, &ids);
+    assert!(st0
+        .inv_std
+        .iter()
+        .all(|s| s.iter().all(|v| v.is_finite() && *v < 1e3)));
+    // training on the scaled set with standardisation matches training on the original one
+    let (tr, va) = split_ids(fs.examples.len(), 0.15, 3);
+    let cfg = TrainConfig {
+        standardize: true,
+        ..quick_cfg(3)
+    };
+    let a = train(&fs, &cfg, &tr, &va, &mut |_| {}).expect("training");
+    let b = train(&big, &cfg, &tr, &va, &mut |_| {}).expect("training");
+    assert_eq!(a.best_epoch, b.best_epoch);
+    let (da, db) = (
+        candle_decisions(&a.routers, &fs, "cpu").expect("decisions"),
+        candle_decisions(&b.routers, &big, "cpu").expect("decisions"),
+    );
+    let same = da
+        .iter()
+        .flatten()
+        .zip(db.iter().flatten())
+        .filter(|(x, y)| x == y)
+        .count();
+    let total = da.iter().map(Vec::len).sum::<usize>();
+    assert!(
+        same * 100 >= total * 99,
+        "{same} of {total} decisions agree"
+    );
+}
