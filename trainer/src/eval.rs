@@ -348,29 +348,22 @@ pub fn markdown(r: &EvalReport) -> String {
         s.push_str(&row(a));
     }
     s.push('\n');
-    if let Some((d, se)) = r.diff {
-        s.push_str(&format!(
-            "routed − plain: {:+.2} points (paired s.e. {:.2})\n",
+    let diff = |what: &str, (d, se): (f64, f64)| {
+        format!(
+            "{what}: {:+.2} points (paired s.e. {:.2})\n",
             100.0 * d,
-            100.0 * se,
-        ));
+            100.0 * se
+        )
+    };
+    if let Some(d) = r.diff {
+        s.push_str(&diff("routed − plain", d));
     }
     for (i, a) in r.statics.iter().enumerate() {
-        if let Some((d, se)) = r.static_diffs.get(i) {
-            s.push_str(&format!(
-                "{} − plain: {:+.2} points (paired s.e. {:.2})\n",
-                a.label,
-                100.0 * d,
-                100.0 * se
-            ));
+        if let Some(&d) = r.static_diffs.get(i) {
+            s.push_str(&diff(&format!("{} − plain", a.label), d));
         }
-        if let Some((d, se)) = r.routed_vs_static.get(i) {
-            s.push_str(&format!(
-                "routed − {}: {:+.2} points (paired s.e. {:.2})\n",
-                a.label,
-                100.0 * d,
-                100.0 * se
-            ));
+        if let Some(&d) = r.routed_vs_static.get(i) {
+            s.push_str(&diff(&format!("routed − {}", a.label), d));
         }
     }
     s.push_str(&format!("\n{:.1} s\n", r.secs));

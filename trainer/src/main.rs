@@ -331,18 +331,8 @@ struct CalibrateArgs {
     /// to RUN_DIR/routers.calibrated.gguf.
     #[arg(long)]
     ckpt: Option<PathBuf>,
-    #[arg(long, default_value = "arc_easy")]
-    task: String,
-    #[arg(long, default_value = "test")]
-    split: String,
-    /// The evaluation sample to stay clear of: `eval --limit N --seed S` of the same split.
-    #[arg(long, default_value_t = 1000)]
-    exclude_limit: usize,
-    #[arg(long, default_value_t = 0)]
-    exclude_seed: u64,
-    /// Calibration questions (from the rest of the split).
-    #[arg(long, default_value_t = 300)]
-    n: usize,
+    #[command(flatten)]
+    set: CalibrationQuestions,
     /// Depth biases to try.
     #[arg(
         long,
@@ -359,24 +349,61 @@ struct CalibrateArgs {
 /// Depth biases `calibrate` tries unless told otherwise (also the pipeline's).
 const DEFAULT_BIASES: &str = "-3,-2,-1,-0.5,0,0.5,1,2,3";
 
-/// The calibration questions: the split minus the evaluation sample, then a seeded sample.
-fn calibration_set(
-    all: &[drllm_train::tasks::Example],
+/// The calibration questions: a split minus the evaluation sample, then a seeded sample. The
+/// depth bias is calibrated, and the static prune chosen, on them.
+#[derive(Args, Clone)]
+struct CalibrationQuestions {
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// The evaluation sample to stay clear of: `eval --limit N --seed S` of the same split.
+    #[arg(long, default_value_t = 1000)]
     exclude_limit: usize,
+    #[arg(long, default_value_t = 0)]
     exclude_seed: u64,
+    /// Calibration questions (from the rest of the split).
+    #[arg(long, default_value_t = 300)]
     n: usize,
-) -> Vec<drllm_train::tasks::Example> {
-    let excluded: std::collections::HashSet<String> =
-        data::sample(all, exclude_limit, exclude_seed)
+}
+
+impl CalibrationQuestions {
+    /// The questions of ARC-Easy test outside `eval --limit eval_limit --seed 0`.
+    fn arc_easy_test(eval_limit: usize, n: usize) -> Self {
+        CalibrationQuestions {
+            task: "arc_easy".into(),
+            split: "test".into(),
+            exclude_limit: eval_limit,
+            exclude_seed: 0,
+            n,
+        }
+    }
+
+    fn load(&self, data_dir: &Path) -> Result<Vec<drllm_train::tasks::Example>> {
+        let all = data::load(data_dir, &self.task, &self.split)?;
+        let excluded: std::collections::HashSet<String> =
+            data::sample(&all, self.exclude_limit, self.exclude_seed)
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+        let rest: Vec<_> = all
             .into_iter()
-            .map(|e| e.id)
+            .filter(|e| !excluded.contains(&e.id))
             .collect();
-    let rest: Vec<_> = all
-        .iter()
-        .filter(|e| !excluded.contains(&e.id))
-        .cloned()
-        .collect();
-    data::sample(&rest, n, exclude_seed ^ 0xCA11_B8A7E)
+        Ok(data::sample(
+            &rest,
+            self.n,
+            self.exclude_seed ^ 0xCA11_B8A7E,
+        ))
+    }
+
+    /// "N questions of TASK SPLIT (disjoint from the evaluation sample of M)".
+    fn describe(&self, n: usize) -> String {
+        format!(
+            "{n} questions of {} {} (disjoint from the evaluation sample of {})",
+            self.task, self.split, self.exclude_limit
+        )
+    }
 }
 
 fn cmd_calibrate(a: &CalibrateArgs) -> Result<()> {
@@ -399,14 +426,10 @@ fn calibrate(a: &CalibrateArgs) -> Result<(Option<PathBuf>, eval::Calibration)> 
         .clone()
         .unwrap_or_else(|| run_dir.join("routers.ckpt.gguf"));
     let routers = Routers::load(&ckpt, &model).with_context(|| format!("{}", ckpt.display()))?;
-    let all = data::load(&a.common.data_dir, &a.task, &a.split)?;
-    let set = calibration_set(&all, a.exclude_limit, a.exclude_seed, a.n);
+    let set = a.set.load(&a.common.data_dir)?;
     eprintln!(
-        "[calibrate] {} questions of {} {} (disjoint from the evaluation sample of {}), biases {:?}",
-        set.len(),
-        a.task,
-        a.split,
-        a.exclude_limit,
+        "[calibrate] {}, biases {:?}",
+        a.set.describe(set.len()),
         a.biases
     );
     let mut session = a.common.session(&model)?;
@@ -447,7 +470,7 @@ fn calibrate(a: &CalibrateArgs) -> Result<(Option<PathBuf>, eval::Calibration)> 
     eval::bake_depth_bias(&mut sc.routers, bias);
     sc.provenance.notes = format!(
         "depth bias {bias:+.2} baked in (chosen on {} {} {} calibration questions, disjoint from the evaluation sample)",
-        c.n, a.task, a.split
+        c.n, a.set.task, a.set.split
     );
     let out = run_dir.join("routers.calibrated.gguf");
     sc.write(&out, StorageType::F32)?;
@@ -939,18 +962,9 @@ fn static_paths(a: &EvalArgs, n_layer: usize) -> Result<Vec<(String, LayerPath)>
 struct PruneArgs {
     #[command(flatten)]
     common: Common,
-    #[arg(long, default_value = "arc_easy")]
-    task: String,
-    #[arg(long, default_value = "test")]
-    split: String,
-    /// The evaluation sample to stay clear of: `eval --limit N --seed S` of the same split.
-    #[arg(long, default_value_t = 1000)]
-    exclude_limit: usize,
-    #[arg(long, default_value_t = 0)]
-    exclude_seed: u64,
-    /// Selection questions (the calibration questions: from the rest of the split).
-    #[arg(long, default_value_t = 300)]
-    n: usize,
+    /// The selection questions (the calibration questions).
+    #[command(flatten)]
+    set: CalibrationQuestions,
     /// Greedy steps (blocks removed).
     #[arg(long, default_value_t = 2)]
     max_skips: usize,
@@ -961,14 +975,10 @@ struct PruneArgs {
 
 fn cmd_prune(a: &PruneArgs) -> Result<PathBuf> {
     let (model, tok, scorer, _fp) = a.common.load()?;
-    let all = data::load(&a.common.data_dir, &a.task, &a.split)?;
-    let set = calibration_set(&all, a.exclude_limit, a.exclude_seed, a.n);
+    let set = a.set.load(&a.common.data_dir)?;
     eprintln!(
-        "[prune] {} questions of {} {} (disjoint from the evaluation sample of {}), {} greedy steps",
-        set.len(),
-        a.task,
-        a.split,
-        a.exclude_limit,
+        "[prune] {}, {} greedy steps",
+        a.set.describe(set.len()),
         a.max_skips
     );
     let mut session = a.common.session(&model)?;
@@ -1062,11 +1072,7 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
     let (calibrated, cal) = calibrate(&CalibrateArgs {
         common: a.common.clone(),
         ckpt: Some(raw.clone()),
-        task: "arc_easy".into(),
-        split: "test".into(),
-        exclude_limit: a.eval_limit,
-        exclude_seed: 0,
-        n: a.calibration_n,
+        set: CalibrationQuestions::arc_easy_test(a.eval_limit, a.calibration_n),
         biases,
         min_saved: 1.0,
     })?;
@@ -1096,11 +1102,10 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         let k = ((n_layer - routed_passes).round() as usize).max(1);
         let f = cmd_prune(&PruneArgs {
             common: a.common.clone(),
-            task: "arc_easy".into(),
-            split: "test".into(),
-            exclude_limit: a.eval_limit,
-            exclude_seed: 0,
-            n: a.prune_n.unwrap_or(a.calibration_n).min(a.calibration_n),
+            set: CalibrationQuestions::arc_easy_test(
+                a.eval_limit,
+                a.prune_n.unwrap_or(a.calibration_n).min(a.calibration_n),
+            ),
             max_skips: k,
             out: None,
         })?;
