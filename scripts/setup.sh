@@ -18,7 +18,7 @@ install_packages() {
   if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so'; then
     missing+=(libclang-dev)
   fi
-  # drllm-train's plots need a TrueType font
+  # the PNG plots (drllm-train, drllm stats) need a TrueType font
   [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)

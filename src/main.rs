@@ -1,7 +1,9 @@
 //! `drllm`: run GGUF models with a per-request layer path.
 
 mod bench;
+mod loadtest;
 mod routing_cli;
+mod serve_cli;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -39,6 +41,12 @@ enum Cmd {
     Inspect(routing_cli::InspectArgs),
     /// Write a sidecar with constant (untrained) routers, for testing and measuring.
     RoutersInit(routing_cli::RoutersInitArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, with router hot reload.
+    Serve(serve_cli::ServeArgs),
+    /// Routing decisions per block over a time window of the daemon's log (table, JSON, PNG).
+    Stats(serve_cli::StatsArgs),
+    /// A bounded load test of a running `drllm serve`: latency, throughput, memory.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Options shared by the commands that load a model.
@@ -136,6 +144,9 @@ fn main() {
         Cmd::Route(a) => routing_cli::run_route(a),
         Cmd::Inspect(a) => routing_cli::run_inspect(a),
         Cmd::RoutersInit(a) => routing_cli::run_routers_init(a),
+        Cmd::Serve(a) => serve_cli::run_serve(a),
+        Cmd::Stats(a) => serve_cli::run_stats(a),
+        Cmd::Loadtest(a) => loadtest::run_loadtest(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

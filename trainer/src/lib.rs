@@ -8,7 +8,7 @@ pub mod data;
 pub mod eval;
 pub mod features;
 pub mod mcts;
-pub mod plots;
+pub use drllm_plots as plots;
 pub mod prune;
 pub mod rng;
 pub mod scoring;

@@ -229,7 +229,11 @@ struct TrainArgs {
     task: String,
     #[arg(long, default_value = "validation")]
     split: String,
-    /// Keep at least this share of originally-wrong-and-fixed examples.
+    /// Which examples to learn from: all with a correct path (the reference), or only those
+    /// the plain model answered correctly (no fixes of wrong answers).
+    #[arg(long, value_enum, default_value = "all")]
+    labels: features::Labels,
+    /// Keep at least this share of originally-wrong-and-fixed examples (with --labels all).
     #[arg(long, default_value_t = 0.3)]
     min_fixed_frac: f64,
     #[arg(long, default_value_t = 20)]
@@ -499,6 +503,9 @@ struct PipelineArgs {
     margin_floor: bool,
     #[arg(long, default_value_t = 20)]
     epochs: usize,
+    /// See `train --labels`.
+    #[arg(long, value_enum, default_value = "all")]
+    labels: features::Labels,
     /// See `train --min-class-count`.
     #[arg(long, default_value_t = 0)]
     min_class_count: usize,
@@ -700,7 +707,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     if records.is_empty() {
         bail!("no search results for this model in {files:?} (run drllm-train search first)");
     }
-    let (chosen, stats) = features::select(&records, model.n_layer(), a.min_fixed_frac);
+    let (chosen, stats) = features::select(&records, model.n_layer(), a.labels, a.min_fixed_frac);
     eprintln!("[train] examples: {}", serde_json::to_string(&stats)?);
     let cache = run_dir.join(format!("features-{}-{}.bin", a.task, a.split));
     let fs = if cache.exists() && !a.rebuild_features {
@@ -1045,6 +1052,7 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         search: vec![],
         task: "arc_easy".into(),
         split: "validation".into(),
+        labels: a.labels,
         min_fixed_frac: 0.3,
         epochs: a.epochs,
         lr: 1e-3,

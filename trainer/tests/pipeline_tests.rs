@@ -187,7 +187,7 @@ fn search_train_export_eval_end_to_end() {
     let out = dir.path().join("search.jsonl");
     run(true, Scoring::Continuation, &m, &tok, &sc, &fp, &qs, &out);
     let records = read_results(&out).unwrap();
-    let (chosen, stats) = features::select(&records, m.n_layer(), 0.3);
+    let (chosen, stats) = features::select(&records, m.n_layer(), features::Labels::All, 0.3);
     assert_eq!(stats.records, 24);
     assert!(stats.kept > 0, "{stats:?}");
     let mut s = session(&m);

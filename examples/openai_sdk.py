@@ -1,0 +1,39 @@
+"""An OpenAI-SDK request to a running `drllm serve` (pip install openai).
+
+drllm's own fields (routing, depth_bias, max_passes) travel in `extra_body`; the routing
+information of the answer is in the response's `drllm` field.
+
+    python3 examples/openai_sdk.py [BASE_URL]     (default http://127.0.0.1:8088/v1)
+"""
+
+import os
+import sys
+
+from openai import OpenAI
+
+base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8088/v1"
+client = OpenAI(base_url=base, api_key=os.environ.get("DRLLM_API_KEY", "none"))
+model = client.models.list().data[0].id
+
+resp = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Give me one fun fact about octopuses."}],
+    max_tokens=60,
+    temperature=0,
+    extra_body={"depth_bias": 0.0},
+)
+print(resp.choices[0].message.content)
+info = resp.model_extra.get("drllm", {})
+print(f"path {info.get('path')}: {info.get('passes')} of {info.get('n_layer')} block passes, "
+      f"skipped {info.get('skipped')}, repeated {info.get('repeated')}")
+
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Count to five."}],
+    max_tokens=30,
+    stream=True,
+)
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        print(chunk.choices[0].delta.content, end="", flush=True)
+print()

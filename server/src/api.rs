@@ -1,0 +1,691 @@
+//! The OpenAI-compatible wire format: request bodies (parsed and validated here, nowhere
+//! else), response bodies, and OpenAI-style error bodies.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// An error answered to the client: HTTP status and an OpenAI-style body
+/// `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI's error type (`invalid_request_error`, `authentication_error`, ...).
+    pub kind: &'static str,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+    /// A short machine-readable code.
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400: the request is malformed or out of range.
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        ApiError {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    /// Sets the machine-readable code.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// 401: missing or wrong bearer token.
+    pub fn unauthorized() -> Self {
+        ApiError {
+            status: 401,
+            message: "missing or invalid API key (send Authorization: Bearer <key>)".into(),
+            kind: "authentication_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    /// 404: unknown route or model.
+    pub fn not_found(message: impl Into<String>, code: &'static str) -> Self {
+        ApiError {
+            status: 404,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    /// 405: the route exists with another method.
+    pub fn method_not_allowed(allowed: &str) -> Self {
+        ApiError {
+            status: 405,
+            message: format!("method not allowed (use {allowed})"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("method_not_allowed"),
+        }
+    }
+
+    /// 413: the body is larger than the limit.
+    pub fn too_large(limit: usize) -> Self {
+        ApiError {
+            status: 413,
+            message: format!("request body larger than {limit} bytes"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+        }
+    }
+
+    /// 503: the model is still loading, or the queue is full.
+    pub fn unavailable(message: impl Into<String>, code: &'static str) -> Self {
+        ApiError {
+            status: 503,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    /// 500: the engine failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError {
+            status: 500,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("internal_error"),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Parses a JSON body (syntax only).
+pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid(
+            "the request body is empty (expected JSON)",
+            None,
+        ));
+    }
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON: {e}"), None))?;
+    if !v.is_object() {
+        return Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
+    }
+    Ok(v)
+}
+
+/// Reads `T` out of a parsed body, naming the offending field in the error.
+pub fn from_value<'a, T: Deserialize<'a>>(v: &'a Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let param = (path != ".").then_some(path);
+        let msg = match &param {
+            Some(p) => format!("invalid field '{p}': {inner}"),
+            None => format!("invalid request: {inner}"),
+        };
+        ApiError::invalid(msg, param.as_deref())
+    })
+}
+
+/// Parses a JSON body into `T` (a type without flattened fields, whose paths would be lost).
+pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    from_value(&parse_json(bytes)?)
+}
+
+/// A string or a list of strings (`stop`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A chat message's content: a string, or a list of parts of which only text parts are
+/// accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a multi-part message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The fields chat and text completions share: sampling, limits, streaming, and drllm's
+/// routing controls. Unknown fields are ignored (clients send many); known ones are checked
+/// by type here and by range in [`CommonFields::validate`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonFields {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<OneOrMany>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logprobs: Option<Value>,
+    /// Keep generating past end-of-generation tokens (llama-server's extension).
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// drllm: route this request (default: routed when a sidecar is loaded).
+    pub routing: Option<bool>,
+    /// drllm: depth bias in logit units (> 0 keeps more blocks, < 0 skips more).
+    pub depth_bias: Option<f64>,
+    /// drllm: cap on the total number of block passes.
+    pub max_passes: Option<i64>,
+}
+
+/// Validated generation settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenSettings {
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub seed: Option<u32>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub ignore_eos: bool,
+    pub routing: RoutingSettings,
+}
+
+/// Validated per-request routing controls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingSettings {
+    /// None: route when routers are loaded; Some(false): plain model; Some(true): routing
+    /// required (400 if no routers are loaded).
+    pub routing: Option<bool>,
+    pub depth_bias: f32,
+    pub max_passes: Option<usize>,
+}
+
+/// Limits the server applies while validating.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Context length: no request may ask for more tokens than this.
+    pub n_ctx: usize,
+    /// max_tokens when the request gives none.
+    pub default_max_tokens: usize,
+    /// Blocks of the model (bounds max_passes).
+    pub n_layer: usize,
+}
+
+fn range_f(v: Option<f64>, name: &str, lo: f64, hi: f64, default: f64) -> Result<f32, ApiError> {
+    match v {
+        None => Ok(default as f32),
+        Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x as f32),
+        Some(x) => Err(ApiError::invalid(
+            format!("{name} must be between {lo} and {hi} (got {x})"),
+            Some(name),
+        )),
+    }
+}
+
+impl CommonFields {
+    /// Checks every field's range; gives the settings.
+    pub fn validate(&self, limits: &Limits) -> Result<GenSettings, ApiError> {
+        if self.max_tokens.is_some() && self.max_completion_tokens.is_some() {
+            return Err(ApiError::invalid(
+                "give max_tokens or max_completion_tokens, not both",
+                Some("max_tokens"),
+            ));
+        }
+        let (mt_name, mt) = match self.max_completion_tokens {
+            Some(v) => ("max_completion_tokens", Some(v)),
+            None => ("max_tokens", self.max_tokens),
+        };
+        let max_tokens = match mt {
+            None => limits.default_max_tokens.min(limits.n_ctx),
+            Some(v) if v >= 1 && (v as u64) <= limits.n_ctx as u64 => v as usize,
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "{mt_name} must be between 1 and {} (the context length); got {v}",
+                        limits.n_ctx
+                    ),
+                    Some(mt_name),
+                ))
+            }
+        };
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid(
+                    format!("n must be 1 (one choice per request); got {n}"),
+                    Some("n"),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(x) = v {
+                if x != 0.0 {
+                    return Err(ApiError::invalid(
+                        format!("{name} is not supported (only 0)"),
+                        Some(name),
+                    ));
+                }
+            }
+        }
+        match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "logprobs are not supported",
+                    Some("logprobs"),
+                ))
+            }
+        }
+        let temperature = range_f(self.temperature, "temperature", 0.0, 2.0, 0.8)?;
+        let top_p = match self.top_p {
+            Some(x) if !(x.is_finite() && x > 0.0 && x <= 1.0) => {
+                return Err(ApiError::invalid(
+                    format!("top_p must be in (0, 1] (got {x})"),
+                    Some("top_p"),
+                ))
+            }
+            v => v.unwrap_or(0.95) as f32,
+        };
+        let min_p = range_f(self.min_p, "min_p", 0.0, 1.0, 0.05)?;
+        let top_k = match self.top_k {
+            None => 40,
+            Some(k) if (0..=1_000_000).contains(&k) => k as i32,
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    format!("top_k must be between 0 and 1000000 (got {k})"),
+                    Some("top_k"),
+                ))
+            }
+        };
+        let seed = match self.seed {
+            None => None,
+            Some(s) if s >= 0 && s <= u32::MAX as i64 => Some(s as u32),
+            Some(s) => {
+                return Err(ApiError::invalid(
+                    format!("seed must be between 0 and {} (got {s})", u32::MAX),
+                    Some("seed"),
+                ))
+            }
+        };
+        let stop = self
+            .stop
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
+        if stop.len() > 16 || stop.iter().any(|s| s.len() > 256) {
+            return Err(ApiError::invalid(
+                "stop takes at most 16 strings of at most 256 bytes",
+                Some("stop"),
+            ));
+        }
+        let depth_bias = range_f(self.depth_bias, "depth_bias", -1e4, 1e4, 0.0)?;
+        let max_passes = match self.max_passes {
+            None => None,
+            Some(p) if p >= 1 && (p as u64) <= 2 * limits.n_layer as u64 => Some(p as usize),
+            Some(p) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "max_passes must be between 1 and {} (twice the {} blocks); got {p}",
+                        2 * limits.n_layer,
+                        limits.n_layer
+                    ),
+                    Some("max_passes"),
+                ))
+            }
+        };
+        Ok(GenSettings {
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            seed,
+            stop,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+            ignore_eos: self.ignore_eos,
+            routing: RoutingSettings {
+                routing: self.routing,
+                depth_bias,
+                max_passes,
+            },
+        })
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub common: CommonFields,
+}
+
+#[derive(Deserialize)]
+struct MessagesOnly {
+    messages: Vec<Message>,
+}
+
+#[derive(Deserialize)]
+struct PromptOnly {
+    prompt: Prompt,
+}
+
+impl ChatRequest {
+    /// Parses a request body.
+    pub fn from_body(bytes: &[u8]) -> Result<Self, ApiError> {
+        let v = parse_json(bytes)?;
+        let m: MessagesOnly = from_value(&v)?;
+        Ok(ChatRequest {
+            messages: m.messages,
+            common: from_value(&v)?,
+        })
+    }
+
+    /// The messages as (role, text), checked.
+    pub fn messages(&self) -> Result<Vec<(String, String)>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages must hold at least one message",
+                Some("messages"),
+            ));
+        }
+        let mut out = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.iter().enumerate() {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant" | "tool"
+            ) {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role '{}' is not a chat role", m.role),
+                    Some(&format!("messages[{i}].role")),
+                ));
+            }
+            let text = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut t = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(s)) => t.push_str(s),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    format!(
+                                        "messages[{i}].content[{j}]: only text parts are supported"
+                                    ),
+                                    Some(&format!("messages[{i}].content[{j}]")),
+                                ))
+                            }
+                        }
+                    }
+                    t
+                }
+            };
+            // the "developer" role is OpenAI's new name for "system"
+            let role = if m.role == "developer" {
+                "system".to_string()
+            } else {
+                m.role.clone()
+            };
+            out.push((role, text));
+        }
+        Ok(out)
+    }
+}
+
+/// A completion prompt: text, or token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+    pub common: CommonFields,
+}
+
+impl CompletionRequest {
+    /// Parses a request body.
+    pub fn from_body(bytes: &[u8]) -> Result<Self, ApiError> {
+        let v = parse_json(bytes)?;
+        let p: PromptOnly = from_value(&v)?;
+        Ok(CompletionRequest {
+            prompt: p.prompt,
+            common: from_value(&v)?,
+        })
+    }
+}
+
+/// `POST /v1/route`: a chat conversation or a completion prompt, and the routing controls.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouteRequest {
+    pub model: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    pub prompt: Option<Prompt>,
+    pub routing: Option<bool>,
+    pub depth_bias: Option<f64>,
+    pub max_passes: Option<i64>,
+}
+
+/// Token counts of a request.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt: usize, completion: usize) -> Self {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        n_ctx: 2048,
+        default_max_tokens: 256,
+        n_layer: 30,
+    };
+
+    fn settings(body: &str) -> Result<GenSettings, ApiError> {
+        let r = ChatRequest::from_body(body.as_bytes())?;
+        r.common.validate(&LIMITS)
+    }
+
+    #[test]
+    fn defaults_and_ranges() {
+        let s = settings(r#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(s.max_tokens, 256);
+        assert_eq!(s.routing.routing, None);
+        assert!(!s.stream);
+        let s = settings(
+            r#"{"messages":[],"max_tokens":5,"stop":"x","stream":true,
+                "stream_options":{"include_usage":true},"depth_bias":-1.5,"max_passes":20,
+                "seed":7,"temperature":0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.max_tokens, s.stop.clone(), s.include_usage, s.seed),
+            (5, vec!["x".to_string()], true, Some(7))
+        );
+        assert_eq!(
+            (s.routing.depth_bias, s.routing.max_passes),
+            (-1.5, Some(20))
+        );
+    }
+
+    #[test]
+    fn rejects_out_of_range_fields_naming_them() {
+        for (body, param) in [
+            (r#"{"messages":[],"max_tokens":-1}"#, "max_tokens"),
+            (r#"{"messages":[],"max_tokens":0}"#, "max_tokens"),
+            (
+                r#"{"messages":[],"max_tokens":99999999999999}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"messages":[],"max_completion_tokens":4096}"#,
+                "max_completion_tokens",
+            ),
+            (r#"{"messages":[],"temperature":-0.1}"#, "temperature"),
+            (r#"{"messages":[],"top_p":0}"#, "top_p"),
+            (r#"{"messages":[],"top_k":-3}"#, "top_k"),
+            (r#"{"messages":[],"n":2}"#, "n"),
+            (r#"{"messages":[],"seed":-1}"#, "seed"),
+            (r#"{"messages":[],"max_passes":61}"#, "max_passes"),
+            (r#"{"messages":[],"max_passes":0}"#, "max_passes"),
+            (
+                r#"{"messages":[],"presence_penalty":1}"#,
+                "presence_penalty",
+            ),
+            (r#"{"messages":[],"logprobs":true}"#, "logprobs"),
+        ] {
+            let e = settings(body).unwrap_err();
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_types_and_bad_json_with_the_field() {
+        let e = settings(r#"{"messages":[],"max_tokens":"ten"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "{e}");
+        assert!(e.message.contains("invalid type"), "{e}");
+        let e = settings(r#"{"messages":"hi"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"), "{e}");
+        let e = settings(r#"{"messages":[{"role":"user","content":"hi"}],"#).unwrap_err();
+        assert!(e.message.starts_with("invalid JSON"), "{e}");
+        assert_eq!(e.param, None);
+        let e = settings("").unwrap_err();
+        assert!(e.message.contains("empty"), "{e}");
+        let e = settings(r#"{"model":"x"}"#).unwrap_err();
+        assert!(e.message.contains("messages"), "{e}");
+        let e = settings(r#"[1,2]"#).unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn messages_are_checked() {
+        let r = ChatRequest::from_body(
+            br#"{"messages":[{"role":"developer","content":"be brief"},
+                 {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.messages().unwrap(),
+            vec![
+                ("system".to_string(), "be brief".to_string()),
+                ("user".to_string(), "ab".to_string())
+            ]
+        );
+        let r =
+            ChatRequest::from_body(br#"{"messages":[{"role":"wizard","content":"x"}]}"#).unwrap();
+        assert_eq!(
+            r.messages().unwrap_err().param.as_deref(),
+            Some("messages[0].role")
+        );
+        let r = ChatRequest::from_body(
+            br#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}"#,
+        )
+        .unwrap();
+        assert!(r.messages().is_err());
+        let r = ChatRequest::from_body(br#"{"messages":[]}"#).unwrap();
+        assert!(r.messages().is_err());
+    }
+
+    #[test]
+    fn error_body_is_openai_shaped() {
+        let b = ApiError::invalid("bad", Some("x")).with_code("c").body();
+        assert_eq!(
+            b,
+            json!({"error":{"message":"bad","type":"invalid_request_error","param":"x","code":"c"}})
+        );
+    }
+}

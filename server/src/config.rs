@@ -1,0 +1,369 @@
+//! Server settings: command line > `DRLLM_*` environment > TOML file > built-in defaults.
+//! The binary turns flags and environment (clap reads both) into a [`Settings`]; this module
+//! reads the file, layers them and checks the result.
+
+use drllm_engine::DeviceChoice;
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// A bad configuration.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    Toml { path: PathBuf, message: String },
+    /// A setting is missing or out of range.
+    Invalid { key: &'static str, message: String },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            ConfigError::Toml { path, message } => write!(f, "{}: {message}", path.display()),
+            ConfigError::Invalid { key, message } => write!(f, "setting '{key}': {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every setting, each optional so that layers can be merged. Field names are the TOML keys,
+/// the long flags (with `-`) and, upper-cased with a `DRLLM_` prefix, the environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// GGUF model file.
+    pub model: Option<PathBuf>,
+    /// Router sidecar (default MODEL.routers.gguf next to the model).
+    pub routers: Option<PathBuf>,
+    /// Serve the plain model; do not load or watch a sidecar.
+    pub no_routers: Option<bool>,
+    /// Address to bind (default 127.0.0.1).
+    pub host: Option<IpAddr>,
+    /// Port (default 8088; 0 picks a free one).
+    pub port: Option<u16>,
+    /// CPU threads per worker (default: all cores divided among the workers).
+    pub threads: Option<usize>,
+    /// Context length per request, tokens (default 4096).
+    pub ctx_size: Option<usize>,
+    /// Requests run at once, each with its own KV cache (default 1).
+    pub parallel: Option<usize>,
+    /// Requests that may wait for a worker; more get 503 (default 16).
+    pub queue: Option<usize>,
+    /// SQLite routing log (default $XDG_STATE_HOME/drllm/routing.sqlite).
+    pub db: Option<PathBuf>,
+    /// Do not write the routing log.
+    pub no_db: Option<bool>,
+    /// Bearer token every /v1 and /metrics request must carry.
+    pub api_key: Option<String>,
+    /// Model id in the API (default: the file name without .gguf).
+    pub model_alias: Option<String>,
+    /// max_tokens when a request gives none (default 256).
+    pub default_max_tokens: Option<usize>,
+    /// Largest request body, bytes (default 8 MiB).
+    pub max_body_bytes: Option<usize>,
+    /// Quiet time before a changed sidecar is reloaded, milliseconds (default 300).
+    pub reload_debounce_ms: Option<u64>,
+    /// Engine device: auto or cpu.
+    pub device: Option<String>,
+}
+
+macro_rules! overlay {
+    ($hi:ident, $lo:ident, $($f:ident),*) => {
+        Settings { $($f: $hi.$f.or($lo.$f)),* }
+    };
+}
+
+impl Settings {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Toml {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `self` where set, else `lower`.
+    pub fn over(self, lower: Settings) -> Settings {
+        let hi = self;
+        let lo = lower;
+        overlay!(
+            hi,
+            lo,
+            model,
+            routers,
+            no_routers,
+            host,
+            port,
+            threads,
+            ctx_size,
+            parallel,
+            queue,
+            db,
+            no_db,
+            api_key,
+            model_alias,
+            default_max_tokens,
+            max_body_bytes,
+            reload_debounce_ms,
+            device
+        )
+    }
+
+    /// Fills the defaults and checks ranges.
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
+        let model = self.model.ok_or_else(|| {
+            invalid(
+                "model",
+                "no model given (--model, DRLLM_MODEL or model = \"...\" in the config file)"
+                    .into(),
+            )
+        })?;
+        let no_routers = self.no_routers.unwrap_or(false);
+        let routers = if no_routers {
+            None
+        } else {
+            Some(
+                self.routers
+                    .unwrap_or_else(|| drllm_engine::router_format::sidecar_path_for(&model)),
+            )
+        };
+        let parallel = self.parallel.unwrap_or(1);
+        if !(1..=64).contains(&parallel) {
+            return Err(invalid(
+                "parallel",
+                format!("must be 1..=64, got {parallel}"),
+            ));
+        }
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(4);
+        let threads = self.threads.unwrap_or((cores / parallel).max(1));
+        if !(1..=1024).contains(&threads) {
+            return Err(invalid(
+                "threads",
+                format!("must be 1..=1024, got {threads}"),
+            ));
+        }
+        let ctx_size = self.ctx_size.unwrap_or(4096);
+        if !(16..=1 << 20).contains(&ctx_size) {
+            return Err(invalid(
+                "ctx_size",
+                format!("must be 16..=1048576, got {ctx_size}"),
+            ));
+        }
+        let queue = self.queue.unwrap_or(16);
+        if queue > 100_000 {
+            return Err(invalid(
+                "queue",
+                format!("must be at most 100000, got {queue}"),
+            ));
+        }
+        let default_max_tokens = self.default_max_tokens.unwrap_or(256);
+        if default_max_tokens == 0 {
+            return Err(invalid("default_max_tokens", "must be at least 1".into()));
+        }
+        let max_body_bytes = self.max_body_bytes.unwrap_or(8 << 20);
+        if !(1024..=1 << 30).contains(&max_body_bytes) {
+            return Err(invalid(
+                "max_body_bytes",
+                format!("must be 1024..=1073741824, got {max_body_bytes}"),
+            ));
+        }
+        let db = if self.no_db.unwrap_or(false) {
+            None
+        } else {
+            match self.db {
+                Some(p) => Some(p),
+                None => Some(default_db_path().ok_or_else(|| {
+                    invalid(
+                        "db",
+                        "no default place for the routing log (neither XDG_STATE_HOME nor HOME \
+                         is set): give --db PATH or --no-db"
+                            .into(),
+                    )
+                })?),
+            }
+        };
+        let device = match self.device.as_deref() {
+            None | Some("auto") => DeviceChoice::Auto,
+            Some("cpu") => DeviceChoice::Cpu,
+            Some(other) => {
+                return Err(invalid(
+                    "device",
+                    format!("must be auto or cpu, got '{other}'"),
+                ))
+            }
+        };
+        if let Some(k) = &self.api_key {
+            if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    "api_key",
+                    "must be non-empty, without spaces or control characters".into(),
+                ));
+            }
+        }
+        let model_alias = match self.model_alias {
+            Some(a) if a.is_empty() => return Err(invalid("model_alias", "is empty".into())),
+            Some(a) => a,
+            None => model
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .map(|n| match n.strip_suffix(".gguf") {
+                    Some(s) => s.to_string(),
+                    None => n,
+                })
+                .unwrap_or_else(|| "model".into()),
+        };
+        Ok(ServeConfig {
+            model,
+            routers,
+            host: self.host.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            port: self.port.unwrap_or(8088),
+            threads,
+            ctx_size,
+            parallel,
+            queue,
+            db,
+            api_key: self.api_key,
+            model_alias,
+            default_max_tokens,
+            max_body_bytes,
+            reload_debounce: std::time::Duration::from_millis(
+                self.reload_debounce_ms.unwrap_or(300),
+            ),
+            device,
+        })
+    }
+}
+
+/// `$XDG_STATE_HOME/drllm/routing.sqlite`, else `$HOME/.local/state/drllm/routing.sqlite`.
+pub fn default_db_path() -> Option<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(x) = nonempty("XDG_STATE_HOME") {
+        return Some(PathBuf::from(x).join("drllm/routing.sqlite"));
+    }
+    nonempty("HOME").map(|h| PathBuf::from(h).join(".local/state/drllm/routing.sqlite"))
+}
+
+/// Checked settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model: PathBuf,
+    /// The sidecar watched and loaded; None with `no_routers`.
+    pub routers: Option<PathBuf>,
+    pub host: IpAddr,
+    pub port: u16,
+    pub threads: usize,
+    pub ctx_size: usize,
+    pub parallel: usize,
+    pub queue: usize,
+    pub db: Option<PathBuf>,
+    pub api_key: Option<String>,
+    pub model_alias: String,
+    pub default_max_tokens: usize,
+    pub max_body_bytes: usize,
+    pub reload_debounce: std::time::Duration,
+    pub device: DeviceChoice,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_and_defaults() {
+        let file: Settings = toml::from_str(
+            "model = \"/m/a.gguf\"\nport = 9000\nqueue = 4\nctx_size = 512\ndb = \"/tmp/x.sqlite\"",
+        )
+        .unwrap();
+        let env = Settings {
+            port: Some(9100),
+            ctx_size: Some(1024),
+            ..Default::default()
+        };
+        let flags = Settings {
+            port: Some(9200),
+            ..Default::default()
+        };
+        let c = flags.over(env.over(file)).resolve().unwrap();
+        assert_eq!(c.port, 9200);
+        assert_eq!(c.ctx_size, 1024);
+        assert_eq!(c.queue, 4);
+        assert_eq!(c.host, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(c.model_alias, "a");
+        assert_eq!(c.routers, Some(PathBuf::from("/m/a.routers.gguf")));
+        assert_eq!(c.db, Some(PathBuf::from("/tmp/x.sqlite")));
+        let c = Settings {
+            model: Some("m.gguf".into()),
+            no_routers: Some(true),
+            no_db: Some(true),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!((c.routers, c.db), (None, None));
+    }
+
+    #[test]
+    fn rejects_bad_settings() {
+        assert!(matches!(
+            Settings::default().resolve(),
+            Err(ConfigError::Invalid { key: "model", .. })
+        ));
+        let base = Settings {
+            model: Some("m.gguf".into()),
+            no_db: Some(true),
+            ..Default::default()
+        };
+        for (s, key) in [
+            (
+                Settings {
+                    parallel: Some(0),
+                    ..Default::default()
+                },
+                "parallel",
+            ),
+            (
+                Settings {
+                    ctx_size: Some(1),
+                    ..Default::default()
+                },
+                "ctx_size",
+            ),
+            (
+                Settings {
+                    api_key: Some("a b".into()),
+                    ..Default::default()
+                },
+                "api_key",
+            ),
+            (
+                Settings {
+                    device: Some("tpu".into()),
+                    ..Default::default()
+                },
+                "device",
+            ),
+        ] {
+            match s.over(base.clone()).resolve() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert!(toml::from_str::<Settings>("prot = 1").is_err());
+        assert!(toml::from_str::<Settings>("port = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,708 @@
+//! HTTP: the route table, authentication, body limits, the handlers, and SSE streaming.
+
+use crate::api::{
+    self, ApiError, ChatRequest, CompletionRequest, GenSettings, Limits, Prompt, RouteRequest,
+    Usage,
+};
+use crate::pool::{unix_now, Event, Job, Outcome, Task};
+use crate::reload::Reload;
+use crate::{Ready, State};
+use bytes::Bytes;
+use drllm_engine::{ChatMessage, GenerateOptions, SamplingParams};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// One entry of the route table: dispatch, the allowed method, the metric label and whether
+/// the bearer token is required.
+pub struct RouteDef {
+    pub method: Method,
+    pub path: &'static str,
+    pub name: &'static str,
+    pub auth: bool,
+}
+
+/// Every route the server answers.
+pub fn routes() -> [RouteDef; 8] {
+    let r = |method, path, name, auth| RouteDef {
+        method,
+        path,
+        name,
+        auth,
+    };
+    [
+        r(Method::GET, "/health", "health", false),
+        r(Method::GET, "/metrics", "metrics", true),
+        r(Method::GET, "/v1/models", "models", true),
+        r(Method::POST, "/v1/chat/completions", "chat", true),
+        r(Method::POST, "/v1/completions", "completion", true),
+        r(Method::POST, "/v1/route", "route", true),
+        r(Method::GET, "/v1/routers", "routers", true),
+        r(Method::POST, "/v1/routers/reload", "reload", true),
+    ]
+}
+
+/// A response body: a whole buffer, or a stream of SSE chunks fed by a task.
+pub enum ResBody {
+    Full(Full<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl Body for ResBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ResBody::Full(f) => Pin::new(f).poll_frame(cx),
+            ResBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResBody::Full(f) => f.is_end_stream(),
+            ResBody::Stream(_) => false,
+        }
+    }
+}
+
+fn json_response(status: u16, v: &Value) -> Response<ResBody> {
+    let mut r = Response::new(ResBody::Full(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<ResBody> {
+    let mut r = json_response(e.status, &e.body());
+    if e.status == 401 {
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
+}
+
+/// Constant-time comparison of the bearer token.
+fn token_ok(req: &Request<Incoming>, key: &str) -> bool {
+    let Some(h) = req.headers().get(hyper::header::AUTHORIZATION) else {
+        return false;
+    };
+    let Some(given) = h.to_str().ok().and_then(|s| s.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), key.as_bytes());
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+/// Entry point for every request.
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, Infallible> {
+    let table = routes();
+    let path = req.uri().path().to_string();
+    let Some(def) = table.iter().find(|d| d.path == path) else {
+        let e = ApiError::not_found(format!("no route {path}"), "unknown_route");
+        return Ok(error_response(&e));
+    };
+    let name = def.name;
+    let resp = if req.method() != def.method {
+        error_response(&ApiError::method_not_allowed(def.method.as_str()))
+    } else if def.auth
+        && state
+            .config
+            .api_key
+            .as_deref()
+            .is_some_and(|k| !token_ok(&req, k))
+    {
+        error_response(&ApiError::unauthorized())
+    } else {
+        match dispatch(&state, name, req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        }
+    };
+    if let Some(ready) = state.ready.get() {
+        ready.metrics.request(name, resp.status().as_u16());
+    }
+    Ok(resp)
+}
+
+fn ready(state: &State) -> Result<&Arc<Ready>, ApiError> {
+    state
+        .ready
+        .get()
+        .ok_or_else(|| ApiError::unavailable("the model is loading", "loading"))
+}
+
+async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::invalid(format!("reading the body: {e}"), None)),
+    }
+}
+
+async fn dispatch(
+    state: &Arc<State>,
+    name: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    match name {
+        "health" => Ok(match state.ready.get() {
+            Some(_) => json_response(200, &json!({"status": "ok"})),
+            None => json_response(503, &json!({"status": "loading"})),
+        }),
+        "metrics" => {
+            let r = ready(state)?;
+            let mut resp = Response::new(ResBody::Full(Full::new(Bytes::from(r.metrics.render()))));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            Ok(resp)
+        }
+        "models" => {
+            let r = ready(state)?;
+            Ok(json_response(
+                200,
+                &json!({"object": "list", "data": [{
+                    "id": state.config.model_alias,
+                    "object": "model",
+                    "created": r.created,
+                    "owned_by": "drllm",
+                    "drllm": {
+                        "n_layer": r.model.n_layer(),
+                        "n_ctx": state.config.ctx_size,
+                        "router_generation": r.routers.current().map(|g| g.generation().to_string()),
+                    },
+                }]}),
+            ))
+        }
+        "routers" => {
+            let r = ready(state)?;
+            Ok(json_response(200, &routers_info(state, r)))
+        }
+        "reload" => {
+            let r = ready(state)?.clone();
+            let slot = r.routers.clone();
+            let outcome = tokio::task::spawn_blocking(move || slot.reload())
+                .await
+                .map_err(|e| ApiError::internal(format!("reload task: {e}")))?;
+            let info = routers_info(state, &r);
+            match outcome {
+                Reload::Failed { message } => Err(ApiError {
+                    status: 422,
+                    message: format!(
+                        "the sidecar failed validation; the previous generation keeps serving: {message}"
+                    ),
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: Some("invalid_sidecar"),
+                }),
+                Reload::Disabled => Err(ApiError::invalid(
+                    "routing is disabled on this server (--no-routers)",
+                    None,
+                )
+                .with_code("routing_disabled")),
+                other => {
+                    let (result, generation) = match other {
+                        Reload::Loaded { generation } => ("loaded", Some(generation)),
+                        Reload::Unchanged { generation } => ("unchanged", Some(generation)),
+                        _ => ("removed", None),
+                    };
+                    Ok(json_response(
+                        200,
+                        &json!({"result": result, "generation": generation, "routers": info}),
+                    ))
+                }
+            }
+        }
+        "chat" | "completion" | "route" => {
+            let r = ready(state)?.clone();
+            let body = read_body(state, req).await?;
+            completion(state, &r, name, &body).await
+        }
+        _ => Err(ApiError::internal(format!("route {name} has no handler"))),
+    }
+}
+
+fn routers_info(state: &State, r: &Ready) -> Value {
+    let (loaded_at, last_error) = r.routers.status();
+    let loaded_at = loaded_at
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    let current = r.routers.current();
+    json!({
+        "enabled": r.routers.path().is_some(),
+        "path": r.routers.path().map(|p| p.display().to_string()),
+        "generation": current.as_ref().map(|g| g.generation().to_string()),
+        "loaded_at": loaded_at,
+        "last_error": last_error,
+        "reload_failures": r.metrics.reload_failures(),
+        "model": state.config.model_alias,
+        "sidecar": current.as_ref().map(|g| {
+            let s = g.sidecar();
+            json!({
+                "format_version": s.version,
+                "base": {
+                    "architecture": s.base.architecture,
+                    "block_count": s.base.block_count,
+                    "hidden_size": s.base.hidden_size,
+                    "fingerprint": s.base.fingerprint,
+                },
+                "provenance": {
+                    "dataset": s.provenance.dataset,
+                    "search": s.provenance.search,
+                    "training": s.provenance.training,
+                    "metrics": s.provenance.metrics,
+                    "created": s.provenance.created,
+                    "tool": s.provenance.tool,
+                    "notes": s.provenance.notes,
+                },
+            })
+        }),
+    })
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn new_id(prefix: &str) -> String {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{n:06x}", std::process::id())
+}
+
+fn check_model(state: &State, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !m.is_empty() && *m != state.config.model_alias => Err(ApiError::not_found(
+            format!(
+                "the model '{m}' does not exist; this server serves '{}'",
+                state.config.model_alias
+            ),
+            "model_not_found",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Turns the request into prompt tokens, checked against the context.
+fn prompt_tokens(
+    state: &State,
+    r: &Ready,
+    messages: Option<Vec<(String, String)>>,
+    prompt: Option<&Prompt>,
+) -> Result<Vec<i32>, ApiError> {
+    let tokens = match (messages, prompt) {
+        (Some(msgs), _) => {
+            if !r.tokenizer.has_chat_template() {
+                return Err(ApiError::invalid(
+                    "the model has no chat template: use /v1/completions with a prompt",
+                    Some("messages"),
+                ));
+            }
+            let msgs: Vec<ChatMessage> = msgs
+                .into_iter()
+                .map(|(role, content)| ChatMessage::new(role, content))
+                .collect();
+            let text = r
+                .tokenizer
+                .apply_chat(&msgs, true)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+            r.tokenizer.tokenize(&text, true, true)
+        }
+        (None, Some(Prompt::Text(t))) => r.tokenizer.tokenize(t, true, false),
+        (None, Some(Prompt::Texts(v))) => match v.as_slice() {
+            [t] => r.tokenizer.tokenize(t, true, false),
+            _ => {
+                return Err(ApiError::invalid(
+                    "prompt: give one string (batches of prompts are not supported)",
+                    Some("prompt"),
+                ))
+            }
+        },
+        (None, Some(Prompt::Tokens(ids))) => {
+            let n_vocab = r.model.n_vocab() as i64;
+            let mut out = Vec::with_capacity(ids.len());
+            for (i, &t) in ids.iter().enumerate() {
+                if !(0..n_vocab).contains(&t) {
+                    return Err(ApiError::invalid(
+                        format!("prompt[{i}] = {t} is not a token id (0..{n_vocab})"),
+                        Some("prompt"),
+                    ));
+                }
+                out.push(t as i32);
+            }
+            out
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "give messages (a chat) or prompt (text)",
+                None,
+            ))
+        }
+    };
+    if tokens.is_empty() {
+        return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+    }
+    let n_ctx = state.config.ctx_size;
+    if tokens.len() >= n_ctx {
+        return Err(ApiError::invalid(
+            format!(
+                "this model's context is {n_ctx} tokens; the prompt has {} (nothing left to generate)",
+                tokens.len()
+            ),
+            Some(if prompt.is_some() { "prompt" } else { "messages" }),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(tokens)
+}
+
+struct Parsed {
+    model: Option<String>,
+    messages: Option<Vec<(String, String)>>,
+    prompt: Option<Prompt>,
+    settings: GenSettings,
+}
+
+fn parse(state: &State, r: &Ready, name: &str, body: &[u8]) -> Result<Parsed, ApiError> {
+    let limits = Limits {
+        n_ctx: state.config.ctx_size,
+        default_max_tokens: state.config.default_max_tokens,
+        n_layer: r.model.n_layer(),
+    };
+    match name {
+        "chat" => {
+            let q = ChatRequest::from_body(body)?;
+            let settings = q.common.validate(&limits)?;
+            Ok(Parsed {
+                model: q.common.model.clone(),
+                messages: Some(q.messages()?),
+                prompt: None,
+                settings,
+            })
+        }
+        "completion" => {
+            let q = CompletionRequest::from_body(body)?;
+            let settings = q.common.validate(&limits)?;
+            Ok(Parsed {
+                model: q.common.model.clone(),
+                messages: None,
+                prompt: Some(q.prompt),
+                settings,
+            })
+        }
+        _ => {
+            let q: RouteRequest = api::parse_body(body)?;
+            let common = api::CommonFields {
+                routing: q.routing,
+                depth_bias: q.depth_bias,
+                max_passes: q.max_passes,
+                ..Default::default()
+            };
+            let settings = common.validate(&limits)?;
+            let messages = match &q.messages {
+                Some(m) => Some(
+                    ChatRequest {
+                        messages: m.clone(),
+                        common: Default::default(),
+                    }
+                    .messages()?,
+                ),
+                None => None,
+            };
+            if messages.is_some() && q.prompt.is_some() {
+                return Err(ApiError::invalid("give messages or prompt, not both", None));
+            }
+            Ok(Parsed {
+                model: q.model,
+                messages,
+                prompt: q.prompt,
+                settings,
+            })
+        }
+    }
+}
+
+fn drllm_object(o: &Outcome) -> Value {
+    json!({
+        "path": o.path.to_string(),
+        "passes": o.path.len(),
+        "n_layer": o.path.n_layer(),
+        "skipped": o.path.skipped(),
+        "repeated": o.path.repeated(),
+        "routed": o.routed,
+        "router_generation": o.generation,
+        "timings": {
+            "queue_ms": o.queue_secs * 1e3,
+            "prefill_ms": o.prefill_secs * 1e3,
+            "decode_ms": o.decode_secs * 1e3,
+            "decode_tokens_per_second": if o.decode_secs > 0.0 { o.n_completion as f64 / o.decode_secs } else { 0.0 },
+        },
+    })
+}
+
+async fn completion(
+    state: &Arc<State>,
+    r: &Arc<Ready>,
+    name: &'static str,
+    body: &[u8],
+) -> Result<Response<ResBody>, ApiError> {
+    let p = parse(state, r, name, body)?;
+    check_model(state, &p.model)?;
+    let prompt = prompt_tokens(state, r, p.messages, p.prompt.as_ref())?;
+    let s = p.settings;
+    if s.routing.routing == Some(true) && r.routers.current().is_none() {
+        return Err(ApiError::invalid(
+            "routing was requested but no router sidecar is loaded",
+            Some("routing"),
+        )
+        .with_code("no_routers"));
+    }
+    let prefix = match name {
+        "chat" => "chatcmpl",
+        "completion" => "cmpl",
+        _ => "route",
+    };
+    let id = new_id(prefix);
+    let task = if name == "route" {
+        Task::Route { prompt }
+    } else {
+        Task::Generate {
+            prompt,
+            opts: GenerateOptions {
+                max_tokens: s.max_tokens,
+                sampling: SamplingParams {
+                    temperature: s.temperature,
+                    top_k: s.top_k,
+                    top_p: s.top_p,
+                    min_p: s.min_p,
+                    seed: s.seed.unwrap_or_else(random_seed),
+                },
+                stop: s.stop.clone(),
+                ignore_eos: s.ignore_eos,
+            },
+        }
+    };
+    // small buffers: a worker runs at most a few tokens ahead of a client, so a disconnect
+    // stops it quickly
+    let (tx, rx) = mpsc::channel::<Event>(8);
+    let job = Job {
+        id: id.clone(),
+        endpoint: name,
+        task,
+        routing: s.routing.clone(),
+        events: tx,
+        stream_text: s.stream && name != "route",
+        arrived: Instant::now(),
+        arrived_unix: unix_now(),
+    };
+    if r.pool.submit(job).is_err() {
+        return Err(ApiError::unavailable(
+            "server busy: the request queue is full, retry later",
+            "server_busy",
+        ));
+    }
+    let created = unix_now() as u64;
+    let model = state.config.model_alias.clone();
+    if s.stream && name != "route" {
+        return Ok(stream_response(
+            rx,
+            id,
+            created,
+            model,
+            name == "chat",
+            s.include_usage,
+        ));
+    }
+    let o = collect(rx).await?;
+    let usage = Usage::new(o.n_prompt, o.n_completion);
+    let v = match name {
+        "chat" => json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": o.text},
+                         "logprobs": null,
+                         "finish_reason": o.finish.as_str()}],
+            "usage": usage,
+            "drllm": drllm_object(&o),
+        }),
+        "completion" => json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": o.text, "logprobs": null,
+                         "finish_reason": o.finish.as_str()}],
+            "usage": usage,
+            "drllm": drllm_object(&o),
+        }),
+        _ => {
+            let decisions: Vec<Value> = o
+                .decisions
+                .iter()
+                .map(|d| {
+                    json!({"block": d.block, "decision": d.name(), "passes": d.passes,
+                           "chosen": d.chosen, "logits": d.logits})
+                })
+                .collect();
+            json!({
+                "id": id, "object": "route", "created": created, "model": model,
+                "prompt_tokens": o.n_prompt,
+                "drllm": drllm_object(&o),
+                "decisions": decisions,
+            })
+        }
+    };
+    Ok(json_response(200, &v))
+}
+
+/// Waits for the job's end (non-streaming).
+async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Outcome, ApiError> {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(_) => {}
+            Event::Done(o) => return Ok(*o),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err(ApiError::internal(
+        "the worker ended the request without an answer",
+    ))
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// How often an idle stream (e.g. waiting in the queue) gets a keep-alive comment.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+fn stream_response(
+    mut events: mpsc::Receiver<Event>,
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+    include_usage: bool,
+) -> Response<ResBody> {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = move |content: Option<&str>, finish: Option<&str>, extra: Option<(&str, Value)>| {
+        let choice = if chat {
+            let delta = match content {
+                Some(c) => json!({"content": c}),
+                None => json!({}),
+            };
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": content.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+        };
+        let mut v = json!({"id": id, "object": object, "created": created, "model": model,
+                           "choices": [choice]});
+        if let Some((k, x)) = extra {
+            v[k] = x;
+        }
+        v
+    };
+    tokio::spawn(async move {
+        // the first chunk names the role, as OpenAI's streams do
+        if chat {
+            let mut first = chunk(None, None, None);
+            first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+            if tx.send(sse(&first)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let ev = match tokio::time::timeout(KEEP_ALIVE, events.recv()).await {
+                Err(_) => {
+                    if tx
+                        .send(Bytes::from_static(b": keep-alive\n\n"))
+                        .await
+                        .is_err()
+                    {
+                        return; // client gone: dropping `events` cancels the job
+                    }
+                    continue;
+                }
+                Ok(None) => {
+                    let e = ApiError::internal("the worker ended the request without an answer");
+                    let _ = tx.send(sse(&e.body())).await;
+                    return;
+                }
+                Ok(Some(ev)) => ev,
+            };
+            match ev {
+                Event::Text(t) => {
+                    if tx.send(sse(&chunk(Some(&t), None, None))).await.is_err() {
+                        return;
+                    }
+                }
+                Event::Failed(e) => {
+                    let _ = tx.send(sse(&e.body())).await;
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    return;
+                }
+                Event::Done(o) => {
+                    let last = chunk(
+                        None,
+                        Some(o.finish.as_str()),
+                        Some(("drllm", drllm_object(&o))),
+                    );
+                    let _ = tx.send(sse(&last)).await;
+                    if include_usage {
+                        let mut u = chunk(None, None, None);
+                        u["choices"] = json!([]);
+                        u["usage"] = json!(Usage::new(o.n_prompt, o.n_completion));
+                        let _ = tx.send(sse(&u)).await;
+                    }
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(ResBody::Stream(rx));
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    r
+}
+
+fn random_seed() -> u32 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (n as u32) ^ (NEXT_ID.load(Ordering::Relaxed) as u32).wrapping_mul(0x9E37_79B9)
+}

@@ -1,0 +1,318 @@
+//! drllm's daemon: one model per process behind an OpenAI-compatible HTTP API, with router
+//! hot reload, Prometheus metrics and a SQLite routing log.
+//!
+//! - [`config`]: settings, layered flags > environment > TOML file > defaults.
+//! - [`api`]: the wire format; every request field is parsed and range-checked there.
+//! - [`http`]: the route table and handlers (hyper), SSE streaming.
+//! - [`pool`]: worker threads, each with its own engine session, behind one bounded queue.
+//! - [`reload`]: router generations and the sidecar watch (notify).
+//! - [`db`]: the routing log and the summaries `drllm stats` prints.
+//! - [`metrics`]: counters rendered for `/metrics`.
+//! - [`client`]: a minimal blocking HTTP client (`drllm loadtest`, the tests).
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod metrics;
+pub mod pool;
+pub mod reload;
+
+use crate::config::ServeConfig;
+use crate::metrics::Metrics;
+use crate::pool::{Pool, Shared};
+use crate::reload::{RouterSlot, SidecarWatcher};
+use drllm_engine::{Model, Tokenizer};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A server failure.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The address could not be bound.
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The model could not be loaded or the workers started.
+    Load(String),
+    /// The routing log could not be opened.
+    Db(db::DbError),
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServeError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            ServeError::Load(m) => write!(f, "{m}"),
+            ServeError::Db(e) => write!(f, "routing log: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+/// What a loaded server holds.
+pub struct Ready {
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub routers: Arc<RouterSlot>,
+    pub metrics: Arc<Metrics>,
+    pub pool: Pool,
+    /// Unix time the model was loaded (`created` in /v1/models).
+    pub created: u64,
+    _watcher: Option<SidecarWatcher>,
+}
+
+/// Server state: the settings, and the loaded model once it is ready.
+pub struct State {
+    pub config: ServeConfig,
+    pub ready: OnceLock<Arc<Ready>>,
+}
+
+/// A running server.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+    load: tokio::task::JoinHandle<Result<(), ServeError>>,
+    state: Arc<State>,
+}
+
+impl ServerHandle {
+    /// The bound address (the real port when port 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server's state.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Waits until the model is loaded (Err: loading failed).
+    pub async fn ready(&mut self) -> Result<(), ServeError> {
+        if self.state.ready.get().is_some() {
+            return Ok(());
+        }
+        match (&mut self.load).await {
+            Ok(r) => {
+                // later calls see `ready` set
+                self.load = tokio::spawn(async { Ok(()) });
+                r
+            }
+            Err(e) => Err(ServeError::Load(format!("loader task: {e}"))),
+        }
+    }
+
+    /// Stops accepting connections and returns; requests in flight are dropped.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.accept.await;
+    }
+}
+
+fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
+    let t0 = std::time::Instant::now();
+    if !config.model.exists() {
+        return Err(ServeError::Load(format!(
+            "model file {} not found",
+            config.model.display()
+        )));
+    }
+    let model = Arc::new(
+        Model::load(&config.model, config.device)
+            .map_err(|e| ServeError::Load(format!("loading {}: {e}", config.model.display())))?,
+    );
+    let tokenizer =
+        Arc::new(Tokenizer::load(&config.model).map_err(|e| {
+            ServeError::Load(format!("tokenizer of {}: {e}", config.model.display()))
+        })?);
+    let metrics = Arc::new(Metrics::new(model.n_layer()));
+    let routers = Arc::new(RouterSlot::new(
+        config.routers.clone(),
+        model.clone(),
+        metrics.clone(),
+    ));
+    let watcher = match config.routers.as_ref() {
+        Some(p) => {
+            if p.exists() {
+                routers.reload();
+            } else {
+                eprintln!(
+                    "[drllm] no router sidecar at {} yet: serving the plain model until one appears",
+                    p.display()
+                );
+            }
+            match reload::watch(routers.clone(), config.reload_debounce) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    eprintln!("[drllm] warning: {e}; reload with POST /v1/routers/reload");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let log = match &config.db {
+        Some(p) => Some(Arc::new(db::Writer::start(p).map_err(ServeError::Db)?)),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        model: model.clone(),
+        tokenizer: tokenizer.clone(),
+        routers: routers.clone(),
+        metrics: metrics.clone(),
+        log,
+    });
+    let pool = Pool::start(
+        shared,
+        config.parallel,
+        config.threads,
+        config.ctx_size,
+        config.queue,
+    )
+    .map_err(|e| ServeError::Load(format!("starting the workers: {e}")))?;
+    eprintln!(
+        "[drllm] {} loaded in {:.1}s: {} blocks, {} worker(s) x {} thread(s), context {}, queue {}",
+        config.model.display(),
+        t0.elapsed().as_secs_f64(),
+        model.n_layer(),
+        config.parallel,
+        config.threads,
+        config.ctx_size,
+        config.queue
+    );
+    Ok(Ready {
+        model,
+        tokenizer,
+        routers,
+        metrics,
+        pool,
+        created: pool::unix_now() as u64,
+        _watcher: watcher,
+    })
+}
+
+/// Binds, starts loading the model in the background (`/health` answers 503 until it is
+/// ready) and serves until [`ServerHandle::shutdown`].
+pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    if !config.host.is_loopback() && config.api_key.is_none() {
+        eprintln!(
+            "[drllm] warning: listening on {addr} without an API key: anyone who can reach this \
+             address can use the model (set --api-key or bind 127.0.0.1)"
+        );
+    }
+    let state = Arc::new(State {
+        config,
+        ready: OnceLock::new(),
+    });
+    let st = state.clone();
+    let load = tokio::task::spawn_blocking(move || {
+        let r = load(&st.config)?;
+        let _ = st.ready.set(Arc::new(r));
+        Ok(())
+    });
+    let (shutdown, mut stop) = watch::channel(false);
+    let st = state.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = listener.accept() => c,
+                _ = stop.changed() => break,
+            };
+            let (stream, _) = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    // e.g. out of file descriptors: back off instead of spinning
+                    eprintln!("[drllm] accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let st = st.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| http::handle(st.clone(), req));
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop.changed() => {}
+                }
+            });
+        }
+    });
+    eprintln!("[drllm] listening on http://{addr}");
+    Ok(ServerHandle {
+        addr,
+        shutdown,
+        accept,
+        load,
+        state,
+    })
+}
+
+/// Runs a server until SIGINT or SIGTERM (the daemon's main loop). Loading failures end it
+/// with an error, so that a service manager sees the failure and restarts.
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("drllm-http")
+        .enable_all()
+        .build()
+        .map_err(|e| ServeError::Load(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        let mut handle = start(config).await?;
+        tokio::select! {
+            r = handle.ready() => r?,
+            _ = shutdown_signal() => {
+                handle.shutdown().await;
+                return Ok(());
+            }
+        }
+        shutdown_signal().await;
+        eprintln!("[drllm] shutting down");
+        handle.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,330 @@
+//! Counters and gauges, rendered as Prometheus text for `GET /metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Everything `/metrics` shows. Counters only go up; gauges are set.
+#[derive(Debug)]
+pub struct Metrics {
+    n_layer: usize,
+    /// Requests answered, by route name and status.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    /// Decode time, microseconds.
+    decode_us: AtomicU64,
+    /// Prefill time, microseconds.
+    prefill_us: AtomicU64,
+    /// Tokens per second of the last finished generation, as f64 bits.
+    last_tps: AtomicU64,
+    /// Per block: skipped, executed once, repeated.
+    blocks: Vec<[AtomicU64; 3]>,
+    routed_requests: AtomicU64,
+    plain_requests: AtomicU64,
+    rejected_busy: AtomicU64,
+    cancelled: AtomicU64,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+    /// Jobs waiting for a worker.
+    pub queue_depth: AtomicUsize,
+    /// Jobs a worker is running.
+    pub running: AtomicUsize,
+    generation: Mutex<Option<String>>,
+}
+
+impl Metrics {
+    /// Empty metrics for a model of `n_layer` blocks.
+    pub fn new(n_layer: usize) -> Self {
+        Metrics {
+            n_layer,
+            requests: Mutex::new(BTreeMap::new()),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+            decode_us: AtomicU64::new(0),
+            prefill_us: AtomicU64::new(0),
+            last_tps: AtomicU64::new(0f64.to_bits()),
+            blocks: (0..n_layer).map(|_| Default::default()).collect(),
+            routed_requests: AtomicU64::new(0),
+            plain_requests: AtomicU64::new(0),
+            rejected_busy: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            queue_depth: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            generation: Mutex::new(None),
+        }
+    }
+
+    /// One answered request.
+    pub fn request(&self, route: &'static str, status: u16) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((route, status)).or_insert(0) += 1;
+        }
+    }
+
+    /// A finished generation (or route) along a path with per-block pass counts `counts`.
+    pub fn generation_done(
+        &self,
+        routed: bool,
+        counts: &[usize],
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        prefill_secs: f64,
+        decode_secs: f64,
+    ) {
+        self.prompt_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(completion_tokens as u64, Ordering::Relaxed);
+        self.prefill_us
+            .fetch_add((prefill_secs * 1e6) as u64, Ordering::Relaxed);
+        self.decode_us
+            .fetch_add((decode_secs * 1e6) as u64, Ordering::Relaxed);
+        if completion_tokens > 0 && decode_secs > 0.0 {
+            let tps = completion_tokens as f64 / decode_secs;
+            self.last_tps.store(tps.to_bits(), Ordering::Relaxed);
+        }
+        if routed {
+            self.routed_requests.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.plain_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        for (b, &c) in counts.iter().enumerate().take(self.blocks.len()) {
+            self.blocks[b][c.min(2)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A request refused because the queue was full.
+    pub fn rejected(&self) {
+        self.rejected_busy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request whose client went away before it finished.
+    pub fn cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A successful sidecar load; `generation` None: running unrouted.
+    pub fn reloaded(&self, generation: Option<String>) {
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut g) = self.generation.lock() {
+            *g = generation;
+        }
+    }
+
+    /// A sidecar that failed validation.
+    pub fn reload_failed(&self) {
+        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reload failures so far.
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let head = |s: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(
+            &mut s,
+            "drllm_requests_total",
+            "counter",
+            "HTTP requests answered, by route and status.",
+        );
+        if let Ok(m) = self.requests.lock() {
+            for ((route, status), n) in m.iter() {
+                let _ = writeln!(
+                    s,
+                    "drllm_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, help, v) in [
+            (
+                "drllm_prompt_tokens_total",
+                "Prompt tokens processed.",
+                c(&self.prompt_tokens),
+            ),
+            (
+                "drllm_completion_tokens_total",
+                "Tokens generated.",
+                c(&self.completion_tokens),
+            ),
+            (
+                "drllm_routed_requests_total",
+                "Requests run along a routed path.",
+                c(&self.routed_requests),
+            ),
+            (
+                "drllm_plain_requests_total",
+                "Requests run on the plain model (no routers, or routing off).",
+                c(&self.plain_requests),
+            ),
+            (
+                "drllm_requests_rejected_total",
+                "Requests refused with 503 because the queue was full.",
+                c(&self.rejected_busy),
+            ),
+            (
+                "drllm_requests_cancelled_total",
+                "Requests whose client disconnected before the end.",
+                c(&self.cancelled),
+            ),
+            (
+                "drllm_router_reloads_total",
+                "Router sidecar loads (and switches to unrouted on deletion).",
+                c(&self.reloads),
+            ),
+            (
+                "drllm_router_reload_failures_total",
+                "Sidecar files that failed validation (the previous generation kept serving).",
+                c(&self.reload_failures),
+            ),
+        ] {
+            head(&mut s, name, "counter", help);
+            let _ = writeln!(s, "{name} {v}");
+        }
+        for (name, help, v) in [
+            (
+                "drllm_prefill_seconds_total",
+                "Seconds spent in prefill (routing included).",
+                c(&self.prefill_us) as f64 / 1e6,
+            ),
+            (
+                "drllm_decode_seconds_total",
+                "Seconds spent generating tokens.",
+                c(&self.decode_us) as f64 / 1e6,
+            ),
+        ] {
+            head(&mut s, name, "counter", help);
+            let _ = writeln!(s, "{name} {v:.6}");
+        }
+        head(
+            &mut s,
+            "drllm_tokens_per_second",
+            "gauge",
+            "Generation speed of the last finished request.",
+        );
+        let _ = writeln!(
+            s,
+            "drllm_tokens_per_second {:.3}",
+            f64::from_bits(c(&self.last_tps))
+        );
+        head(
+            &mut s,
+            "drllm_queue_depth",
+            "gauge",
+            "Requests waiting for a worker.",
+        );
+        let _ = writeln!(
+            s,
+            "drllm_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        head(
+            &mut s,
+            "drllm_requests_running",
+            "gauge",
+            "Requests a worker is running.",
+        );
+        let _ = writeln!(
+            s,
+            "drllm_requests_running {}",
+            self.running.load(Ordering::Relaxed)
+        );
+        head(
+            &mut s,
+            "drllm_block_passes_total",
+            "counter",
+            "Routing decisions per block over finished requests: skip (0 passes), execute (1), repeat (2).",
+        );
+        for (b, counts) in self.blocks.iter().enumerate() {
+            for (d, name) in ["skip", "execute", "repeat"].iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "drllm_block_passes_total{{block=\"{b}\",decision=\"{name}\"}} {}",
+                    c(&counts[d])
+                );
+            }
+        }
+        head(
+            &mut s,
+            "drllm_router_generation_info",
+            "gauge",
+            "The router generation serving new requests (content hash; \"none\": unrouted).",
+        );
+        let g = self
+            .generation
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| "none".into());
+        let _ = writeln!(s, "drllm_router_generation_info{{generation=\"{g}\"}} 1");
+        head(
+            &mut s,
+            "drllm_model_blocks",
+            "gauge",
+            "Blocks of the model.",
+        );
+        let _ = writeln!(s, "drllm_model_blocks {}", self.n_layer);
+        if let Some(rss) = resident_bytes() {
+            head(
+                &mut s,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+            );
+            let _ = writeln!(s, "process_resident_memory_bytes {rss}");
+        }
+        s
+    }
+}
+
+/// Resident memory of this process (Linux: `VmRSS` of /proc/self/status; elsewhere None).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_per_block() {
+        let m = Metrics::new(3);
+        m.request("chat", 200);
+        m.request("chat", 200);
+        m.request("chat", 400);
+        m.generation_done(true, &[0, 1, 2], 10, 4, 0.5, 2.0);
+        m.generation_done(false, &[1, 1, 1], 5, 0, 0.1, 0.0);
+        m.reloaded(Some("abc".into()));
+        m.reload_failed();
+        let t = m.render();
+        for line in [
+            "drllm_requests_total{route=\"chat\",status=\"200\"} 2",
+            "drllm_requests_total{route=\"chat\",status=\"400\"} 1",
+            "drllm_prompt_tokens_total 15",
+            "drllm_completion_tokens_total 4",
+            "drllm_tokens_per_second 2.000",
+            "drllm_block_passes_total{block=\"0\",decision=\"skip\"} 1",
+            "drllm_block_passes_total{block=\"0\",decision=\"execute\"} 1",
+            "drllm_block_passes_total{block=\"2\",decision=\"repeat\"} 1",
+            "drllm_router_generation_info{generation=\"abc\"} 1",
+            "drllm_router_reload_failures_total 1",
+            "drllm_routed_requests_total 1",
+            "drllm_plain_requests_total 1",
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line} in\n{t}");
+        }
+    }
+}

@@ -1,0 +1,709 @@
+//! The daemon on a loopback port, driven over raw HTTP/1.1: completions (streaming and not)
+//! checked against the engine run directly along the same path, routing information, health,
+//! metrics, /v1/route, hot reload (replace, corrupt, delete), bad input, a full queue and
+//! client disconnects.
+
+use drllm_engine::router_format::{sidecar_path_for, StorageType};
+use drllm_engine::{
+    constant_sidecar, generate, ChatMessage, DeviceChoice, GenerateOptions, LayerPath, Model,
+    Route, SamplingParams, Session, SessionOptions, Tokenizer,
+};
+use drllm_server::client::{self, Response as Resp};
+use drllm_server::config::Settings;
+use drllm_server::{start, ServerHandle};
+use drllm_testkit::{prompt_text, write_tiny_model, Family, TinySpec};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Server {
+    rt: tokio::runtime::Runtime,
+    handle: Option<ServerHandle>,
+    addr: SocketAddr,
+    model: PathBuf,
+    sidecar: PathBuf,
+    db: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.rt.block_on(h.shutdown());
+        }
+    }
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let mut spec = TinySpec::default_for(Family::Llama);
+    spec.with_chat_template = true;
+    let p = dir.join("tiny.gguf");
+    write_tiny_model(&spec, &p).unwrap();
+    p
+}
+
+/// Pass counts of the routers the tests install first: skip block 1, repeat block 3.
+const COUNTS_A: [usize; 6] = [1, 0, 1, 2, 1, 1];
+/// Their replacement: skip blocks 2 and 4.
+const COUNTS_B: [usize; 6] = [1, 1, 0, 1, 0, 1];
+
+fn write_routers(model: &Path, counts: &[usize], to: &Path) {
+    let m = Model::load(model, DeviceChoice::Cpu).unwrap();
+    let sc = constant_sidecar(&m, counts, Some(7)).unwrap();
+    // written elsewhere, then renamed into place, as a trainer's export does
+    let tmp = to.with_extension("new");
+    sc.write(&tmp, StorageType::F32).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+fn server(f: impl FnOnce(&mut Settings)) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let sidecar = sidecar_path_for(&model);
+    write_routers(&model, &COUNTS_A, &sidecar);
+    let db = dir.path().join("log/routing.sqlite");
+    let mut s = Settings {
+        model: Some(model.clone()),
+        port: Some(0),
+        threads: Some(1),
+        ctx_size: Some(256),
+        queue: Some(4),
+        db: Some(db.clone()),
+        reload_debounce_ms: Some(100),
+        device: Some("cpu".into()),
+        ..Default::default()
+    };
+    f(&mut s);
+    let config = s.resolve().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut handle = rt.block_on(start(config)).unwrap();
+    rt.block_on(handle.ready()).unwrap();
+    let addr = handle.addr();
+    Server {
+        rt,
+        handle: Some(handle),
+        addr,
+        model,
+        sidecar,
+        db,
+        _dir: dir,
+    }
+}
+
+/// Test helpers on the client's responses.
+trait Checked {
+    /// The body as JSON (panics with the body if it is not).
+    fn v(&self) -> Value;
+    /// An OpenAI-style error body; gives (type, param, code).
+    fn error(&self) -> (String, Option<String>, Option<String>);
+}
+
+impl Checked for Resp {
+    fn v(&self) -> Value {
+        self.json()
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    fn error(&self) -> (String, Option<String>, Option<String>) {
+        let v = self.v();
+        let e = &v["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        (
+            e["type"].as_str().unwrap_or_default().to_string(),
+            e["param"].as_str().map(str::to_string),
+            e["code"].as_str().map(str::to_string),
+        )
+    }
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Resp {
+    client::request(addr, method, path, body, token, Duration::from_secs(120)).unwrap()
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    request(addr, "POST", path, Some(&body.to_string()), None)
+}
+
+fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, "GET", path, None, None)
+}
+
+fn chat_body(words: usize, max_tokens: usize) -> Value {
+    json!({
+        "model": "tiny",
+        "messages": [{"role": "system", "content": "be brief"},
+                     {"role": "user", "content": prompt_text(words, 5)}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+    })
+}
+
+/// The engine run directly: greedy generation along `path` (None: routed by the sidecar).
+fn direct(
+    model: &Path,
+    messages: &[(&str, String)],
+    path: &LayerPath,
+    max_tokens: usize,
+) -> (String, usize) {
+    let m = Arc::new(Model::load(model, DeviceChoice::Cpu).unwrap());
+    let tok = Tokenizer::load(model).unwrap();
+    let msgs: Vec<ChatMessage> = messages
+        .iter()
+        .map(|(r, c)| ChatMessage::new(*r, c.clone()))
+        .collect();
+    let text = tok.apply_chat(&msgs, true).unwrap();
+    let prompt = tok.tokenize(&text, true, true);
+    let mut s = Session::new(
+        m,
+        SessionOptions {
+            n_ctx: 256,
+            n_threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let g = generate(
+        &mut s,
+        &tok,
+        &prompt,
+        Route::Fixed(path),
+        &GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+            ignore_eos: true,
+        },
+        |_| true,
+    )
+    .unwrap();
+    (g.text, prompt.len())
+}
+
+fn path_of(counts: &[usize]) -> LayerPath {
+    LayerPath::from_counts(counts).unwrap()
+}
+
+#[test]
+fn chat_completion_follows_the_routed_path_and_matches_the_engine() {
+    let s = server(|_| {});
+    let r = post(s.addr, "/v1/chat/completions", &chat_body(6, 12));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = r.v();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "tiny");
+    let d = &v["drllm"];
+    assert_eq!(d["routed"], true, "{v}");
+    assert_eq!(d["path"], path_of(&COUNTS_A).to_string());
+    assert_eq!(d["passes"], 6);
+    assert_eq!(d["skipped"], json!([1]));
+    assert_eq!(d["repeated"], json!([3]));
+    assert!(d["router_generation"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    let (text, n_prompt) = direct(
+        &s.model,
+        &[("system", "be brief".into()), ("user", prompt_text(6, 5))],
+        &path_of(&COUNTS_A),
+        12,
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], text);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], n_prompt);
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["usage"]["total_tokens"], n_prompt + 12);
+
+    // routing off for this request: the plain model, full depth
+    let mut b = chat_body(6, 12);
+    b["routing"] = json!(false);
+    let v = post(s.addr, "/v1/chat/completions", &b).v();
+    assert_eq!(v["drllm"]["routed"], false);
+    assert_eq!(v["drllm"]["passes"], 6);
+    let (plain, _) = direct(
+        &s.model,
+        &[("system", "be brief".into()), ("user", prompt_text(6, 5))],
+        &LayerPath::full(6),
+        12,
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], plain);
+
+    // a pass cap of 4: the repeat is not granted and the last blocks are cut
+    let mut b = chat_body(6, 4);
+    b["max_passes"] = json!(4);
+    let v = post(s.addr, "/v1/chat/completions", &b).v();
+    assert!(v["drllm"]["passes"].as_u64().unwrap() <= 4, "{v}");
+
+    // text completion along the same path
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": prompt_text(5, 2), "max_tokens": 3, "temperature": 0, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.v();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    assert_eq!(v["drllm"]["skipped"], json!([1]));
+
+    // the routing log has one row per request
+    let since = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sum = drllm_server::db::summarise(&s.db, since, 1e12, 100).unwrap();
+        if sum.requests == 4 {
+            assert_eq!(sum.routed, 3);
+            assert_eq!(sum.blocks[1], [3, 0, 0]);
+            assert_eq!(sum.blocks[3][2], 2);
+            break;
+        }
+        assert!(Instant::now() < deadline, "log has {} rows", sum.requests);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn streaming_gives_the_same_text_with_routing_and_usage() {
+    let s = server(|_| {});
+    let whole = post(s.addr, "/v1/chat/completions", &chat_body(4, 10)).v();
+    let mut b = chat_body(4, 10);
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let r = post(s.addr, "/v1/chat/completions", &b);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let ev = r.sse_data();
+    assert_eq!(ev.last().copied(), Some("[DONE]"), "{}", r.body);
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let fin = chunks
+        .iter()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .expect("a chunk with finish_reason");
+    assert_eq!(fin["choices"][0]["finish_reason"], "length");
+    assert_eq!(fin["drllm"]["path"], whole["drllm"]["path"]);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], whole["usage"]);
+
+    // text completions stream too
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": "a b c", "max_tokens": 3, "stream": true, "temperature": 0, "ignore_eos": true}),
+    );
+    let ev = r.sse_data();
+    assert_eq!(ev.last().copied(), Some("[DONE]"));
+    let first: Value = serde_json::from_str(ev[0]).unwrap();
+    assert_eq!(first["object"], "text_completion");
+}
+
+#[test]
+fn health_models_metrics_and_route() {
+    let s = server(|_| {});
+    let h = get(s.addr, "/health");
+    assert_eq!((h.status, h.v()["status"].clone()), (200, json!("ok")));
+    let m = get(s.addr, "/v1/models").v();
+    assert_eq!(m["data"][0]["id"], "tiny");
+    assert_eq!(m["data"][0]["drllm"]["n_layer"], 6);
+
+    let r = post(
+        s.addr,
+        "/v1/route",
+        &json!({"messages": [{"role": "user", "content": "a b c d"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.v();
+    assert_eq!(v["drllm"]["path"], path_of(&COUNTS_A).to_string());
+    let dec = v["decisions"].as_array().unwrap();
+    assert_eq!(dec.len(), 6);
+    assert_eq!(dec[1]["decision"], "skip");
+    assert_eq!(dec[3]["decision"], "repeat");
+    assert_eq!(dec[3]["passes"], 2);
+    // a huge positive depth bias lowers the skip logit below the others: no block is skipped
+    let v = post(
+        s.addr,
+        "/v1/route",
+        &json!({"prompt": "a b c d", "depth_bias": 5000}),
+    )
+    .v();
+    assert_eq!(v["drllm"]["skipped"], json!([]), "{v}");
+    assert_ne!(v["decisions"][1]["decision"], "skip", "{v}");
+
+    post(s.addr, "/v1/chat/completions", &chat_body(3, 2));
+    let t = get(s.addr, "/metrics");
+    assert_eq!(t.status, 200);
+    assert!(t.header("content-type").unwrap().starts_with("text/plain"));
+    for line in [
+        "drllm_requests_total{route=\"chat\",status=\"200\"} 1",
+        "drllm_requests_total{route=\"route\",status=\"200\"} 2",
+        "drllm_block_passes_total{block=\"1\",decision=\"skip\"} 2",
+        "drllm_block_passes_total{block=\"1\",decision=\"repeat\"} 1",
+        "drllm_block_passes_total{block=\"3\",decision=\"repeat\"} 3",
+        "drllm_completion_tokens_total 2",
+        "drllm_queue_depth 0",
+        "drllm_router_reload_failures_total 0",
+    ] {
+        assert!(
+            t.body.lines().any(|l| l == line),
+            "missing {line}:\n{}",
+            t.body
+        );
+    }
+    let generation = get(s.addr, "/v1/routers").v()["generation"].clone();
+    assert!(t.body.contains(&format!(
+        "drllm_router_generation_info{{generation=\"{}\"}} 1",
+        generation.as_str().unwrap()
+    )));
+}
+
+fn generation(s: &Server) -> Value {
+    get(s.addr, "/v1/routers").v()["generation"].clone()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn failures(s: &Server) -> u64 {
+    get(s.addr, "/metrics")
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("drllm_router_reload_failures_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn hot_reload_replaces_keeps_on_corruption_and_runs_plain_on_deletion() {
+    let s = server(|_| {});
+    let g0 = generation(&s);
+    assert!(g0.is_string());
+    let info = get(s.addr, "/v1/routers").v();
+    assert_eq!(info["sidecar"]["base"]["block_count"], 6);
+    assert!(info["sidecar"]["provenance"]["tool"].is_string());
+
+    // replaced by rename into place: a new generation, and requests follow it
+    write_routers(&s.model, &COUNTS_B, &s.sidecar);
+    wait_for("the new generation", || generation(&s) != g0);
+    let g1 = generation(&s);
+    let v = post(s.addr, "/v1/chat/completions", &chat_body(3, 2)).v();
+    assert_eq!(v["drllm"]["skipped"], json!([2, 4]), "{v}");
+    assert_eq!(v["drllm"]["router_generation"], g1);
+
+    // corrupt: truncated copy renamed in; the previous generation keeps serving
+    let bytes = std::fs::read(&s.sidecar).unwrap();
+    let tmp = s.sidecar.with_extension("bad");
+    std::fs::write(&tmp, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::rename(&tmp, &s.sidecar).unwrap();
+    wait_for("the reload failure", || failures(&s) >= 1);
+    assert_eq!(generation(&s), g1);
+    let info = get(s.addr, "/v1/routers").v();
+    assert!(info["last_error"].is_string(), "{info}");
+    let v = post(s.addr, "/v1/chat/completions", &chat_body(3, 2)).v();
+    assert_eq!(v["drllm"]["skipped"], json!([2, 4]));
+    // the reload endpoint says so too, with 422
+    let r = post(s.addr, "/v1/routers/reload", &json!({}));
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.error().2.as_deref(), Some("invalid_sidecar"));
+
+    // a sidecar for another model (other width) is refused the same way
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut spec = TinySpec::default_for(Family::Llama);
+    spec.n_embd = 32;
+    spec.with_chat_template = true;
+    let other = other_dir.path().join("other.gguf");
+    write_tiny_model(&spec, &other).unwrap();
+    let before = failures(&s);
+    write_routers(&other, &COUNTS_A, &s.sidecar);
+    wait_for("the wrong-model failure", || failures(&s) > before);
+    assert_eq!(generation(&s), g1);
+
+    // deleted: new requests run the plain model
+    std::fs::remove_file(&s.sidecar).unwrap();
+    wait_for("unrouted serving", || generation(&s).is_null());
+    let v = post(s.addr, "/v1/chat/completions", &chat_body(3, 2)).v();
+    assert_eq!(v["drllm"]["routed"], false);
+    assert_eq!(v["drllm"]["passes"], 6);
+    // asking for routing now is a client error
+    let mut b = chat_body(3, 2);
+    b["routing"] = json!(true);
+    let r = post(s.addr, "/v1/chat/completions", &b);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error().2.as_deref(), Some("no_routers"));
+
+    // it appears again: routed again
+    write_routers(&s.model, &COUNTS_A, &s.sidecar);
+    wait_for("routing again", || generation(&s) == g0);
+    let v = post(s.addr, "/v1/chat/completions", &chat_body(3, 2)).v();
+    assert_eq!(v["drllm"]["skipped"], json!([1]));
+}
+
+#[test]
+fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
+    let s = server(|c| c.ctx_size = Some(64));
+    let chat = "/v1/chat/completions";
+    // (what, body, status, param, code)
+    type Case = (
+        &'static str,
+        String,
+        u16,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
+        ("invalid JSON", "{\"messages\": [".into(), 400, None, None),
+        ("empty body", String::new(), 400, None, None),
+        (
+            "wrong type",
+            json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": "ten"})
+                .to_string(),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            "negative max_tokens",
+            json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": -5}).to_string(),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            "huge max_tokens",
+            json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 1u64 << 40})
+                .to_string(),
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            "prompt longer than the context",
+            json!({"messages": [{"role": "user", "content": prompt_text(200, 1)}]}).to_string(),
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            "unknown model",
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "a"}]}).to_string(),
+            404,
+            None,
+            Some("model_not_found"),
+        ),
+        (
+            "bad role",
+            json!({"messages": [{"role": "robot", "content": "a"}]}).to_string(),
+            400,
+            Some("messages[0].role"),
+            None,
+        ),
+        (
+            "temperature out of range",
+            json!({"messages": [{"role": "user", "content": "a"}], "temperature": 9}).to_string(),
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            "depth_bias not a number",
+            json!({"messages": [{"role": "user", "content": "a"}], "depth_bias": "deep"})
+                .to_string(),
+            400,
+            Some("depth_bias"),
+            None,
+        ),
+    ];
+    for (what, body, status, param, code) in cases {
+        let r = request(s.addr, "POST", chat, Some(&body), None);
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+        let (kind, p, c) = r.error();
+        assert_eq!(kind, "invalid_request_error", "{what}");
+        assert_eq!(p.as_deref(), param, "{what}: {}", r.body);
+        if code.is_some() {
+            assert_eq!(c.as_deref(), code, "{what}: {}", r.body);
+        }
+    }
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": [1, 2, 99999], "max_tokens": 1}),
+    );
+    assert_eq!((r.status, r.error().1.as_deref()), (400, Some("prompt")));
+    let r = get(s.addr, "/v1/nothing");
+    assert_eq!(
+        (r.status, r.error().2.as_deref()),
+        (404, Some("unknown_route"))
+    );
+    let r = get(s.addr, chat);
+    assert_eq!(r.status, 405);
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
+    let r = request(s.addr, "POST", "/v1/completions", Some(&big), None);
+    assert_eq!(r.status, 413);
+    // still serving
+    let r = post(s.addr, chat, &chat_body(2, 2));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let t = get(s.addr, "/metrics").body;
+    assert!(t.contains("drllm_requests_total{route=\"chat\",status=\"400\"}"));
+}
+
+#[test]
+fn bearer_token_is_required_when_set() {
+    let s = server(|c| c.api_key = Some("s3cret".into()));
+    let body = chat_body(2, 2).to_string();
+    for token in [None, Some("wrong"), Some("s3cre"), Some("s3cret2")] {
+        let r = request(s.addr, "POST", "/v1/chat/completions", Some(&body), token);
+        assert_eq!(r.status, 401, "{token:?}");
+        assert_eq!(r.error().0, "authentication_error");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    }
+    assert_eq!(request(s.addr, "GET", "/metrics", None, None).status, 401);
+    // health stays open for probes
+    assert_eq!(get(s.addr, "/health").status, 200);
+    let r = request(
+        s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        Some("s3cret"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn many_clients_are_answered_or_refused_and_disconnects_free_the_slot() {
+    // one worker, one waiting place: while one long request (1500 tokens) runs, 9 more at
+    // once: exactly one can wait, the other 8 are refused, and nothing breaks
+    let s = server(|c| {
+        c.parallel = Some(1);
+        c.queue = Some(1);
+        c.ctx_size = Some(2048);
+    });
+    let addr = s.addr;
+    let metric = |name: &str| -> u64 {
+        get(addr, "/metrics")
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let long =
+        || std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(8, 1500)));
+    let mut clients = vec![long()];
+    wait_for("the first request to run", || {
+        metric("drllm_requests_running") == 1
+    });
+    clients.extend((0..9).map(|_| long()));
+    let mut ok = 0;
+    let mut busy = 0;
+    for c in clients {
+        let r = c.join().unwrap();
+        match r.status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(r.error().2.as_deref(), Some("server_busy"));
+                busy += 1
+            }
+            other => panic!("status {other}: {}", r.body),
+        }
+    }
+    assert_eq!((ok, busy), (2, 8));
+    assert_eq!(metric("drllm_requests_rejected_total"), 8);
+
+    // clients that go away: each request asks for 1500 tokens, and is cut off early
+    let idle = || metric("drllm_requests_running") == 0 && metric("drllm_queue_depth") == 0;
+    let send = |body: &Value| {
+        let body = body.to_string();
+        let mut st = TcpStream::connect(addr).unwrap();
+        write!(
+            st,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        st
+    };
+    for _ in 0..3 {
+        wait_for("an idle worker", idle);
+        let mut b = chat_body(8, 1500);
+        b["stream"] = json!(true);
+        let mut st = send(&b);
+        // read until the first generated text (after the role chunk), then hang up
+        let mut seen = String::new();
+        let mut buf = [0u8; 512];
+        while seen.matches("\"content\":\"").count() < 2 {
+            let n = st.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+        }
+        drop(st);
+    }
+    wait_for("the streaming cancellations", || {
+        metric("drllm_requests_cancelled_total") >= 3
+    });
+    // a non-streaming client that goes away while its request runs
+    wait_for("an idle worker", idle);
+    let st = send(&chat_body(8, 1500));
+    wait_for("the request to run", || {
+        metric("drllm_requests_running") == 1
+    });
+    drop(st);
+    wait_for("the non-streaming cancellation", || {
+        metric("drllm_requests_cancelled_total") >= 4
+    });
+    wait_for("an idle worker", idle);
+    let r = post(addr, "/v1/chat/completions", &chat_body(2, 2));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // the cancelled requests are logged with what they generated before the hang-up
+    wait_for("the log rows", || {
+        drllm_server::db::summarise(&s.db, 0.0, 1e12, 10)
+            .unwrap()
+            .requests
+            >= ok + 5
+    });
+    let c = rusqlite::Connection::open(&s.db).unwrap();
+    let (n, most): (i64, i64) = c
+        .query_row(
+            "SELECT COUNT(*), MAX(completion_tokens) FROM requests WHERE finish = 'cancelled'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(n, 4);
+    assert!(most < 1500, "a cancelled request ran to {most} tokens");
+}

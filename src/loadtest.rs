@@ -1,0 +1,296 @@
+//! `drllm loadtest`: a bounded load test of a running `drllm serve` over loopback (or any
+//! address): N chat requests from C clients at once; latency percentiles, throughput, the
+//! refusals (503) and any other error, and the server's resident memory sampled along the way.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use drllm_server::client;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct LoadtestArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:8088")]
+    addr: String,
+    /// Requests in all.
+    #[arg(short = 'n', long, default_value_t = 200)]
+    requests: usize,
+    /// Clients sending at once.
+    #[arg(short = 'c', long, default_value_t = 8)]
+    concurrency: usize,
+    /// Tokens per answer (ignore_eos is set, so every answer has exactly this many).
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Stream the answers (SSE) instead of one JSON body.
+    #[arg(long)]
+    stream: bool,
+    /// Route the requests (false: plain model; default: the server's choice).
+    #[arg(long)]
+    routing: Option<bool>,
+    /// Bearer token.
+    #[arg(long, env = "DRLLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A few different questions, so that paths and lengths vary.
+const PROMPTS: &[&str] = &[
+    "Name three primary colours.",
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "Why do leaves change colour in autumn?",
+    "Give me a tip for learning to cook.",
+    "What does a thermometer measure?",
+    "Explain what a noun is.",
+    "How many legs does a spider have?",
+];
+
+struct Sample {
+    status: u16,
+    secs: f64,
+    tokens: u64,
+    passes: u64,
+    /// The server's own generation speed for this request (drllm.timings).
+    decode_tps: f64,
+    error: Option<String>,
+}
+
+fn metric(addr: &str, token: Option<&str>, name: &str) -> Option<f64> {
+    let r = client::request(
+        addr,
+        "GET",
+        "/metrics",
+        None,
+        token,
+        Duration::from_secs(30),
+    )
+    .ok()?;
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
+    if a.requests == 0 || a.concurrency == 0 {
+        bail!("--requests and --concurrency must be at least 1");
+    }
+    let token = a.api_key.as_deref();
+    let h = client::request(
+        &a.addr,
+        "GET",
+        "/health",
+        None,
+        None,
+        Duration::from_secs(10),
+    )
+    .with_context(|| format!("no drllm server at {}", a.addr))?;
+    if h.status != 200 {
+        bail!("{} is not ready: {} {}", a.addr, h.status, h.body);
+    }
+    let rss = |label: &str, samples: &Mutex<Vec<(String, f64)>>| {
+        if let Some(v) = metric(&a.addr, token, "process_resident_memory_bytes") {
+            if let Ok(mut s) = samples.lock() {
+                s.push((label.to_string(), v / (1 << 20) as f64));
+            }
+        }
+    };
+    let memory = Arc::new(Mutex::new(Vec::new()));
+    rss("start", &memory);
+    let next = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new(Vec::with_capacity(a.requests)));
+    let t0 = Instant::now();
+    let tenth = (a.requests / 10).max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..a.concurrency {
+            let next = next.clone();
+            let results = results.clone();
+            let memory = memory.clone();
+            let a = &a;
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= a.requests {
+                    return;
+                }
+                let mut body = json!({
+                    "messages": [{"role": "user", "content": PROMPTS[i % PROMPTS.len()]}],
+                    "max_tokens": a.max_tokens,
+                    "temperature": 0.7,
+                    "seed": i,
+                    "ignore_eos": true,
+                    "stream": a.stream,
+                    "stream_options": {"include_usage": a.stream},
+                });
+                if let Some(r) = a.routing {
+                    body["routing"] = json!(r);
+                }
+                let t = Instant::now();
+                let r = client::request(
+                    &a.addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    Some(&body.to_string()),
+                    token,
+                    Duration::from_secs(600),
+                );
+                let secs = t.elapsed().as_secs_f64();
+                let sample = match r {
+                    Err(e) => Sample {
+                        status: 0,
+                        secs,
+                        tokens: 0,
+                        passes: 0,
+                        decode_tps: 0.0,
+                        error: Some(e.to_string()),
+                    },
+                    Ok(r) => {
+                        // streamed: the drllm object rides on the last content chunk and
+                        // the usage on its own chunk (stream_options.include_usage)
+                        let (v, usage) = if a.stream {
+                            let chunks: Vec<Value> = r
+                                .sse_data()
+                                .iter()
+                                .filter_map(|d| serde_json::from_str(d).ok())
+                                .collect();
+                            let find =
+                                |k: &str| chunks.iter().rev().find(|c| c.get(k).is_some()).cloned();
+                            (find("drllm"), find("usage"))
+                        } else {
+                            let v = r.json().ok();
+                            (v.clone(), v)
+                        };
+                        let v = v.unwrap_or(Value::Null);
+                        let tokens = usage
+                            .and_then(|u| u["usage"]["completion_tokens"].as_u64())
+                            .unwrap_or(0);
+                        let error = (r.status != 200).then(|| {
+                            format!(
+                                "{} {}",
+                                r.status,
+                                r.body.chars().take(200).collect::<String>()
+                            )
+                        });
+                        Sample {
+                            status: r.status,
+                            secs,
+                            tokens,
+                            passes: v["drllm"]["passes"].as_u64().unwrap_or(0),
+                            decode_tps: v["drllm"]["timings"]["decode_tokens_per_second"]
+                                .as_f64()
+                                .unwrap_or(0.0),
+                            error,
+                        }
+                    }
+                };
+                let done = {
+                    let mut res = results.lock().unwrap_or_else(|p| p.into_inner());
+                    res.push(sample);
+                    res.len()
+                };
+                if done % tenth == 0 {
+                    eprint!(
+                        "\r[loadtest] {done}/{} requests, {:.0}s   ",
+                        a.requests,
+                        t0.elapsed().as_secs_f64()
+                    );
+                    rss(&format!("after {done}"), &memory);
+                }
+            });
+        }
+    });
+    eprintln!();
+    let wall = t0.elapsed().as_secs_f64();
+    rss("end", &memory);
+    let results = results.lock().unwrap_or_else(|p| p.into_inner());
+    let ok: Vec<&Sample> = results.iter().filter(|s| s.status == 200).collect();
+    let busy = results.iter().filter(|s| s.status == 503).count();
+    let errors: Vec<&Sample> = results
+        .iter()
+        .filter(|s| s.status != 200 && s.status != 503)
+        .collect();
+    let mut lat: Vec<f64> = ok.iter().map(|s| s.secs).collect();
+    lat.sort_by(f64::total_cmp);
+    let tokens: u64 = ok.iter().map(|s| s.tokens).sum();
+    let passes = if ok.is_empty() {
+        0.0
+    } else {
+        ok.iter().map(|s| s.passes as f64).sum::<f64>() / ok.len() as f64
+    };
+    let decode_tps = if ok.is_empty() {
+        0.0
+    } else {
+        ok.iter().map(|s| s.decode_tps).sum::<f64>() / ok.len() as f64
+    };
+    let memory = memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let summary = json!({
+        "requests": a.requests,
+        "concurrency": a.concurrency,
+        "max_tokens": a.max_tokens,
+        "stream": a.stream,
+        "ok": ok.len(),
+        "refused_503": busy,
+        "errors": errors.len(),
+        "wall_seconds": wall,
+        "latency_p50_seconds": percentile(&lat, 50.0),
+        "latency_p95_seconds": percentile(&lat, 95.0),
+        "latency_max_seconds": lat.last().copied().unwrap_or(0.0),
+        "generated_tokens": tokens,
+        "tokens_per_second": tokens as f64 / wall,
+        "requests_per_second": ok.len() as f64 / wall,
+        "mean_block_passes": passes,
+        "mean_decode_tokens_per_second": decode_tps,
+        "server_rss_mib": memory.iter().map(|(l, v)| json!([l, v])).collect::<Vec<_>>(),
+        "first_errors": errors.iter().take(5).map(|s| s.error.clone()).collect::<Vec<_>>(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{} requests at concurrency {} ({} tokens each{}): {} ok, {} refused (503), {} errors in {:.1}s",
+            a.requests,
+            a.concurrency,
+            a.max_tokens,
+            if a.stream { ", streamed" } else { "" },
+            ok.len(),
+            busy,
+            errors.len(),
+            wall
+        );
+        println!(
+            "latency p50 {:.2}s, p95 {:.2}s, max {:.2}s; {:.1} generated tokens/s, {:.2} requests/s; mean block passes {:.2}; per-request generation speed (server timings) {:.1} tokens/s",
+            percentile(&lat, 50.0),
+            percentile(&lat, 95.0),
+            lat.last().copied().unwrap_or(0.0),
+            tokens as f64 / wall,
+            ok.len() as f64 / wall,
+            passes,
+            decode_tps
+        );
+        if !memory.is_empty() {
+            let line: Vec<String> = memory.iter().map(|(l, v)| format!("{l}: {v:.1}")).collect();
+            println!("server resident memory (MiB): {}", line.join(", "));
+        }
+        for e in errors.iter().take(5) {
+            println!("error: {}", e.error.as_deref().unwrap_or("?"));
+        }
+    }
+    if !errors.is_empty() {
+        bail!(
+            "{} requests failed with errors other than 503",
+            errors.len()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! `drllm serve` (the daemon) and `drllm stats` (the routing log read back).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use drllm_server::config::{default_db_path, Settings};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Settings of `drllm serve`. Each flag can also come from the `DRLLM_*` variable named in
+/// its help and from the TOML file given by --config (same key names, with `_`); flags win
+/// over the environment, which wins over the file.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// TOML settings file.
+    #[arg(long, env = "DRLLM_CONFIG")]
+    config: Option<PathBuf>,
+    /// GGUF model file [default: the README's SmolLM2-135M-Instruct].
+    #[arg(short = 'm', long, env = "DRLLM_MODEL")]
+    model: Option<PathBuf>,
+    /// Router sidecar, watched and hot-reloaded [default: MODEL.routers.gguf].
+    #[arg(long, env = "DRLLM_ROUTERS")]
+    routers: Option<PathBuf>,
+    /// Serve the plain model; do not load or watch a sidecar.
+    #[arg(long, env = "DRLLM_NO_ROUTERS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    no_routers: Option<bool>,
+    /// Address to bind [default: 127.0.0.1].
+    #[arg(long, env = "DRLLM_HOST")]
+    host: Option<IpAddr>,
+    /// Port [default: 8088].
+    #[arg(long, env = "DRLLM_PORT")]
+    port: Option<u16>,
+    /// CPU threads per worker [default: cores / workers].
+    #[arg(short = 't', long, env = "DRLLM_THREADS")]
+    threads: Option<usize>,
+    /// Context length per request [default: 4096].
+    #[arg(short = 'c', long, env = "DRLLM_CTX_SIZE")]
+    ctx_size: Option<usize>,
+    /// Requests run at once, each with its own KV cache [default: 1].
+    #[arg(long, env = "DRLLM_PARALLEL")]
+    parallel: Option<usize>,
+    /// Requests that may wait; more get 503 [default: 16].
+    #[arg(long, env = "DRLLM_QUEUE")]
+    queue: Option<usize>,
+    /// SQLite routing log [default: $XDG_STATE_HOME/drllm/routing.sqlite].
+    #[arg(long, env = "DRLLM_DB")]
+    db: Option<PathBuf>,
+    /// Do not write the routing log.
+    #[arg(long, env = "DRLLM_NO_DB", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    no_db: Option<bool>,
+    /// Bearer token required on /v1/* and /metrics (prefer the environment or the file: flags
+    /// show in `ps`).
+    #[arg(long, env = "DRLLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Model id in the API [default: the file name without .gguf].
+    #[arg(long, env = "DRLLM_MODEL_ALIAS")]
+    model_alias: Option<String>,
+    /// max_tokens of requests that give none [default: 256].
+    #[arg(long, env = "DRLLM_DEFAULT_MAX_TOKENS")]
+    default_max_tokens: Option<usize>,
+    /// Largest request body in bytes [default: 8388608].
+    #[arg(long, env = "DRLLM_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Quiet time before a changed sidecar is reloaded, ms [default: 300].
+    #[arg(long, env = "DRLLM_RELOAD_DEBOUNCE_MS")]
+    reload_debounce_ms: Option<u64>,
+    /// Engine device: auto or cpu [default: auto].
+    #[arg(long, env = "DRLLM_DEVICE")]
+    device: Option<String>,
+}
+
+impl ServeArgs {
+    fn settings(&self) -> Settings {
+        Settings {
+            model: self.model.clone(),
+            routers: self.routers.clone(),
+            no_routers: self.no_routers,
+            host: self.host,
+            port: self.port,
+            threads: self.threads,
+            ctx_size: self.ctx_size,
+            parallel: self.parallel,
+            queue: self.queue,
+            db: self.db.clone(),
+            no_db: self.no_db,
+            api_key: self.api_key.clone(),
+            model_alias: self.model_alias.clone(),
+            default_max_tokens: self.default_max_tokens,
+            max_body_bytes: self.max_body_bytes,
+            reload_debounce_ms: self.reload_debounce_ms,
+            device: self.device.clone(),
+        }
+    }
+}
+
+pub fn run_serve(a: ServeArgs) -> Result<()> {
+    let file = match &a.config {
+        Some(p) => Settings::from_file(p)?,
+        None => Settings::default(),
+    };
+    let defaults = Settings {
+        model: Some(PathBuf::from(crate::DEFAULT_MODEL)),
+        ..Default::default()
+    };
+    let config = a.settings().over(file).over(defaults).resolve()?;
+    if !config.model.exists() {
+        bail!(
+            "model file {} not found (run scripts/setup.sh to fetch the default models, or give --model)",
+            config.model.display()
+        );
+    }
+    drllm_server::run(config)?;
+    Ok(())
+}
+
+/// `drllm stats`: what the routers did, per block, over a time window of the routing log.
+#[derive(Args)]
+pub struct StatsArgs {
+    /// The routing log [default: $XDG_STATE_HOME/drllm/routing.sqlite, as `serve`].
+    #[arg(long, env = "DRLLM_DB")]
+    db: Option<PathBuf>,
+    /// Start of the window: a duration back from now (30m, 24h, 7d), a Unix time, or `all`.
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// End of the window, same forms [default: now].
+    #[arg(long)]
+    until: Option<String>,
+    /// Also draw the decisions per block as a PNG heatmap.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `30m` / `24h` / `7d` / `90s` (back from `now`), a Unix time, or `all`.
+pub fn parse_time(s: &str, now: f64) -> Result<f64> {
+    let s = s.trim();
+    if s == "all" {
+        return Ok(0.0);
+    }
+    if s == "now" {
+        return Ok(now);
+    }
+    let units = [
+        ('s', 1.0),
+        ('m', 60.0),
+        ('h', 3600.0),
+        ('d', 86400.0),
+        ('w', 604800.0),
+    ];
+    if let Some((u, mult)) = units.iter().find(|(u, _)| s.ends_with(*u)) {
+        let n: f64 = s[..s.len() - u.len_utf8()]
+            .parse()
+            .with_context(|| format!("'{s}' is not a duration like 30m, 24h or 7d"))?;
+        if !(n.is_finite() && n >= 0.0) {
+            bail!("'{s}': a duration must be >= 0");
+        }
+        return Ok(now - n * mult);
+    }
+    let t: f64 = s.parse().with_context(|| {
+        format!("'{s}' is neither a duration (30m, 24h, 7d), a Unix time nor 'all'")
+    })?;
+    if !(t.is_finite() && t >= 0.0) {
+        bail!("'{s}': a Unix time must be >= 0");
+    }
+    Ok(t)
+}
+
+pub fn run_stats(a: StatsArgs) -> Result<()> {
+    let db = match a.db.clone().or_else(default_db_path) {
+        Some(p) => p,
+        None => bail!("no routing log given (--db PATH) and no default (HOME is not set)"),
+    };
+    let now = drllm_server::pool::unix_now();
+    let since = parse_time(&a.since, now)?;
+    let until = match &a.until {
+        Some(u) => parse_time(u, now)?,
+        None => now + 1.0,
+    };
+    if until <= since {
+        bail!("--until must be later than --since");
+    }
+    // every routed row: above MAX_HEATMAP_QUESTIONS the heatmap draws per-block shares
+    let s = drllm_server::db::summarise(&db, since, until, 1_000_000)?;
+    let mut out = String::new();
+    if a.json {
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        let _ = writeln!(out,
+            "{} requests ({} routed) in {}; mean block passes {:.2} of {}; {} prompt and {} generated tokens; {:.1} tokens/s",
+            s.requests,
+            s.routed,
+            db.display(),
+            s.mean_passes,
+            s.n_layer,
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.tokens_per_second
+        );
+        for (g, n) in &s.generations {
+            let _ = writeln!(
+                out,
+                "  router generation {}: {n} requests",
+                drllm_server::reload::short(g)
+            );
+        }
+        if s.routed > 0 {
+            let _ = writeln!(
+                out,
+                "\n| block | skip | execute | repeat | skip % | repeat % |"
+            );
+            let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+            for (b, c) in s.blocks.iter().enumerate() {
+                let n = (c[0] + c[1] + c[2]).max(1) as f64;
+                let _ = writeln!(
+                    out,
+                    "| {b} | {} | {} | {} | {:.1} | {:.1} |",
+                    c[0],
+                    c[1],
+                    c[2],
+                    100.0 * c[0] as f64 / n,
+                    100.0 * c[2] as f64 / n
+                );
+            }
+        }
+    }
+    // a closed pipe (`drllm stats | head`) is not an error
+    {
+        use std::io::Write as _;
+        let mut so = std::io::stdout().lock();
+        if let Err(e) = so.write_all(out.as_bytes()).and_then(|()| so.flush()) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e.into());
+            }
+        }
+    }
+    if let Some(png) = &a.png {
+        if s.decisions.is_empty() {
+            bail!("no routed requests in the window: nothing to plot");
+        }
+        drllm_plots::decision_heatmap(
+            png,
+            &format!("routing decisions, {} routed requests", s.routed),
+            &s.decisions,
+        )?;
+        eprintln!("[drllm] wrote {}", png.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn times() {
+        let now = 1_000_000.0;
+        assert_eq!(parse_time("all", now).unwrap(), 0.0);
+        assert_eq!(parse_time("30m", now).unwrap(), now - 1800.0);
+        assert_eq!(parse_time("24h", now).unwrap(), now - 86400.0);
+        assert_eq!(parse_time("7d", now).unwrap(), now - 7.0 * 86400.0);
+        assert_eq!(parse_time("1.5s", now).unwrap(), now - 1.5);
+        assert_eq!(parse_time("12345", now).unwrap(), 12345.0);
+        for bad in ["", "h", "-1h", "yesterday", "nan", "1e400d"] {
+            assert!(parse_time(bad, now).is_err(), "{bad}");
+        }
+    }
+}

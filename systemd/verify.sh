@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Checks the service files: `systemd-analyze verify` on the unit (with ExecStart pointed at
+# the given drllm binary, since verify insists that the binary exists), the launchd plist
+# parsed as a property list, and the example config read by `drllm serve` itself.
+#   systemd/verify.sh PATH/TO/drllm
+set -euo pipefail
+cd "$(dirname "$0")"
+bin="$(realpath "${1:?usage: systemd/verify.sh PATH/TO/drllm}")"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+sed "s|/usr/local/bin/drllm|$bin|" drllm.service > "$tmp/drllm.service"
+SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$tmp/drllm.service"
+echo "systemd-analyze verify: ok"
+python3 - <<'PY'
+import plistlib
+p = plistlib.load(open("dev.drllm.serve.plist", "rb"))
+assert p["Label"] == "dev.drllm.serve" and p["ProgramArguments"][1] == "serve", p
+print("launchd plist: ok")
+PY
+# the example config must be accepted by the daemon's config reader (a missing model is
+# the only complaint allowed: the file points at the installed location)
+out=$("$bin" serve --config drllm.toml --no-db 2>&1 || true)
+case "$out" in
+  *"model file /var/lib/drllm/models/"*"not found"*) echo "drllm.toml: ok" ;;
+  *) echo "drllm.toml rejected: $out" >&2; exit 1 ;;
+esac
