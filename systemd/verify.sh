@@ -19,7 +19,7 @@ print("launchd plist: ok")
 PY
 # the example config must be accepted by the daemon's config reader (a missing model is
 # the only complaint allowed: the file points at the installed location)
-out=$("$bin" serve --config drllm.toml --no-db 2>&1 || true)
+out=$(timeout 20 "$bin" serve --config drllm.toml --no-db --port 0 2>&1 || true)
 case "$out" in
   *"model file /var/lib/drllm/models/"*"not found"*) echo "drllm.toml: ok" ;;
   *) echo "drllm.toml rejected: $out" >&2; exit 1 ;;
