@@ -33,6 +33,10 @@ pub struct LoadtestArgs {
     /// Bearer token.
     #[arg(long, env = "DRLLM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// On 503 (queue full), wait as the Retry-After header says and send again (latency then
+    /// counts from the first try).
+    #[arg(long)]
+    retry: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -110,6 +114,7 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
     let memory = Arc::new(Mutex::new(Vec::new()));
     rss("start", &memory);
     let next = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Vec::with_capacity(a.requests)));
     let t0 = Instant::now();
     let tenth = (a.requests / 10).max(1);
@@ -118,6 +123,7 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
             let next = next.clone();
             let results = results.clone();
             let memory = memory.clone();
+            let retries = retries.clone();
             let a = &a;
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -137,14 +143,31 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
                     body["routing"] = json!(r);
                 }
                 let t = Instant::now();
-                let r = client::request(
-                    &a.addr,
-                    "POST",
-                    "/v1/chat/completions",
-                    Some(&body.to_string()),
-                    token,
-                    Duration::from_secs(600),
-                );
+                let mut retried = 0;
+                let r = loop {
+                    let r = client::request(
+                        &a.addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        Some(&body.to_string()),
+                        token,
+                        Duration::from_secs(600),
+                    );
+                    match &r {
+                        Ok(resp) if resp.status == 503 && a.retry => {
+                            // as a polite client: wait as long as Retry-After says
+                            retried += 1;
+                            let wait = resp
+                                .header("retry-after")
+                                .and_then(|v| v.parse::<f64>().ok())
+                                .unwrap_or(1.0)
+                                .clamp(0.0, 30.0);
+                            std::thread::sleep(Duration::from_secs_f64(wait));
+                        }
+                        _ => break r,
+                    }
+                };
+                retries.fetch_add(retried, Ordering::Relaxed);
                 let secs = t.elapsed().as_secs_f64();
                 let sample = match r {
                     Err(e) => Sample {
@@ -215,7 +238,8 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
     rss("end", &memory);
     let results = results.lock().unwrap_or_else(|p| p.into_inner());
     let ok: Vec<&Sample> = results.iter().filter(|s| s.status == 200).collect();
-    let busy = results.iter().filter(|s| s.status == 503).count();
+    // refusals: final answers of 503, plus the 503s retried
+    let busy = results.iter().filter(|s| s.status == 503).count() + retries.load(Ordering::Relaxed);
     let errors: Vec<&Sample> = results
         .iter()
         .filter(|s| s.status != 200 && s.status != 503)
@@ -241,6 +265,7 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
         "stream": a.stream,
         "ok": ok.len(),
         "refused_503": busy,
+        "retried": a.retry,
         "errors": errors.len(),
         "wall_seconds": wall,
         "latency_p50_seconds": percentile(&lat, 50.0),
@@ -258,13 +283,14 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "{} requests at concurrency {} ({} tokens each{}): {} ok, {} refused (503), {} errors in {:.1}s",
+            "{} requests at concurrency {} ({} tokens each{}): {} ok, {} refusals (503{}), {} errors in {:.1}s",
             a.requests,
             a.concurrency,
             a.max_tokens,
             if a.stream { ", streamed" } else { "" },
             ok.len(),
             busy,
+            if a.retry { ", retried" } else { "" },
             errors.len(),
             wall
         );

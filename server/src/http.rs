@@ -96,6 +96,13 @@ fn error_response(e: &ApiError) -> Response<ResBody> {
             hyper::header::HeaderValue::from_static("Bearer"),
         );
     }
+    if e.status == 503 {
+        // busy or loading: well-behaved clients wait a moment before retrying
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from_static("1"),
+        );
+    }
     r
 }
 

@@ -77,6 +77,9 @@ pub struct State {
     pub ready: OnceLock<Arc<Ready>>,
 }
 
+/// How long a shutdown waits for requests in flight.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A running server.
 pub struct ServerHandle {
     addr: SocketAddr,
@@ -112,7 +115,8 @@ impl ServerHandle {
         }
     }
 
-    /// Stops accepting connections and returns; requests in flight are dropped.
+    /// Stops accepting connections, lets requests in flight finish (at most
+    /// [`SHUTDOWN_GRACE`]), then returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
@@ -230,10 +234,13 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
     let (shutdown, mut stop) = watch::channel(false);
     let st = state.clone();
     let accept = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let conn = tokio::select! {
                 c = listener.accept() => c,
                 _ = stop.changed() => break,
+                // reap finished connections as they end
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             };
             let (stream, _) = match conn {
                 Ok(c) => c,
@@ -247,17 +254,30 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
             let _ = stream.set_nodelay(true);
             let st = st.clone();
             let mut stop = stop.clone();
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let svc = service_fn(move |req| http::handle(st.clone(), req));
                 let conn = http1::Builder::new()
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::pin!(conn);
                 tokio::select! {
-                    _ = conn.as_mut() => {}
+                    _ = conn.as_mut() => return,
                     _ = stop.changed() => {}
                 }
+                // shutting down: finish the request in progress, then close
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
             });
+        }
+        // requests in flight get a grace period to finish
+        let drain = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            eprintln!(
+                "[drllm] {} connection(s) still busy after {}s: closing them",
+                conns.len(),
+                SHUTDOWN_GRACE.as_secs()
+            );
+            conns.abort_all();
         }
     });
     eprintln!("[drllm] listening on http://{addr}");

@@ -636,6 +636,7 @@ fn many_clients_are_answered_or_refused_and_disconnects_free_the_slot() {
             200 => ok += 1,
             503 => {
                 assert_eq!(r.error().2.as_deref(), Some("server_busy"));
+                assert_eq!(r.header("retry-after"), Some("1"));
                 busy += 1
             }
             other => panic!("status {other}: {}", r.body),
@@ -706,4 +707,28 @@ fn many_clients_are_answered_or_refused_and_disconnects_free_the_slot() {
         .unwrap();
     assert_eq!(n, 4);
     assert!(most < 1500, "a cancelled request ran to {most} tokens");
+}
+
+#[test]
+fn shutdown_lets_requests_in_flight_finish() {
+    let mut s = server(|c| c.ctx_size = Some(2048));
+    let addr = s.addr;
+    let running = || {
+        get(addr, "/metrics")
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("drllm_requests_running "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let client =
+        std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(8, 1500)));
+    wait_for("the request to run", || running() == 1);
+    let handle = s.handle.take().unwrap();
+    s.rt.block_on(handle.shutdown());
+    let r = client.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.v()["usage"]["completion_tokens"], 1500);
+    // and nothing listens any more
+    assert!(TcpStream::connect(addr).is_err());
 }
