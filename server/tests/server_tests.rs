@@ -732,3 +732,47 @@ fn shutdown_lets_requests_in_flight_finish() {
     // and nothing listens any more
     assert!(TcpStream::connect(addr).is_err());
 }
+
+#[test]
+fn health_is_503_while_loading_and_a_failed_load_is_reported() {
+    // the model "file" is a FIFO: loading blocks on it until the test writes, so the server
+    // is observably still loading
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("slow.gguf");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let config = Settings {
+        model: Some(fifo.clone()),
+        port: Some(0),
+        no_db: Some(true),
+        no_routers: Some(true),
+        device: Some("cpu".into()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut handle = rt.block_on(start(config)).unwrap();
+    let addr = handle.addr();
+    let h = get(addr, "/health");
+    assert_eq!((h.status, h.v()["status"].clone()), (503, json!("loading")));
+    assert_eq!(h.header("retry-after"), None);
+    let r = post(addr, "/v1/chat/completions", &chat_body(2, 2));
+    assert_eq!((r.status, r.error().2.as_deref()), (503, Some("loading")));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // now feed it something that is not a model: the load fails and says why
+    std::fs::write(&fifo, b"not a model at all").unwrap();
+    let e = rt
+        .block_on(handle.ready())
+        .err()
+        .expect("the load must fail");
+    assert!(e.to_string().contains("slow.gguf"), "{e}");
+    rt.block_on(handle.shutdown());
+}
