@@ -769,10 +769,9 @@ fn health_is_503_while_loading_and_a_failed_load_is_reported() {
     assert_eq!(r.header("retry-after"), Some("1"));
     // now feed it something that is not a model: the load fails and says why
     std::fs::write(&fifo, b"not a model at all").unwrap();
-    let e = rt
-        .block_on(handle.ready())
-        .err()
-        .expect("the load must fail");
+    let Err(e) = rt.block_on(handle.ready()) else {
+        panic!("the load must fail");
+    };
     assert!(e.to_string().contains("slow.gguf"), "{e}");
     rt.block_on(handle.shutdown());
 }
