@@ -76,6 +76,9 @@ fn body_lines(
             on_line(line.trim_end());
         }
     }
+    if !pending.is_empty() {
+        on_line(pending.trim_end());
+    }
     Ok(())
 }
 

@@ -76,6 +76,14 @@ impl Body for ResBody {
             ResBody::Stream(_) => false,
         }
     }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            // a known length: Content-Length instead of chunked encoding
+            ResBody::Full(f) => f.size_hint(),
+            ResBody::Stream(_) => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 fn json_response(status: u16, v: &Value) -> Response<ResBody> {
