@@ -60,7 +60,7 @@ pub fn dechunk(mut raw: &[u8]) -> std::io::Result<Vec<u8>> {
         let start = nl + 2;
         let end = start
             .checked_add(n)
-            .filter(|&e| e + 2 <= raw.len())
+            .filter(|&e| e.checked_add(2).is_some_and(|x| x <= raw.len()))
             .ok_or_else(|| bad("truncated chunk"))?;
         out.extend_from_slice(&raw[start..end]);
         raw = &raw[end + 2..];
@@ -151,6 +151,7 @@ mod tests {
             b"garbage\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nshort\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffed\r\nx\r\n",
         ] {
             assert!(parse_response(bad).is_err());
         }

@@ -153,8 +153,15 @@ pub fn insert(c: &mut Connection, path: &Path, rows: &[Row]) -> Result<(), DbErr
 /// and ends the thread.
 #[derive(Debug)]
 pub struct Writer {
-    tx: Option<mpsc::Sender<Row>>,
+    tx: Option<mpsc::Sender<Msg>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Row(Box<Row>),
+    /// Answered once every row sent before it is written.
+    Flush(mpsc::Sender<()>),
 }
 
 impl Writer {
@@ -163,17 +170,28 @@ impl Writer {
     pub fn start(path: &Path) -> Result<Writer, DbError> {
         let mut conn = open_for_writing(path)?;
         let path = path.to_path_buf();
-        let (tx, rx) = mpsc::channel::<Row>();
+        let (tx, rx) = mpsc::channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("drllm-db".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while let Ok(r) = rx.try_recv() {
-                        batch.push(r);
+                    let mut batch = Vec::new();
+                    let mut flushes = Vec::new();
+                    let mut take = |m: Msg| match m {
+                        Msg::Row(r) => batch.push(*r),
+                        Msg::Flush(done) => flushes.push(done),
+                    };
+                    take(first);
+                    while let Ok(m) = rx.try_recv() {
+                        take(m);
                     }
-                    if let Err(e) = insert(&mut conn, &path, &batch) {
-                        eprintln!("[drllm] routing log: {e} ({} rows lost)", batch.len());
+                    if !batch.is_empty() {
+                        if let Err(e) = insert(&mut conn, &path, &batch) {
+                            eprintln!("[drllm] routing log: {e} ({} rows lost)", batch.len());
+                        }
+                    }
+                    for f in flushes {
+                        let _ = f.send(());
                     }
                 }
             })
@@ -190,7 +208,17 @@ impl Writer {
     /// Queues a row.
     pub fn log(&self, row: Row) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(row);
+            let _ = tx.send(Msg::Row(Box::new(row)));
+        }
+    }
+
+    /// Waits until every row queued so far is written (at most `timeout`).
+    pub fn flush(&self, timeout: std::time::Duration) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = mpsc::channel();
+            if tx.send(Msg::Flush(done)).is_ok() {
+                let _ = wait.recv_timeout(timeout);
+            }
         }
     }
 }

@@ -4,7 +4,7 @@ use crate::api::{
     self, ApiError, ChatRequest, CompletionRequest, GenSettings, Limits, Prompt, RouteRequest,
     Usage,
 };
-use crate::pool::{unix_now, Event, Job, Outcome, Task};
+use crate::pool::{unix_now, Event, Job, Outcome, Refused, Task};
 use crate::reload::Reload;
 use crate::{Ready, State};
 use bytes::Bytes;
@@ -143,7 +143,11 @@ pub async fn handle(
     };
     let name = def.name;
     let resp = if req.method() != def.method {
-        error_response(&ApiError::method_not_allowed(def.method.as_str()))
+        let mut r = error_response(&ApiError::method_not_allowed(def.method.as_str()));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(def.method.as_str()) {
+            r.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+        r
     } else if def.auth
         && state
             .config
@@ -258,7 +262,7 @@ async fn dispatch(
         "chat" | "completion" | "route" => {
             let r = ready(state)?.clone();
             let body = read_body(state, req).await?;
-            completion(state, &r, name, &body).await
+            completion(state, &r, name, body).await
         }
         _ => Err(ApiError::internal(format!("route {name} has no handler"))),
     }
@@ -483,12 +487,19 @@ async fn completion(
     state: &Arc<State>,
     r: &Arc<Ready>,
     name: &'static str,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<Response<ResBody>, ApiError> {
-    let p = parse(state, r, name, body)?;
-    check_model(state, &p.model)?;
-    let prompt = prompt_tokens(state, r, p.messages, p.prompt.as_ref())?;
-    let s = p.settings;
+    // parsing, the chat template and tokenization are CPU work on bodies of up to
+    // max_body_bytes: off the async threads, so /health, /metrics and streams stay responsive
+    let (st, rd) = (state.clone(), r.clone());
+    let (s, prompt) = tokio::task::spawn_blocking(move || {
+        let p = parse(&st, &rd, name, &body)?;
+        check_model(&st, &p.model)?;
+        let prompt = prompt_tokens(&st, &rd, p.messages, p.prompt.as_ref())?;
+        Ok::<_, ApiError>((p.settings, prompt))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("request parsing task: {e}")))??;
     if s.routing.routing == Some(true) && r.routers.current().is_none() {
         return Err(ApiError::invalid(
             "routing was requested but no router sidecar is loaded",
@@ -534,11 +545,17 @@ async fn completion(
         arrived: Instant::now(),
         arrived_unix: unix_now(),
     };
-    if r.pool.submit(job).is_err() {
-        return Err(ApiError::unavailable(
-            "server busy: the request queue is full, retry later",
-            "server_busy",
-        ));
+    match r.pool.submit(job) {
+        Ok(()) => {}
+        Err(Refused::Busy) => {
+            return Err(ApiError::unavailable(
+                "server busy: the request queue is full, retry later",
+                "server_busy",
+            ))
+        }
+        Err(Refused::NoWorkers) => {
+            return Err(ApiError::internal("no worker is left to run requests"))
+        }
     }
     let created = unix_now() as u64;
     let model = state.config.model_alias.clone();
@@ -612,6 +629,18 @@ fn sse(v: &Value) -> Bytes {
 /// How often an idle stream (e.g. waiting in the queue) gets a keep-alive comment.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
+/// A streaming client that reads nothing for this long is dropped (its request cancelled), so
+/// a stalled reader cannot hold a worker.
+const CLIENT_STALL: Duration = Duration::from_secs(30);
+
+/// Sends a chunk to the response body; false when the client is gone or stalled.
+async fn send(tx: &mpsc::Sender<Bytes>, b: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(CLIENT_STALL, tx.send(b)).await,
+        Ok(Ok(()))
+    )
+}
+
 fn stream_response(
     mut events: mpsc::Receiver<Event>,
     id: String,
@@ -648,7 +677,7 @@ fn stream_response(
         if chat {
             let mut first = chunk(None, None, None);
             first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-            if tx.send(sse(&first)).await.is_err() {
+            if !send(&tx, sse(&first)).await {
                 return;
             }
         }
@@ -666,20 +695,23 @@ fn stream_response(
                 }
                 Ok(None) => {
                     let e = ApiError::internal("the worker ended the request without an answer");
-                    let _ = tx.send(sse(&e.body())).await;
+                    if send(&tx, sse(&e.body())).await {
+                        let _ = send(&tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    }
                     return;
                 }
                 Ok(Some(ev)) => ev,
             };
             match ev {
                 Event::Text(t) => {
-                    if tx.send(sse(&chunk(Some(&t), None, None))).await.is_err() {
+                    if !send(&tx, sse(&chunk(Some(&t), None, None))).await {
                         return;
                     }
                 }
                 Event::Failed(e) => {
-                    let _ = tx.send(sse(&e.body())).await;
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    if send(&tx, sse(&e.body())).await {
+                        let _ = send(&tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    }
                     return;
                 }
                 Event::Done(o) => {
@@ -688,14 +720,14 @@ fn stream_response(
                         Some(o.finish.as_str()),
                         Some(("drllm", drllm_object(&o))),
                     );
-                    let _ = tx.send(sse(&last)).await;
+                    let _ = send(&tx, sse(&last)).await;
                     if include_usage {
                         let mut u = chunk(None, None, None);
                         u["choices"] = json!([]);
                         u["usage"] = json!(Usage::new(o.n_prompt, o.n_completion));
-                        let _ = tx.send(sse(&u)).await;
+                        let _ = send(&tx, sse(&u)).await;
                     }
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    let _ = send(&tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
                     return;
                 }
             }

@@ -26,7 +26,7 @@ use crate::reload::{RouterSlot, SidecarWatcher};
 use drllm_engine::{Model, Tokenizer};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
@@ -66,6 +66,8 @@ pub struct Ready {
     pub routers: Arc<RouterSlot>,
     pub metrics: Arc<Metrics>,
     pub pool: Pool,
+    /// The routing log, if any.
+    pub log: Option<Arc<db::Writer>>,
     /// Unix time the model was loaded (`created` in /v1/models).
     pub created: u64,
     _watcher: Option<SidecarWatcher>,
@@ -105,14 +107,17 @@ impl ServerHandle {
         if self.state.ready.get().is_some() {
             return Ok(());
         }
-        match (&mut self.load).await {
-            Ok(r) => {
-                // later calls see `ready` set
-                self.load = tokio::spawn(async { Ok(()) });
-                r
-            }
+        let r = match (&mut self.load).await {
+            Ok(r) => r,
             Err(e) => Err(ServeError::Load(format!("loader task: {e}"))),
-        }
+        };
+        // a finished JoinHandle must not be polled again: later calls get the same answer
+        let again = match &r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ServeError::Load(e.to_string())),
+        };
+        self.load = tokio::spawn(async move { again });
+        r
     }
 
     /// Stops accepting connections, lets requests in flight finish (at most
@@ -120,6 +125,12 @@ impl ServerHandle {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
+        // the rows of the requests just finished reach the disk before the process ends
+        if let Some(log) = self.state.ready.get().and_then(|r| r.log.clone()) {
+            let _ =
+                tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(10)))
+                    .await;
+        }
     }
 }
 
@@ -174,7 +185,7 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         tokenizer: tokenizer.clone(),
         routers: routers.clone(),
         metrics: metrics.clone(),
-        log,
+        log: log.clone(),
     });
     let pool = Pool::start(
         shared,
@@ -200,6 +211,7 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         routers,
         metrics,
         pool,
+        log,
         created: pool::unix_now() as u64,
         _watcher: watcher,
     })
@@ -256,7 +268,10 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
             let mut stop = stop.clone();
             conns.spawn(async move {
                 let svc = service_fn(move |req| http::handle(st.clone(), req));
+                // the timer enables hyper's header read timeout (30 s): a client that never
+                // finishes its request headers does not hold the connection forever
                 let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::pin!(conn);
@@ -269,6 +284,8 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
                 let _ = conn.await;
             });
         }
+        // new clients are refused at once instead of waiting in the backlog
+        drop(listener);
         // requests in flight get a grace period to finish
         let drain = async { while conns.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {

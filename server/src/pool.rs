@@ -75,9 +75,14 @@ pub struct Outcome {
     pub decode_secs: f64,
 }
 
-/// The queue is full.
-#[derive(Debug)]
-pub struct Busy;
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full.
+    Busy,
+    /// No worker is left to take it.
+    NoWorkers,
+}
 
 /// The worker pool.
 pub struct Pool {
@@ -144,7 +149,15 @@ impl Pool {
                         };
                         let Ok(job) = job else { return };
                         shared.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                        run_job(&shared, &mut session, job);
+                        // a bug in one request must not take the worker with it: the job's
+                        // channel closes (its client gets a 500) and the session starts over
+                        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            run_job(&shared, &mut session, job)
+                        }));
+                        if run.is_err() {
+                            eprintln!("[drllm] a request failed inside the engine (panic); the worker goes on");
+                            session.reset();
+                        }
                     }
                 })
                 .map_err(|e| EngineError::State(format!("cannot start a worker: {e}")))?;
@@ -166,14 +179,19 @@ impl Pool {
     }
 
     /// Queues a job, or refuses it when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), Busy> {
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(job) {
             Ok(()) => Ok(()),
-            Err(_) => {
+            Err(e) => {
                 self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.rejected();
-                Err(Busy)
+                match e {
+                    mpsc::TrySendError::Full(_) => {
+                        self.metrics.rejected();
+                        Err(Refused::Busy)
+                    }
+                    mpsc::TrySendError::Disconnected(_) => Err(Refused::NoWorkers),
+                }
             }
         }
     }
@@ -208,6 +226,14 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
         return;
     }
     metrics.running.fetch_add(1, Ordering::Relaxed);
+    // decrements `running` however the job ends (an early return or a panic)
+    struct Running<'a>(&'a Metrics);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.running.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _running = Running(metrics);
     let queue_secs = job.arrived.elapsed().as_secs_f64();
     let routers: Option<Arc<Routers>> = match job.routing.routing {
         Some(false) => None,
@@ -221,7 +247,6 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
             )
             .with_code("no_routers"),
         ));
-        metrics.running.fetch_sub(1, Ordering::Relaxed);
         return;
     }
     let opts = RouteOptions {
@@ -339,7 +364,6 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
             })));
         }
     }
-    metrics.running.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Unix time now, in seconds.

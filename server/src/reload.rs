@@ -35,6 +35,8 @@ pub struct RouterSlot {
     metrics: Arc<Metrics>,
     current: RwLock<Option<Arc<Routers>>>,
     state: Mutex<SlotState>,
+    /// Held for a whole reload: the watch thread and the reload endpoint never interleave.
+    reloading: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -52,6 +54,7 @@ impl RouterSlot {
             metrics,
             current: RwLock::new(None),
             state: Mutex::new(SlotState::default()),
+            reloading: Mutex::new(()),
         }
     }
 
@@ -90,6 +93,7 @@ impl RouterSlot {
         let Some(path) = &self.path else {
             return Reload::Disabled;
         };
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = match drllm_engine::router_format::read_capped(path) {
             Ok(b) => b,
             Err(drllm_engine::router_format::FormatError::Io { source, .. })
@@ -185,6 +189,11 @@ pub fn watch(slot: Arc<RouterSlot>, debounce: Duration) -> Result<SidecarWatcher
     let (tx, rx) = mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
+            // opening or reading the file is not a change (and reload() itself opens it: a
+            // reload would otherwise trigger the next one)
+            if matches!(ev.kind, notify::EventKind::Access(_)) {
+                return;
+            }
             if ev
                 .paths
                 .iter()
