@@ -181,6 +181,7 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
                     Ok(r) => {
                         // streamed: the drllm object rides on the last content chunk and
                         // the usage on its own chunk (stream_options.include_usage)
+                        let mut stream_error = None;
                         let (v, usage) = if a.stream {
                             let chunks: Vec<Value> = r
                                 .sse_data()
@@ -189,6 +190,10 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
                                 .collect();
                             let find =
                                 |k: &str| chunks.iter().rev().find(|c| c.get(k).is_some()).cloned();
+                            if let Some(e) = find("error") {
+                                // an error inside a 200 stream is an error, not a success
+                                stream_error = Some(e["error"]["message"].to_string());
+                            }
                             (find("drllm"), find("usage"))
                         } else {
                             let v = r.json().ok();
@@ -198,15 +203,22 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
                         let tokens = usage
                             .and_then(|u| u["usage"]["completion_tokens"].as_u64())
                             .unwrap_or(0);
-                        let error = (r.status != 200).then(|| {
-                            format!(
-                                "{} {}",
-                                r.status,
-                                r.body.chars().take(200).collect::<String>()
-                            )
+                        let status = if stream_error.is_some() {
+                            500
+                        } else {
+                            r.status
+                        };
+                        let error = stream_error.clone().or_else(|| {
+                            (r.status != 200).then(|| {
+                                format!(
+                                    "{} {}",
+                                    r.status,
+                                    r.body.chars().take(200).collect::<String>()
+                                )
+                            })
                         });
                         Sample {
-                            status: r.status,
+                            status,
                             secs,
                             tokens,
                             passes: v["drllm"]["passes"].as_u64().unwrap_or(0),

@@ -275,7 +275,9 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
                 !cancelled
             })
             .map(|g| {
-                let finish = if cancelled || events.is_closed() {
+                // a generation that ran to its end is complete even if the client left just
+                // after it
+                let finish = if cancelled {
                     FinishReason::Cancelled
                 } else {
                     g.finish
