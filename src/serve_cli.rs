@@ -239,11 +239,7 @@ pub fn run_stats(a: StatsArgs) -> Result<()> {
         if s.decisions.is_empty() {
             bail!("no routed requests in the window: nothing to plot");
         }
-        drllm_plots::decision_heatmap(
-            png,
-            &format!("routing decisions, {} routed requests", s.routed),
-            &s.decisions,
-        )?;
+        drllm_plots::decision_heatmap_of(png, "routing decisions", &s.decisions, "request")?;
         eprintln!("[drllm] wrote {}", png.display());
     }
     Ok(())

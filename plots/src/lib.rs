@@ -163,6 +163,16 @@ fn integer_label(v: &f64) -> String {
 /// on the right gives the overall shares. `decisions[q][b]` is the pass count (0, 1 or 2) of
 /// block `b` for question `q`; every question must have the same number of blocks.
 pub fn decision_heatmap(path: &Path, title: &str, decisions: &[Vec<u8>]) -> Result<(), PlotError> {
+    decision_heatmap_of(path, title, decisions, "question")
+}
+
+/// [`decision_heatmap`] whose columns are called `item` (e.g. "request") in the labels.
+pub fn decision_heatmap_of(
+    path: &Path,
+    title: &str,
+    decisions: &[Vec<u8>],
+    item: &str,
+) -> Result<(), PlotError> {
     let n_q = decisions.len();
     let n_b = decisions.first().map_or(0, Vec::len);
     if n_q == 0 || n_b == 0 {
@@ -187,7 +197,7 @@ pub fn decision_heatmap(path: &Path, title: &str, decisions: &[Vec<u8>]) -> Resu
     }
     ensure_font()?;
     let tmp = png_tmp(path)?;
-    let result = draw_heatmap(&tmp, title, decisions, n_b);
+    let result = draw_heatmap(&tmp, title, decisions, n_b, item);
     finish(&tmp, path, result)
 }
 
@@ -196,6 +206,7 @@ fn draw_heatmap(
     title: &str,
     decisions: &[Vec<u8>],
     n_b: usize,
+    item: &str,
 ) -> Result<(), PlotError> {
     let n_q = decisions.len();
     let err = draw_err(tmp);
@@ -213,7 +224,7 @@ fn draw_heatmap(
 
     let bars = n_q > MAX_HEATMAP_QUESTIONS;
     let caption = if bars {
-        format!("{title} ({n_q} questions)")
+        format!("{title} ({n_q} {item}s)")
     } else {
         title.to_string()
     };
@@ -233,7 +244,7 @@ fn draw_heatmap(
             .x_labels(n_b.min(40))
             .x_label_formatter(&integer_label)
             .x_desc("block")
-            .y_desc("share of questions (%)")
+            .y_desc(format!("share of {item}s (%)"))
             .axis_desc_style(("sans-serif", 20))
             .label_style(("sans-serif", 15))
             .draw()
@@ -266,7 +277,7 @@ fn draw_heatmap(
             .y_labels(n_b.min(40))
             .x_label_formatter(&integer_label)
             .y_label_formatter(&integer_label)
-            .x_desc("question")
+            .x_desc(item)
             .y_desc("block")
             .axis_desc_style(("sans-serif", 20))
             .label_style(("sans-serif", 15))
@@ -304,10 +315,10 @@ fn draw_heatmap(
         &side,
         &entries,
         &[
-            format!("{n_q} questions"),
+            format!("{n_q} {item}s"),
             format!("{n_b} blocks"),
             format!("{mean_passes:.2} passes"),
-            "per question".to_string(),
+            format!("per {item}"),
         ],
     )
     .map_err(&err)?;
