@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// Repetitions of each measurement (median reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Also measure N sequences decoded in one graph against the same N decoded one at a time
+    /// (aggregate tokens/s; what the daemon's batching of requests on one path gains).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -54,6 +58,16 @@ struct Report {
     full_over_stock_tg: f64,
     path: Option<PathReport>,
     routed: Option<RoutedReport>,
+    batch: Option<BatchReport>,
+}
+
+#[derive(Serialize)]
+struct BatchReport {
+    sequences: usize,
+    path: String,
+    batched_tok_s: f64,
+    one_at_a_time_tok_s: f64,
+    batched_over_one_at_a_time: f64,
 }
 
 #[derive(Serialize)]
@@ -168,6 +182,51 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Ok((pp, gen_speed(s, path)?))
     };
 
+    // N sequences along one path: aggregate generation speed decoded in one graph per step,
+    // then decoded one at a time (round robin), from the same one-token prompts
+    let n_batch = a.batch.clamp(1, 64);
+    let mut batch_sessions = Vec::new();
+    if n_batch > 1 {
+        for _ in 0..n_batch {
+            batch_sessions.push(Session::new(
+                model.clone(),
+                SessionOptions {
+                    n_ctx,
+                    n_threads: threads,
+                    n_ubatch,
+                },
+            )?);
+        }
+    }
+    let batch_path = routed.clone().unwrap_or_else(|| full.clone());
+    let batch_run = |ss: &mut Vec<Session>| -> Result<(f64, f64)> {
+        let start = |ss: &mut Vec<Session>| -> Result<Vec<i32>> {
+            ss.iter_mut()
+                .map(|s| {
+                    let l = s.prefill(&[first], Route::Fixed(&batch_path), Logits::Last)?;
+                    Ok(argmax(&l.logits))
+                })
+                .collect()
+        };
+        let total = (ss.len() * a.gen_tokens) as f64;
+        let mut next = start(ss)?;
+        let t = Instant::now();
+        for _ in 0..a.gen_tokens {
+            let mut refs: Vec<&mut Session> = ss.iter_mut().collect();
+            let out = Session::decode_batch(&mut refs, &next)?;
+            next = out.iter().map(|l| argmax(l)).collect();
+        }
+        let batched = total / t.elapsed().as_secs_f64();
+        let mut next = start(ss)?;
+        let t = Instant::now();
+        for _ in 0..a.gen_tokens {
+            for (s, n) in ss.iter_mut().zip(next.iter_mut()) {
+                *n = argmax(s.decode(*n)?);
+            }
+        }
+        Ok((batched, total / t.elapsed().as_secs_f64()))
+    };
+
     let routers = a.routing.resolve(&a.model, &model)?;
     let ropts = a.routing.options()?;
     let observe = RouteOptions {
@@ -213,6 +272,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (mut xpp, mut xtg, mut x_pp, mut x_tg, mut overhead) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut routed_path: Option<LayerPath> = None;
+    let (mut bb, mut bs, mut b_ratio) = (vec![], vec![], vec![]);
+    if n_batch > 1 {
+        batch_run(&mut batch_sessions)?; // warm-up
+    }
     for i in 0..reps {
         if !a.json {
             eprint!("\r[bench] repetition {}/{reps}", i + 1);
@@ -247,6 +310,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             routed_path = Some(path);
             let (plain, observed) = overhead_run(&mut session, r)?;
             overhead.push(100.0 * (observed - plain) / plain);
+        }
+        if n_batch > 1 {
+            let (batched, single) = batch_run(&mut batch_sessions)?;
+            bb.push(batched);
+            bs.push(single);
+            b_ratio.push(batched / single);
         }
     }
     if !a.json {
@@ -308,6 +377,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         full_over_stock_tg: median(&mut r_tg),
         path: path_report,
         routed: routed_report,
+        batch: (n_batch > 1).then(|| BatchReport {
+            sequences: n_batch,
+            path: batch_path.to_string(),
+            batched_tok_s: median(&mut bb),
+            one_at_a_time_tok_s: median(&mut bs),
+            batched_over_one_at_a_time: median(&mut b_ratio),
+        }),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -366,6 +442,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "  routing overhead at full depth (pooling, router MLPs, one graph per pass): \
              {:+.2}% of prefill time",
             r.routing_overhead_pct
+        );
+    }
+    if let Some(b) = &report.batch {
+        println!(
+            "{:<34} {:>12} {:>12.1}   one at a time {:.1} tok/s: {:.3}x",
+            format!("drllm {} sequences batched", b.sequences),
+            "",
+            b.batched_tok_s,
+            b.one_at_a_time_tok_s,
+            b.batched_over_one_at_a_time
         );
     }
     Ok(())

@@ -583,3 +583,62 @@ fn one_session_many_paths_equals_fresh_sessions() {
         }
     }
 }
+
+/// Several sequences decoded in one graph (the daemon's batching of requests that share a
+/// path) give each sequence the logits it gets decoded alone, for every family (gemma3: past
+/// its sliding window), along a path with a skip and a repeat.
+#[test]
+fn batched_decode_matches_each_sequence_decoded_alone() {
+    use drllm_engine::Session;
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+        let p = tiny(dir.path(), family, |_| {});
+        let m = load(&p);
+        let n_layer = m.n_layer();
+        let path = LayerPath::parse("skip=1 repeat=2", n_layer).unwrap();
+        let tok = Tokenizer::load(&p).unwrap();
+        // prompts of different lengths: the sequences sit at different positions
+        let prompts: Vec<Vec<i32>> = [3usize, 11, 6]
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| tok.tokenize(&prompt_text(w, i as u64), true, false))
+            .collect();
+        let mut batched: Vec<Session> = prompts.iter().map(|_| session(&m)).collect();
+        let mut alone: Vec<Session> = prompts.iter().map(|_| session(&m)).collect();
+        let mut next = Vec::new();
+        for ((b, a), pr) in batched.iter_mut().zip(alone.iter_mut()).zip(&prompts) {
+            let lb = b.prefill(pr, Route::Fixed(&path), Logits::Last).unwrap();
+            a.prefill(pr, Route::Fixed(&path), Logits::Last).unwrap();
+            next.push(argmax(&lb.logits) as i32);
+        }
+        for step in 0..12 {
+            let mut refs: Vec<&mut Session> = batched.iter_mut().collect();
+            let got = Session::decode_batch(&mut refs, &next).unwrap();
+            for (i, a) in alone.iter_mut().enumerate() {
+                let want = a.decode(next[i]).unwrap().to_vec();
+                assert_traces_rel(
+                    &format!("{family:?} sequence {i} step {step}"),
+                    &got[i..=i],
+                    &[want],
+                    CACHE_REL_TOL,
+                );
+                assert_eq!(batched[i].n_past(), a.n_past());
+            }
+            next = got.iter().map(|l| argmax(l) as i32).collect();
+        }
+        // sessions on other paths cannot share a graph
+        let mut other = session(&m);
+        other
+            .prefill(
+                &prompts[0],
+                Route::Fixed(&LayerPath::full(n_layer)),
+                Logits::Last,
+            )
+            .unwrap();
+        let mut refs: Vec<&mut Session> = vec![&mut batched[0], &mut other];
+        assert!(matches!(
+            Session::decode_batch(&mut refs, &[1, 1]),
+            Err(EngineError::State(_))
+        ));
+    }
+}

@@ -97,8 +97,13 @@ impl<'m> GraphBuilder<'m> {
 
     /// Positions, KV cell indices and masks for `n_kv` visible cells.
     pub(crate) fn attn_inputs(&self, n_kv: usize, with_swa: bool) -> AttnInputs {
+        self.attn_inputs_n(n_kv, with_swa, self.n_tokens)
+    }
+
+    /// [`Self::attn_inputs`] for `n_tokens` of the graph's tokens (one sequence of a batch).
+    pub(crate) fn attn_inputs_n(&self, n_kv: usize, with_swa: bool, n_tokens: usize) -> AttnInputs {
         let c = self.c();
-        let n = self.n_tokens as i64;
+        let n = n_tokens as i64;
         // SAFETY: new tensors in our context.
         unsafe {
             let pos = self.input(sys::ggml_new_tensor_1d(c, sys::GGML_TYPE_I32, n), "inp_pos");
@@ -158,6 +163,30 @@ impl<'m> GraphBuilder<'m> {
         inp: &AttnInputs,
         prune: Option<Tensor>,
     ) -> Tensor {
+        self.block_impl(x, pass, inp.pos, &[(slot, inp)], prune)
+    }
+
+    /// One pass of one block over the tokens of several sequences at once (one token each,
+    /// column i belongs to `groups[i]`): every matmul runs over all columns, attention runs per
+    /// sequence against its own KV slot and mask. `pos` holds each column's position.
+    pub(crate) fn block_grouped(
+        &self,
+        x: Tensor,
+        pass: Pass,
+        pos: Tensor,
+        groups: &[(KvSlot, &AttnInputs)],
+    ) -> Tensor {
+        self.block_impl(x, pass, pos, groups, None)
+    }
+
+    fn block_impl(
+        &self,
+        x: Tensor,
+        pass: Pass,
+        pos: Tensor,
+        groups: &[(KvSlot, &AttnInputs)],
+        prune: Option<Tensor>,
+    ) -> Tensor {
         let m = self.m;
         let cfg = &m.cfg;
         let w = &m.blocks[pass.block];
@@ -202,7 +231,7 @@ impl<'m> GraphBuilder<'m> {
                 sys::ggml_rope_ext(
                     c,
                     t,
-                    inp.pos,
+                    pos,
                     rope_factors,
                     r.n_rot as i32,
                     r.mode,
@@ -234,6 +263,83 @@ impl<'m> GraphBuilder<'m> {
             self.expand(v);
             self.expand(k);
 
+            cur = if let [(slot, inp)] = groups {
+                // one sequence: exactly llama.cpp's ops
+                self.attend(q, k, v, *slot, inp, swa)
+            } else {
+                let mut out: Option<Tensor> = None;
+                for (i, (slot, inp)) in groups.iter().enumerate() {
+                    let col = |t: Tensor| {
+                        sys::ggml_view_3d(
+                            c,
+                            t,
+                            (*t).ne[0],
+                            (*t).ne[1],
+                            1,
+                            (*t).nb[1],
+                            (*t).nb[2],
+                            i * (*t).nb[2],
+                        )
+                    };
+                    let o = self.attend(col(q), col(k), col(v), *slot, inp, swa);
+                    out = Some(match out {
+                        None => o,
+                        Some(prev) => sys::ggml_concat(c, prev, o, 1),
+                    });
+                }
+                out.unwrap_or(x)
+            };
+
+            cur = sys::ggml_mul_mat(c, w.wo, cur);
+            if let Some(b) = w.bo {
+                cur = sys::ggml_add(c, cur, b);
+            }
+            let mut res = x;
+            if let Some(ids) = prune {
+                cur = sys::ggml_get_rows(c, cur, ids);
+                res = sys::ggml_get_rows(c, res, ids);
+            }
+            if let Some(pn) = w.attn_post_norm {
+                cur = self.rms_norm(cur, pn);
+            }
+            let ffn_inp = sys::ggml_add(c, cur, res);
+
+            cur = self.rms_norm(ffn_inp, w.ffn_norm);
+            let up = sys::ggml_mul_mat(c, w.ffn_up, cur);
+            let gate = sys::ggml_mul_mat(c, w.ffn_gate, cur);
+            cur = if cfg.family == Family::Gemma3 {
+                sys::ggml_geglu_split(c, gate, up)
+            } else {
+                sys::ggml_swiglu_split(c, gate, up)
+            };
+            cur = sys::ggml_mul_mat(c, w.ffn_down, cur);
+            if let Some(pn) = w.ffn_post_norm {
+                cur = self.rms_norm(cur, pn);
+            }
+            let out = sys::ggml_add(c, cur, ffn_inp);
+            ffi::set_name(out, &format!("l_out-{il}.{}", pass.pass));
+            out
+        }
+    }
+
+    /// Attention of the tokens `q`/`k`/`v` (`[head_dim, heads, n]`) of one sequence: their K/V
+    /// rows go to `slot` at `inp.kv_idxs`, and they attend to the cells `inp`'s mask allows.
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        slot: KvSlot,
+        inp: &AttnInputs,
+        swa: bool,
+    ) -> Tensor {
+        let cfg = &self.m.cfg;
+        let c = self.c();
+        let hd = cfg.head_dim_k as i64;
+        // SAFETY: ops on live tensors of this graph and the KV cache.
+        unsafe {
+            let n = (*k).ne[2];
+            let mut cur;
             let n_embd_k = cfg.n_embd_k_gqa() as i64;
             let n_embd_v = cfg.n_embd_v_gqa() as i64;
             let k2 = sys::ggml_view_2d(c, k, n_embd_k, n, (*k).nb[2], 0);
@@ -287,35 +393,7 @@ impl<'m> GraphBuilder<'m> {
             );
             self.expand(cur);
 
-            cur = sys::ggml_mul_mat(c, w.wo, cur);
-            if let Some(b) = w.bo {
-                cur = sys::ggml_add(c, cur, b);
-            }
-            let mut res = x;
-            if let Some(ids) = prune {
-                cur = sys::ggml_get_rows(c, cur, ids);
-                res = sys::ggml_get_rows(c, res, ids);
-            }
-            if let Some(pn) = w.attn_post_norm {
-                cur = self.rms_norm(cur, pn);
-            }
-            let ffn_inp = sys::ggml_add(c, cur, res);
-
-            cur = self.rms_norm(ffn_inp, w.ffn_norm);
-            let up = sys::ggml_mul_mat(c, w.ffn_up, cur);
-            let gate = sys::ggml_mul_mat(c, w.ffn_gate, cur);
-            cur = if cfg.family == Family::Gemma3 {
-                sys::ggml_geglu_split(c, gate, up)
-            } else {
-                sys::ggml_swiglu_split(c, gate, up)
-            };
-            cur = sys::ggml_mul_mat(c, w.ffn_down, cur);
-            if let Some(pn) = w.ffn_post_norm {
-                cur = self.rms_norm(cur, pn);
-            }
-            let out = sys::ggml_add(c, cur, ffn_inp);
-            ffi::set_name(out, &format!("l_out-{il}.{}", pass.pass));
-            out
+            cur
         }
     }
 

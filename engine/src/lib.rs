@@ -31,6 +31,7 @@ pub use routing::{constant_sidecar, decide, BlockDecision, RouteOptions, RouterH
 pub use sampler::{argmax, Sampler, SamplingParams};
 pub use session::{
     Hidden, Logits, PassState, Prefill, PrefillHook, Route, SavedStates, Session, SessionOptions,
+    MAX_DECODE_BATCH,
 };
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 

@@ -200,6 +200,10 @@ pub struct Session {
 // session is used from one thread at a time through &mut.
 unsafe impl Send for Session {}
 
+/// Most sequences [`Session::decode_batch`] puts in one graph (more are split into graphs of
+/// this many).
+pub const MAX_DECODE_BATCH: usize = 8;
+
 impl Session {
     /// Creates a session with its own KV cache and compute buffers.
     pub fn new(model: Arc<Model>, opts: SessionOptions) -> Result<Session> {
@@ -238,7 +242,8 @@ impl Session {
         bufts.push(cpu_buft);
         backends.push(cpu);
         let ptrs: Vec<_> = backends.iter().map(|b| b.ptr()).collect();
-        let max_nodes = graph::graph_size(MAX_PASSES_PER_BLOCK * cfg.n_layer);
+        // room for a batched decode of MAX_DECODE_BATCH sequences (see `decode_batch`)
+        let max_nodes = graph::graph_size(MAX_PASSES_PER_BLOCK * cfg.n_layer * MAX_DECODE_BATCH);
         let sched = Sched::new(&ptrs, &bufts, max_nodes)?;
 
         // KV cache and residual stream live on the device that runs the blocks
@@ -409,6 +414,105 @@ impl Session {
         }
         self.check_tokens(tokens)?;
         self.run_tokens(tokens, logits)
+    }
+
+    /// Processes one generated token for each of several sequences in one graph (requests
+    /// that follow the same path: their weight matmuls run once over all tokens, attention runs
+    /// per sequence in its own KV cache). `sessions[i]` gets `tokens[i]`; all must share the
+    /// model and the path. Returns each sequence's logits; each session then continues as if
+    /// it had called [`Session::decode`].
+    pub fn decode_batch(sessions: &mut [&mut Session], tokens: &[i32]) -> Result<Vec<Vec<f32>>> {
+        if sessions.len() != tokens.len() || sessions.is_empty() {
+            return Err(EngineError::State(format!(
+                "decode_batch: {} sessions for {} tokens",
+                sessions.len(),
+                tokens.len()
+            )));
+        }
+        let path = sessions[0]
+            .path
+            .clone()
+            .ok_or_else(|| EngineError::State("decode before prefill".into()))?;
+        for (s, &t) in sessions.iter().zip(tokens) {
+            if !Arc::ptr_eq(&s.model, &sessions[0].model) {
+                return Err(EngineError::State(
+                    "decode_batch: the sessions run different models".into(),
+                ));
+            }
+            if s.path.as_ref() != Some(&path) {
+                return Err(EngineError::State(
+                    "decode_batch: the sessions follow different paths".into(),
+                ));
+            }
+            s.check_tokens(&[t])?;
+        }
+        if sessions.len() > MAX_DECODE_BATCH {
+            // one graph per chunk: the scheduler has room for MAX_DECODE_BATCH sequences
+            let mut out = Vec::with_capacity(sessions.len());
+            for (ss, ts) in sessions
+                .chunks_mut(MAX_DECODE_BATCH)
+                .zip(tokens.chunks(MAX_DECODE_BATCH))
+            {
+                out.extend(Session::decode_batch(ss, ts)?);
+            }
+            return Ok(out);
+        }
+        if sessions.len() == 1 {
+            return Ok(vec![sessions[0].decode(tokens[0])?.to_vec()]);
+        }
+        let model = sessions[0].model.clone();
+        let n = sessions.len();
+        let n_swa = model.cfg.n_swa;
+        let b = GraphBuilder::new(&model, path.len() * n, n)?;
+        let tok_in = b.tokens_input();
+        // SAFETY: a new tensor in the builder's context.
+        let pos = b.input(
+            unsafe { sys::ggml_new_tensor_1d(b.ctx.ptr(), sys::GGML_TYPE_I32, n as i64) },
+            "inp_pos",
+        );
+        let inps: Vec<AttnInputs> = sessions
+            .iter()
+            .map(|s| b.attn_inputs_n(graph::n_kv_for(s.n_past + 1, s.opts.n_ctx), n_swa > 0, 1))
+            .collect();
+        let mut x = b.embed(tok_in);
+        for p in path.passes() {
+            let mut groups = Vec::with_capacity(n);
+            for (s, inp) in sessions.iter().zip(&inps) {
+                groups.push((s.kv.slot(p.block, p.pass)?, inp));
+            }
+            x = b.block_grouped(x, p, pos, &groups);
+        }
+        let logits = b.head(x);
+        let first = &mut sessions[0];
+        first.decode_graph = None;
+        first.alloc(&b)?;
+        ffi::tensor_set(tok_in, tokens);
+        let positions: Vec<i32> = sessions.iter().map(|s| s.n_past as i32).collect();
+        graph::set_if_allocated(pos, &positions);
+        for (s, inp) in sessions.iter_mut().zip(&inps) {
+            let n_past = s.n_past;
+            graph::set_attn_inputs(inp, n_past, 1, n_swa, &mut s.scratch);
+        }
+        let first = &mut sessions[0];
+        // SAFETY: graph allocated by this scheduler just now.
+        let st = unsafe { sys::ggml_backend_sched_graph_compute(first.sched.ptr(), b.gf) };
+        if st != sys::GGML_STATUS_SUCCESS {
+            return Err(EngineError::Ggml(format!(
+                "graph compute failed (status {st})"
+            )));
+        }
+        let mut all = Vec::new();
+        ffi::tensor_get_f32(logits, &mut all);
+        let n_vocab = model.n_vocab();
+        let mut out = Vec::with_capacity(n);
+        for (i, s) in sessions.iter_mut().enumerate() {
+            let row = all[i * n_vocab..(i + 1) * n_vocab].to_vec();
+            s.logits.clear();
+            s.logits.extend_from_slice(&row);
+            s.n_past += 1;
+            out.push(row);
+        }
+        Ok(out)
     }
 
     /// Processes one generated token along the fixed path; returns its logits.
