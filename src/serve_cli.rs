@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Requests that may wait; more get 503 [default: 16].
     #[arg(long, env = "DRLLM_QUEUE")]
     queue: Option<usize>,
+    /// Requests each worker runs at once, those on the same path decoded in one graph
+    /// [default: 1, no batching; each takes a KV cache of --ctx-size].
+    #[arg(long, env = "DRLLM_BATCH")]
+    batch: Option<usize>,
     /// SQLite routing log [default: $XDG_STATE_HOME/drllm/routing.sqlite].
     #[arg(long, env = "DRLLM_DB")]
     db: Option<PathBuf>,
@@ -81,6 +85,7 @@ impl ServeArgs {
             ctx_size: self.ctx_size,
             parallel: self.parallel,
             queue: self.queue,
+            batch: self.batch,
             db: self.db.clone(),
             no_db: self.no_db,
             api_key: self.api_key.clone(),

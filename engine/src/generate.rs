@@ -139,6 +139,142 @@ impl StopScanner {
     }
 }
 
+/// What [`Stepper::step`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// A token was sampled: `show` is the text that became final (maybe empty), `decode` the
+    /// token to run through the model next (None: the generation is over).
+    Token { show: String, decode: Option<i32> },
+    /// The generation was already over.
+    Done,
+}
+
+/// A generation advanced one token at a time, so that a caller can interleave several (e.g.
+/// decode the next tokens of many requests in one graph). [`generate`] is this in a loop.
+pub struct Stepper {
+    opts: GenerateOptions,
+    sampler: Sampler,
+    stream: TextStream,
+    stops: StopScanner,
+    tokens: Vec<i32>,
+    logits: Vec<f32>,
+    n_prompt: usize,
+    path: crate::path::LayerPath,
+    finish: Option<FinishReason>,
+    stopped_by_string: bool,
+    prefill_secs: f64,
+    t_decode: Instant,
+}
+
+impl Stepper {
+    /// Prefills `prompt` along `route` and gets ready to sample.
+    pub fn start(
+        session: &mut Session,
+        prompt: &[i32],
+        route: Route<'_>,
+        opts: &GenerateOptions,
+    ) -> Result<Stepper> {
+        let t0 = Instant::now();
+        let pre = session.prefill(prompt, route, Logits::Last)?;
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let n_vocab = session.model().n_vocab();
+        Ok(Stepper {
+            opts: opts.clone(),
+            sampler: Sampler::new(&opts.sampling),
+            stream: TextStream::default(),
+            stops: StopScanner::new(&opts.stop),
+            tokens: Vec::new(),
+            logits: pre.logits[pre.logits.len() - n_vocab..].to_vec(),
+            n_prompt: prompt.len(),
+            path: pre.path,
+            finish: None,
+            stopped_by_string: false,
+            prefill_secs,
+            t_decode: Instant::now(),
+        })
+    }
+
+    /// The path the request follows.
+    pub fn path(&self) -> &crate::path::LayerPath {
+        &self.path
+    }
+
+    /// Whether the generation is over.
+    pub fn is_done(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Samples the next token. `n_past` and `n_ctx` are the session's (a full context ends
+    /// the generation).
+    pub fn step(&mut self, tokenizer: &Tokenizer, n_past: usize, n_ctx: usize) -> Step {
+        if self.finish.is_some() {
+            return Step::Done;
+        }
+        if self.tokens.len() >= self.opts.max_tokens {
+            self.finish = Some(FinishReason::Length);
+            return Step::Done;
+        }
+        let t = self.sampler.sample(&self.logits);
+        if !self.opts.ignore_eos && tokenizer.is_eog(t) {
+            self.finish = Some(FinishReason::Stop);
+            return Step::Token {
+                show: String::new(),
+                decode: None,
+            };
+        }
+        self.tokens.push(t);
+        let piece = self.stream.push(&tokenizer.token_bytes(t));
+        let (show, hit) = self.stops.push(&piece);
+        let decode = if hit {
+            self.finish = Some(FinishReason::Stop);
+            self.stopped_by_string = true;
+            None
+        } else if self.tokens.len() >= self.opts.max_tokens || n_past >= n_ctx {
+            self.finish = Some(FinishReason::Length);
+            None
+        } else {
+            Some(t)
+        };
+        Step::Token { show, decode }
+    }
+
+    /// The logits after decoding the token [`Stepper::step`] asked for.
+    pub fn feed(&mut self, logits: &[f32]) {
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+    }
+
+    /// Ends the generation early (e.g. the client went away).
+    pub fn cancel(&mut self) {
+        self.finish = Some(FinishReason::Cancelled);
+    }
+
+    /// Ends the generation: what it produced, and the held-back text still to show.
+    pub fn end(mut self) -> (Generation, String) {
+        let mut finish = self.finish.unwrap_or(FinishReason::Length);
+        let mut rest = String::new();
+        if !self.stopped_by_string && finish != FinishReason::Cancelled {
+            let (r, hit) = self.stops.push(&self.stream.finish());
+            rest = r;
+            if hit {
+                finish = FinishReason::Stop;
+            } else {
+                rest.push_str(&self.stops.finish());
+            }
+        }
+        let g = Generation {
+            text: self.stops.text().to_string(),
+            tokens: self.tokens,
+            n_prompt: self.n_prompt,
+            path: self.path,
+            finish,
+            prefill_secs: self.prefill_secs,
+            decode_secs: self.t_decode.elapsed().as_secs_f64(),
+        };
+        (g, rest)
+    }
+}
+
 /// Prefills `prompt` along `route`, then generates. `on_text` receives text as it becomes
 /// final and returns false to stop.
 pub fn generate(
@@ -149,62 +285,26 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let t0 = Instant::now();
-    let pre = session.prefill(prompt, route, Logits::Last)?;
-    let prefill_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut sampler = Sampler::new(&opts.sampling);
-    let mut stream = TextStream::default();
-    let mut stops = StopScanner::new(&opts.stop);
-    let mut tokens = Vec::new();
-    let mut logits = pre.logits[pre.logits.len() - session.model().n_vocab()..].to_vec();
+    let mut st = Stepper::start(session, prompt, route, opts)?;
     let n_ctx = session.options().n_ctx;
-    let mut finish = FinishReason::Length;
-    let mut stopped_by_string = false;
-    while tokens.len() < opts.max_tokens {
-        let t = sampler.sample(&logits);
-        if !opts.ignore_eos && tokenizer.is_eog(t) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        tokens.push(t);
-        let piece = stream.push(&tokenizer.token_bytes(t));
-        let (show, hit) = stops.push(&piece);
+    while let Step::Token { show, decode } = st.step(tokenizer, session.n_past(), n_ctx) {
         if !show.is_empty() && !on_text(&show) {
-            finish = FinishReason::Cancelled;
+            st.cancel();
             break;
         }
-        if hit {
-            finish = FinishReason::Stop;
-            stopped_by_string = true;
-            break;
-        }
-        if tokens.len() >= opts.max_tokens || session.n_past() >= n_ctx {
-            break;
-        }
-        logits.clear();
-        logits.extend_from_slice(session.decode(t)?);
-    }
-    if !stopped_by_string && finish != FinishReason::Cancelled {
-        let (mut rest, hit) = stops.push(&stream.finish());
-        if hit {
-            finish = FinishReason::Stop;
-        } else {
-            rest.push_str(&stops.finish());
-        }
-        if !rest.is_empty() {
-            on_text(&rest);
+        match decode {
+            Some(t) => {
+                let logits = session.decode(t)?;
+                st.feed(logits);
+            }
+            None => break,
         }
     }
-    Ok(Generation {
-        text: stops.text().to_string(),
-        tokens,
-        n_prompt: prompt.len(),
-        path: pre.path,
-        finish,
-        prefill_secs,
-        decode_secs: t1.elapsed().as_secs_f64(),
-    })
+    let (g, rest) = st.end();
+    if !rest.is_empty() {
+        on_text(&rest);
+    }
+    Ok(g)
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@ mod tokenizer;
 pub use config::{Family, ModelConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use drllm_router_format as router_format;
 pub use error::{EngineError, Result};
-pub use generate::{generate, FinishReason, GenerateOptions, Generation, StopScanner};
+pub use generate::{
+    generate, FinishReason, GenerateOptions, Generation, Step, Stepper, StopScanner,
+};
 pub use model::{DeviceChoice, Model};
 pub use path::{LayerPath, Pass, PathError, MAX_PASSES_PER_BLOCK};
 pub use routing::{constant_sidecar, decide, BlockDecision, RouteOptions, RouterHook, Routers};

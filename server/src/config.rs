@@ -57,6 +57,9 @@ pub struct Settings {
     pub parallel: Option<usize>,
     /// Requests that may wait for a worker; more get 503 (default 16).
     pub queue: Option<usize>,
+    /// Requests each worker runs at once, decoding those on the same path in one graph
+    /// (default 1: no batching; each takes a KV cache of ctx_size).
+    pub batch: Option<usize>,
     /// SQLite routing log (default $XDG_STATE_HOME/drllm/routing.sqlite).
     pub db: Option<PathBuf>,
     /// Do not write the routing log.
@@ -110,6 +113,7 @@ impl Settings {
             ctx_size,
             parallel,
             queue,
+            batch,
             db,
             no_db,
             api_key,
@@ -163,6 +167,10 @@ impl Settings {
                 "ctx_size",
                 format!("must be 16..=1048576, got {ctx_size}"),
             ));
+        }
+        let batch = self.batch.unwrap_or(1);
+        if !(1..=64).contains(&batch) {
+            return Err(invalid("batch", format!("must be 1..=64, got {batch}")));
         }
         let queue = self.queue.unwrap_or(16);
         if queue > 100_000 {
@@ -236,6 +244,7 @@ impl Settings {
             ctx_size,
             parallel,
             queue,
+            batch,
             db,
             api_key: self.api_key,
             model_alias,
@@ -270,6 +279,7 @@ pub struct ServeConfig {
     pub ctx_size: usize,
     pub parallel: usize,
     pub queue: usize,
+    pub batch: usize,
     pub db: Option<PathBuf>,
     pub api_key: Option<String>,
     pub model_alias: String,

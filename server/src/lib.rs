@@ -193,6 +193,7 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         config.threads,
         config.ctx_size,
         config.queue,
+        config.batch,
     )
     .map_err(|e| ServeError::Load(format!("starting the workers: {e}")))?;
     eprintln!(

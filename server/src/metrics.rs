@@ -27,6 +27,9 @@ pub struct Metrics {
     cancelled: AtomicU64,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
+    /// Decode graphs that ran several sequences, and the tokens they decoded.
+    batched_steps: AtomicU64,
+    batched_tokens: AtomicU64,
     /// Jobs waiting for a worker.
     pub queue_depth: AtomicUsize,
     /// Jobs a worker is running.
@@ -52,6 +55,8 @@ impl Metrics {
             cancelled: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            batched_steps: AtomicU64::new(0),
+            batched_tokens: AtomicU64::new(0),
             queue_depth: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             generation: Mutex::new(None),
@@ -94,6 +99,14 @@ impl Metrics {
         }
         for (b, &c) in counts.iter().enumerate().take(self.blocks.len()) {
             self.blocks[b][c.min(2)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One decode step of `n` sequences (counted when n > 1: batched).
+    pub fn decoded_together(&self, n: usize) {
+        if n > 1 {
+            self.batched_steps.fetch_add(1, Ordering::Relaxed);
+            self.batched_tokens.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -181,6 +194,16 @@ impl Metrics {
                 "drllm_router_reloads_total",
                 "Router sidecar loads (and switches to unrouted on deletion).",
                 c(&self.reloads),
+            ),
+            (
+                "drllm_batched_decode_steps_total",
+                "Decode steps that ran several requests on the same path in one graph.",
+                c(&self.batched_steps),
+            ),
+            (
+                "drllm_batched_tokens_total",
+                "Tokens decoded in those batched steps.",
+                c(&self.batched_tokens),
             ),
             (
                 "drllm_router_reload_failures_total",

@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::reload::RouterSlot;
 use drllm_engine::{
     generate, BlockDecision, EngineError, FinishReason, GenerateOptions, LayerPath, Logits, Model,
-    Route, RouteOptions, Routers, Session, SessionOptions, Tokenizer,
+    Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper, Tokenizer,
 };
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
@@ -103,12 +103,15 @@ pub struct Shared {
 impl Pool {
     /// Starts `workers` threads with `threads` CPU threads and a context of `n_ctx` each; at
     /// most `queue` jobs wait (a queue of 0 admits a job only when a worker is free to take it).
+    /// With `batch` > 1 each worker keeps up to `batch` requests going at once, in as many
+    /// sessions, and decodes the next tokens of those on the same path in one graph.
     pub fn start(
         shared: Arc<Shared>,
         workers: usize,
         threads: usize,
         n_ctx: usize,
         queue: usize,
+        batch: usize,
     ) -> Result<Pool, EngineError> {
         // the channel holds waiting jobs; a worker blocked in recv() takes one at once, so
         // with capacity 0 (a rendezvous) a job is admitted only when a worker is idle
@@ -123,25 +126,31 @@ impl Pool {
             let h = std::thread::Builder::new()
                 .name(format!("drllm-worker-{i}"))
                 .spawn(move || {
-                    let session = Session::new(
-                        shared.model.clone(),
-                        SessionOptions {
-                            n_ctx,
-                            n_threads: threads,
-                            ..Default::default()
-                        },
-                    );
-                    let mut session = match session {
-                        Ok(s) => {
-                            let _ = ready.send(Ok(()));
-                            s
+                    let mut sessions = Vec::new();
+                    for _ in 0..batch.max(1) {
+                        let session = Session::new(
+                            shared.model.clone(),
+                            SessionOptions {
+                                n_ctx,
+                                n_threads: threads,
+                                ..Default::default()
+                            },
+                        );
+                        match session {
+                            Ok(s) => sessions.push(s),
+                            Err(e) => {
+                                let _ = ready.send(Err(e));
+                                return;
+                            }
                         }
-                        Err(e) => {
-                            let _ = ready.send(Err(e));
-                            return;
-                        }
-                    };
+                    }
+                    let _ = ready.send(Ok(()));
                     drop(ready);
+                    if sessions.len() > 1 {
+                        run_batched(&shared, &mut sessions, &rx);
+                        return;
+                    }
+                    let Some(mut session) = sessions.pop() else { return };
                     loop {
                         let job = match rx.lock() {
                             Ok(r) => r.recv(),
@@ -315,47 +324,11 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
             let _ = events.blocking_send(Event::Failed(engine_error(e)));
         }
         Ok((path, n_prompt, n_completion, text, finish, prefill_secs, decode_secs)) => {
-            let routed = routers.is_some();
-            let generation = routers.as_ref().map(|r| r.generation().to_string());
-            let counts = path.counts();
-            metrics.generation_done(
-                routed,
-                &counts,
-                n_prompt,
-                n_completion,
-                prefill_secs,
-                decode_secs,
-            );
-            if finish == FinishReason::Cancelled {
-                metrics.cancelled();
-            }
-            if let Some(log) = &shared.log {
-                log.log(db::Row {
-                    time: job.arrived_unix,
-                    request_id: job.id.clone(),
-                    endpoint: job.endpoint.to_string(),
-                    prompt_tokens: n_prompt,
-                    completion_tokens: n_completion,
-                    path: path.to_string(),
-                    counts: counts
-                        .iter()
-                        .map(|&c| char::from(b'0' + c.min(9) as u8))
-                        .collect(),
-                    passes: path.len(),
-                    n_layer: path.n_layer(),
-                    routed,
-                    generation: generation.clone(),
-                    queue_ms: queue_secs * 1e3,
-                    prefill_ms: prefill_secs * 1e3,
-                    decode_ms: decode_secs * 1e3,
-                    finish: finish.as_str().to_string(),
-                });
-            }
-            let _ = events.blocking_send(Event::Done(Box::new(Outcome {
+            let outcome = Outcome {
                 path,
                 decisions,
-                routed,
-                generation,
+                routed: routers.is_some(),
+                generation: routers.as_ref().map(|r| r.generation().to_string()),
                 n_prompt,
                 n_completion,
                 text,
@@ -363,9 +336,245 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
                 queue_secs,
                 prefill_secs,
                 decode_secs,
-            })));
+            };
+            report(shared, &job, outcome);
         }
     }
+}
+
+/// A generation in progress in a batched worker.
+struct Active {
+    job: Job,
+    lane: usize,
+    stepper: Stepper,
+    routers: Option<Arc<Routers>>,
+    decisions: Vec<BlockDecision>,
+    queue_secs: f64,
+    /// The token to decode this round.
+    next: Option<i32>,
+    failed: bool,
+}
+
+/// A worker with several sessions: admits jobs while a session is free, then in rounds
+/// samples one token for every running generation and decodes the tokens of generations on
+/// the same path in one graph ([`Session::decode_batch`]). Route jobs run alone.
+fn run_batched(shared: &Shared, sessions: &mut [Session], rx: &Mutex<mpsc::Receiver<Job>>) {
+    let metrics = &shared.metrics;
+    let mut free: Vec<usize> = (0..sessions.len()).rev().collect();
+    let mut active: Vec<Active> = Vec::new();
+    loop {
+        // admit: wait for work when idle, else take only what is already queued
+        while let Some(&lane) = free.last() {
+            let job = match rx.lock() {
+                Ok(r) if active.is_empty() => r.recv().map_err(|_| true),
+                Ok(r) => r
+                    .try_recv()
+                    .map_err(|e| e == mpsc::TryRecvError::Disconnected),
+                Err(_) => return,
+            };
+            let job = match job {
+                Ok(j) => j,
+                Err(true) if active.is_empty() => return,
+                Err(_) => break,
+            };
+            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                metrics.cancelled();
+                continue;
+            }
+            let Task::Generate { prompt, opts } = &job.task else {
+                run_job(shared, &mut sessions[lane], job);
+                continue;
+            };
+            let queue_secs = job.arrived.elapsed().as_secs_f64();
+            let routers: Option<Arc<Routers>> = match job.routing.routing {
+                Some(false) => None,
+                _ => shared.routers.current(),
+            };
+            if job.routing.routing == Some(true) && routers.is_none() {
+                let _ = job.events.blocking_send(Event::Failed(
+                    ApiError::invalid(
+                        "routing was requested but no router sidecar is loaded",
+                        Some("routing"),
+                    )
+                    .with_code("no_routers"),
+                ));
+                continue;
+            }
+            let ropts = RouteOptions {
+                depth_bias: job.routing.depth_bias,
+                max_passes: job.routing.max_passes,
+                observe_only: false,
+            };
+            let mut hook = routers.as_ref().map(|r| r.hook(&ropts));
+            let full = LayerPath::full(shared.model.n_layer());
+            let route = match hook.as_mut() {
+                Some(h) => Route::Hook(h),
+                None => Route::Fixed(&full),
+            };
+            let (prompt, opts) = (prompt.clone(), opts.clone());
+            match Stepper::start(&mut sessions[lane], &prompt, route, &opts) {
+                Err(e) => {
+                    sessions[lane].reset();
+                    let _ = job.events.blocking_send(Event::Failed(engine_error(e)));
+                }
+                Ok(stepper) => {
+                    let decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
+                    metrics.running.fetch_add(1, Ordering::Relaxed);
+                    free.pop();
+                    active.push(Active {
+                        job,
+                        lane,
+                        stepper,
+                        routers,
+                        decisions,
+                        queue_secs,
+                        next: None,
+                        failed: false,
+                    });
+                }
+            }
+        }
+        if active.is_empty() {
+            continue;
+        }
+        // sample one token for each
+        for a in active.iter_mut() {
+            let s = &sessions[a.lane];
+            a.next = None;
+            if let Step::Token { show, decode } =
+                a.stepper
+                    .step(&shared.tokenizer, s.n_past(), s.options().n_ctx)
+            {
+                let gone = if a.job.stream_text && !show.is_empty() {
+                    a.job.events.blocking_send(Event::Text(show)).is_err()
+                } else {
+                    a.job.events.is_closed()
+                };
+                if gone {
+                    a.stepper.cancel();
+                } else {
+                    a.next = decode;
+                }
+            }
+        }
+        // decode: one graph per path
+        let mut todo: Vec<usize> = (0..active.len())
+            .filter(|&i| active[i].next.is_some())
+            .collect();
+        while let Some(&first) = todo.first() {
+            let path = active[first].stepper.path().clone();
+            let (group, rest): (Vec<usize>, Vec<usize>) = todo
+                .iter()
+                .partition(|&&i| *active[i].stepper.path() == path);
+            todo = rest;
+            let mut lanes: Vec<(usize, usize)> =
+                group.iter().map(|&i| (active[i].lane, i)).collect();
+            lanes.sort_unstable();
+            let tokens: Vec<i32> = lanes
+                .iter()
+                .map(|&(_, i)| active[i].next.unwrap_or(0))
+                .collect();
+            let mut refs: Vec<&mut Session> = sessions
+                .iter_mut()
+                .enumerate()
+                .filter(|(l, _)| lanes.iter().any(|&(x, _)| x == *l))
+                .map(|(_, s)| s)
+                .collect();
+            match Session::decode_batch(&mut refs, &tokens) {
+                Ok(out) => {
+                    metrics.decoded_together(out.len());
+                    for (&(_, i), logits) in lanes.iter().zip(&out) {
+                        active[i].stepper.feed(logits);
+                    }
+                }
+                Err(e) => {
+                    let err = engine_error(e);
+                    for &(_, i) in &lanes {
+                        let _ = active[i]
+                            .job
+                            .events
+                            .blocking_send(Event::Failed(err.clone()));
+                        active[i].failed = true;
+                        active[i].stepper.cancel();
+                    }
+                }
+            }
+        }
+        // finish
+        let mut i = 0;
+        while i < active.len() {
+            if !active[i].stepper.is_done() {
+                i += 1;
+                continue;
+            }
+            let a = active.swap_remove(i);
+            sessions[a.lane].reset();
+            free.push(a.lane);
+            metrics.running.fetch_sub(1, Ordering::Relaxed);
+            if a.failed {
+                continue;
+            }
+            let (g, rest) = a.stepper.end();
+            if a.job.stream_text && !rest.is_empty() {
+                let _ = a.job.events.blocking_send(Event::Text(rest));
+            }
+            let outcome = Outcome {
+                path: g.path,
+                decisions: a.decisions,
+                routed: a.routers.is_some(),
+                generation: a.routers.as_ref().map(|r| r.generation().to_string()),
+                n_prompt: g.n_prompt,
+                n_completion: g.tokens.len(),
+                text: g.text,
+                finish: g.finish,
+                queue_secs: a.queue_secs,
+                prefill_secs: g.prefill_secs,
+                decode_secs: g.decode_secs,
+            };
+            report(shared, &a.job, outcome);
+        }
+    }
+}
+
+/// The end of a job: metrics, a row of the routing log, the Done event.
+fn report(shared: &Shared, job: &Job, o: Outcome) {
+    let metrics = &shared.metrics;
+    let counts = o.path.counts();
+    metrics.generation_done(
+        o.routed,
+        &counts,
+        o.n_prompt,
+        o.n_completion,
+        o.prefill_secs,
+        o.decode_secs,
+    );
+    if o.finish == FinishReason::Cancelled {
+        metrics.cancelled();
+    }
+    if let Some(log) = &shared.log {
+        log.log(db::Row {
+            time: job.arrived_unix,
+            request_id: job.id.clone(),
+            endpoint: job.endpoint.to_string(),
+            prompt_tokens: o.n_prompt,
+            completion_tokens: o.n_completion,
+            path: o.path.to_string(),
+            counts: counts
+                .iter()
+                .map(|&c| char::from(b'0' + c.min(9) as u8))
+                .collect(),
+            passes: o.path.len(),
+            n_layer: o.path.n_layer(),
+            routed: o.routed,
+            generation: o.generation.clone(),
+            queue_ms: o.queue_secs * 1e3,
+            prefill_ms: o.prefill_secs * 1e3,
+            decode_ms: o.decode_secs * 1e3,
+            finish: o.finish.as_str().to_string(),
+        });
+    }
+    let _ = job.events.blocking_send(Event::Done(Box::new(o)));
 }
 
 /// Unix time now, in seconds.
