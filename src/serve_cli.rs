@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 8388608].
     #[arg(long, env = "DRLLM_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Open connections served at once; more wait to be accepted [default: 512].
+    #[arg(long, env = "DRLLM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
     /// Quiet time before a changed sidecar is reloaded, ms [default: 300].
     #[arg(long, env = "DRLLM_RELOAD_DEBOUNCE_MS")]
     reload_debounce_ms: Option<u64>,
@@ -92,6 +95,7 @@ impl ServeArgs {
             model_alias: self.model_alias.clone(),
             default_max_tokens: self.default_max_tokens,
             max_body_bytes: self.max_body_bytes,
+            max_connections: self.max_connections,
             reload_debounce_ms: self.reload_debounce_ms,
             device: self.device.clone(),
         }

@@ -72,6 +72,8 @@ pub struct Settings {
     pub default_max_tokens: Option<usize>,
     /// Largest request body, bytes (default 8 MiB).
     pub max_body_bytes: Option<usize>,
+    /// Open connections served at once; more wait to be accepted (default 512).
+    pub max_connections: Option<usize>,
     /// Quiet time before a changed sidecar is reloaded, milliseconds (default 300).
     pub reload_debounce_ms: Option<u64>,
     /// Engine device: auto or cpu.
@@ -120,6 +122,7 @@ impl Settings {
             model_alias,
             default_max_tokens,
             max_body_bytes,
+            max_connections,
             reload_debounce_ms,
             device
         )
@@ -190,6 +193,13 @@ impl Settings {
                 format!("must be 1024..=1073741824, got {max_body_bytes}"),
             ));
         }
+        let max_connections = self.max_connections.unwrap_or(512);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(invalid(
+                "max_connections",
+                format!("must be 1..=1000000, got {max_connections}"),
+            ));
+        }
         let db = if self.no_db.unwrap_or(false) {
             None
         } else {
@@ -250,6 +260,7 @@ impl Settings {
             model_alias,
             default_max_tokens,
             max_body_bytes,
+            max_connections,
             reload_debounce: std::time::Duration::from_millis(
                 self.reload_debounce_ms.unwrap_or(300),
             ),
@@ -285,6 +296,7 @@ pub struct ServeConfig {
     pub model_alias: String,
     pub default_max_tokens: usize,
     pub max_body_bytes: usize,
+    pub max_connections: usize,
     pub reload_debounce: std::time::Duration,
     pub device: DeviceChoice,
 }

@@ -248,7 +248,16 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
     let st = state.clone();
     let accept = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
+        let max_conns = st.config.max_connections;
         loop {
+            if conns.len() >= max_conns {
+                // at the cap: accept nothing until a connection ends (new ones wait in the
+                // kernel's backlog)
+                tokio::select! {
+                    _ = conns.join_next() => continue,
+                    _ = stop.changed() => break,
+                }
+            }
             let conn = tokio::select! {
                 c = listener.accept() => c,
                 _ = stop.changed() => break,

@@ -854,3 +854,22 @@ fn batched_requests_on_one_path_get_the_answers_they_get_alone() {
     assert_eq!(r2.v()["drllm"]["passes"], 6);
     assert_eq!(r2.v()["usage"]["completion_tokens"], 20);
 }
+
+#[test]
+fn connections_beyond_the_cap_wait_until_one_ends() {
+    let s = server(|c| c.max_connections = Some(1));
+    let addr = s.addr;
+    // an idle client holds the only place
+    let idle = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(get(addr, "/health").status);
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a second connection was served while the first held the only place"
+    );
+    drop(idle);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(200));
+}
