@@ -38,6 +38,15 @@ impl ApiError {
         self
     }
 
+    /// 400: the request asked for routing and no router sidecar is loaded.
+    pub fn no_routers() -> Self {
+        ApiError::invalid(
+            "routing was requested but no router sidecar is loaded",
+            Some("routing"),
+        )
+        .with_code("no_routers")
+    }
+
     /// 401: missing or wrong bearer token.
     pub fn unauthorized() -> Self {
         ApiError {

@@ -147,34 +147,18 @@ impl Settings {
                     .unwrap_or_else(|| drllm_engine::router_format::sidecar_path_for(&model)),
             )
         };
-        let parallel = self.parallel.unwrap_or(1);
-        if !(1..=64).contains(&parallel) {
-            return Err(invalid(
-                "parallel",
-                format!("must be 1..=64, got {parallel}"),
-            ));
-        }
+        let parallel = in_range("parallel", self.parallel.unwrap_or(1), 1, 64)?;
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(4);
-        let threads = self.threads.unwrap_or((cores / parallel).max(1));
-        if !(1..=1024).contains(&threads) {
-            return Err(invalid(
-                "threads",
-                format!("must be 1..=1024, got {threads}"),
-            ));
-        }
-        let ctx_size = self.ctx_size.unwrap_or(4096);
-        if !(16..=1 << 20).contains(&ctx_size) {
-            return Err(invalid(
-                "ctx_size",
-                format!("must be 16..=1048576, got {ctx_size}"),
-            ));
-        }
-        let batch = self.batch.unwrap_or(1);
-        if !(1..=64).contains(&batch) {
-            return Err(invalid("batch", format!("must be 1..=64, got {batch}")));
-        }
+        let threads = in_range(
+            "threads",
+            self.threads.unwrap_or((cores / parallel).max(1)),
+            1,
+            1024,
+        )?;
+        let ctx_size = in_range("ctx_size", self.ctx_size.unwrap_or(4096), 16, 1 << 20)?;
+        let batch = in_range("batch", self.batch.unwrap_or(1), 1, 64)?;
         let queue = self.queue.unwrap_or(16);
         if queue > 100_000 {
             return Err(invalid(
@@ -186,20 +170,18 @@ impl Settings {
         if default_max_tokens == 0 {
             return Err(invalid("default_max_tokens", "must be at least 1".into()));
         }
-        let max_body_bytes = self.max_body_bytes.unwrap_or(8 << 20);
-        if !(1024..=1 << 30).contains(&max_body_bytes) {
-            return Err(invalid(
-                "max_body_bytes",
-                format!("must be 1024..=1073741824, got {max_body_bytes}"),
-            ));
-        }
-        let max_connections = self.max_connections.unwrap_or(512);
-        if !(1..=1_000_000).contains(&max_connections) {
-            return Err(invalid(
-                "max_connections",
-                format!("must be 1..=1000000, got {max_connections}"),
-            ));
-        }
+        let max_body_bytes = in_range(
+            "max_body_bytes",
+            self.max_body_bytes.unwrap_or(8 << 20),
+            1024,
+            1 << 30,
+        )?;
+        let max_connections = in_range(
+            "max_connections",
+            self.max_connections.unwrap_or(512),
+            1,
+            1_000_000,
+        )?;
         let db = if self.no_db.unwrap_or(false) {
             None
         } else {
@@ -265,6 +247,18 @@ impl Settings {
                 self.reload_debounce_ms.unwrap_or(300),
             ),
             device,
+        })
+    }
+}
+
+/// `value` if it lies in `lo..=hi`, else the error naming `key`.
+fn in_range(key: &'static str, value: usize, lo: usize, hi: usize) -> Result<usize, ConfigError> {
+    if (lo..=hi).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            message: format!("must be {lo}..={hi}, got {value}"),
         })
     }
 }

@@ -501,11 +501,7 @@ async fn completion(
     .await
     .map_err(|e| ApiError::internal(format!("request parsing task: {e}")))??;
     if s.routing.routing == Some(true) && r.routers.current().is_none() {
-        return Err(ApiError::invalid(
-            "routing was requested but no router sidecar is loaded",
-            Some("routing"),
-        )
-        .with_code("no_routers"));
+        return Err(ApiError::no_routers());
     }
     let prefix = match name {
         "chat" => "chatcmpl",

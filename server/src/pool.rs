@@ -244,24 +244,8 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
     }
     let _running = Running(metrics);
     let queue_secs = job.arrived.elapsed().as_secs_f64();
-    let routers: Option<Arc<Routers>> = match job.routing.routing {
-        Some(false) => None,
-        _ => shared.routers.current(),
-    };
-    if job.routing.routing == Some(true) && routers.is_none() {
-        let _ = job.events.blocking_send(Event::Failed(
-            ApiError::invalid(
-                "routing was requested but no router sidecar is loaded",
-                Some("routing"),
-            )
-            .with_code("no_routers"),
-        ));
+    let Some((routers, opts)) = job_routing(shared, &job) else {
         return;
-    }
-    let opts = RouteOptions {
-        depth_bias: job.routing.depth_bias,
-        max_passes: job.routing.max_passes,
-        observe_only: false,
     };
     let mut hook = routers.as_ref().map(|r| r.hook(&opts));
     let full = LayerPath::full(shared.model.n_layer());
@@ -342,6 +326,28 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
     }
 }
 
+/// The generation of routers a job runs with (None: the plain model) and its routing options;
+/// None after telling the client, when it asked for routing and no sidecar is loaded (the
+/// handler checked too, but a reload may have removed the sidecar since).
+fn job_routing(shared: &Shared, job: &Job) -> Option<(Option<Arc<Routers>>, RouteOptions)> {
+    let routers = match job.routing.routing {
+        Some(false) => None,
+        _ => shared.routers.current(),
+    };
+    if job.routing.routing == Some(true) && routers.is_none() {
+        let _ = job
+            .events
+            .blocking_send(Event::Failed(ApiError::no_routers()));
+        return None;
+    }
+    let opts = RouteOptions {
+        depth_bias: job.routing.depth_bias,
+        max_passes: job.routing.max_passes,
+        observe_only: false,
+    };
+    Some((routers, opts))
+}
+
 /// A generation in progress in a batched worker.
 struct Active {
     job: Job,
@@ -387,24 +393,8 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], rx: &Mutex<mpsc::Recei
                 continue;
             };
             let queue_secs = job.arrived.elapsed().as_secs_f64();
-            let routers: Option<Arc<Routers>> = match job.routing.routing {
-                Some(false) => None,
-                _ => shared.routers.current(),
-            };
-            if job.routing.routing == Some(true) && routers.is_none() {
-                let _ = job.events.blocking_send(Event::Failed(
-                    ApiError::invalid(
-                        "routing was requested but no router sidecar is loaded",
-                        Some("routing"),
-                    )
-                    .with_code("no_routers"),
-                ));
+            let Some((routers, ropts)) = job_routing(shared, &job) else {
                 continue;
-            }
-            let ropts = RouteOptions {
-                depth_bias: job.routing.depth_bias,
-                max_passes: job.routing.max_passes,
-                observe_only: false,
             };
             let mut hook = routers.as_ref().map(|r| r.hook(&ropts));
             let full = LayerPath::full(shared.model.n_layer());
@@ -412,8 +402,7 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], rx: &Mutex<mpsc::Recei
                 Some(h) => Route::Hook(h),
                 None => Route::Fixed(&full),
             };
-            let (prompt, opts) = (prompt.clone(), opts.clone());
-            match Stepper::start(&mut sessions[lane], &prompt, route, &opts) {
+            match Stepper::start(&mut sessions[lane], prompt, route, opts) {
                 Err(e) => {
                     sessions[lane].reset();
                     let _ = job.events.blocking_send(Event::Failed(engine_error(e)));

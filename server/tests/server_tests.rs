@@ -403,13 +403,16 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A counter or gauge of `/metrics`.
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let body = get(addr, "/metrics").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+}
+
 fn failures(s: &Server) -> u64 {
-    get(s.addr, "/metrics")
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix("drllm_router_reload_failures_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    metric(s.addr, "drllm_router_reload_failures_total")
 }
 
 #[test]
@@ -627,14 +630,7 @@ fn many_clients_are_answered_or_refused_and_disconnects_free_the_slot() {
         c.ctx_size = Some(2048);
     });
     let addr = s.addr;
-    let metric = |name: &str| -> u64 {
-        get(addr, "/metrics")
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
+    let metric = |name: &str| metric(addr, name);
     let long =
         || std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(8, 1500)));
     let mut clients = vec![long()];
@@ -727,14 +723,7 @@ fn many_clients_are_answered_or_refused_and_disconnects_free_the_slot() {
 fn shutdown_lets_requests_in_flight_finish() {
     let mut s = server(|c| c.ctx_size = Some(2048));
     let addr = s.addr;
-    let running = || {
-        get(addr, "/metrics")
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix("drllm_requests_running "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap()
-    };
+    let running = || metric(addr, "drllm_requests_running");
     let client =
         std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(8, 1500)));
     wait_for("the request to run", || running() == 1);
@@ -800,14 +789,7 @@ fn batched_requests_on_one_path_get_the_answers_they_get_alone() {
         c.ctx_size = Some(1024);
     });
     let addr = s.addr;
-    let running = || {
-        get(addr, "/metrics")
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix("drllm_requests_running "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap()
-    };
+    let running = || metric(addr, "drllm_requests_running");
     // a long request keeps the worker busy, so the next ones join it in the same graphs
     let long = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(7, 600)));
     wait_for("the long request to run", || running() == 1);
@@ -835,13 +817,8 @@ fn batched_requests_on_one_path_get_the_answers_they_get_alone() {
         );
     }
     assert_eq!(long.join().unwrap().v()["usage"]["completion_tokens"], 600);
-    let m = get(addr, "/metrics").body;
-    let batched: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("drllm_batched_decode_steps_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(batched > 0, "no decode step ran several requests:\n{m}");
+    let batched = metric(addr, "drllm_batched_decode_steps_total");
+    assert!(batched > 0, "no decode step ran several requests");
     // a streamed request and routing off (another path) in the same worker
     let mut b = chat_body(3, 20);
     b["stream"] = json!(true);
