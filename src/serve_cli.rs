@@ -74,6 +74,27 @@ pub struct ServeArgs {
     /// Engine device: auto or cpu [default: auto].
     #[arg(long, env = "DRLLM_DEVICE")]
     device: Option<String>,
+    /// Host names requests may use besides localhost, loopback addresses and the bound
+    /// address (comma-separated; * allows any) [default: none].
+    #[arg(
+        long,
+        env = "DRLLM_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOSTS"
+    )]
+    allowed_hosts: Option<Vec<String>>,
+    /// Web origins whose pages may call the API from a browser, with CORS (comma-separated,
+    /// e.g. http://localhost:3000; * allows any) [default: none].
+    #[arg(
+        long,
+        env = "DRLLM_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGINS"
+    )]
+    allowed_origins: Option<Vec<String>>,
+    /// Seconds a client has to send its request body [default: 30].
+    #[arg(long, env = "DRLLM_BODY_TIMEOUT_SECS", value_name = "SECS")]
+    body_timeout_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -98,6 +119,9 @@ impl ServeArgs {
             max_connections: self.max_connections,
             reload_debounce_ms: self.reload_debounce_ms,
             device: self.device.clone(),
+            allowed_hosts: self.allowed_hosts.clone(),
+            allowed_origins: self.allowed_origins.clone(),
+            body_timeout_secs: self.body_timeout_secs,
         }
     }
 }

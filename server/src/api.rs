@@ -91,6 +91,20 @@ impl ApiError {
         }
     }
 
+    /// 408: the client did not send its body in time.
+    pub fn timeout(limit: std::time::Duration) -> Self {
+        ApiError {
+            status: 408,
+            message: format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs()
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("body_timeout"),
+        }
+    }
+
     /// 503: the model is still loading, or the queue is full.
     pub fn unavailable(message: impl Into<String>, code: &'static str) -> Self {
         ApiError {
@@ -165,9 +179,156 @@ pub fn from_value<'a, T: Deserialize<'a>>(v: &'a Value) -> Result<T, ApiError> {
     })
 }
 
-/// Parses a JSON body into `T` (a type without flattened fields, whose paths would be lost).
-pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    from_value(&parse_json(bytes)?)
+/// The endpoints whose bodies [`check_fields`] knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+    Route,
+}
+
+/// Fields every generating endpoint implements (their ranges are checked in
+/// [`CommonFields::validate`]).
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "ignore_eos",
+    "routing",
+    "depth_bias",
+    "max_passes",
+];
+
+/// Fields drllm does not implement, with the value that asks for nothing (what clients send
+/// by default) and which is therefore accepted. Any other value is refused by name, so that a
+/// client never believes it got something it did not (JSON mode, tools, ...).
+fn noop_value(endpoint: Endpoint, key: &str, v: &Value) -> Option<(bool, &'static str)> {
+    let any_string = (v.is_string(), "a string");
+    Some(match (endpoint, key) {
+        // labels for the caller's own bookkeeping: no effect on the answer
+        (_, "user" | "safety_identifier" | "prompt_cache_key") => any_string,
+        (_, "metadata") => (v.is_object(), "an object of labels"),
+        (_, "store") => (v == &json!(false), "false (nothing is stored)"),
+        (_, "service_tier") => (
+            v == &json!("auto") || v == &json!("default"),
+            "\"auto\" or \"default\"",
+        ),
+        (_, "top_logprobs") => (v == &json!(0), "0 (logprobs are not supported)"),
+        (_, "logit_bias") => (
+            v.as_object().is_some_and(|o| o.is_empty()),
+            "{} (logit bias is not supported)",
+        ),
+        (_, "tools" | "functions") => (
+            v.as_array().is_some_and(|a| a.is_empty()),
+            "[] (tool calls are not supported)",
+        ),
+        (_, "tool_choice" | "function_call") => (
+            v == &json!("none") || v == &json!("auto"),
+            "\"none\" or \"auto\" without tools",
+        ),
+        (_, "parallel_tool_calls") => (v.is_boolean(), "a boolean, without tools"),
+        (_, "response_format") => (
+            v == &json!({"type": "text"}),
+            "{\"type\": \"text\"} (JSON mode and schemas are not supported yet)",
+        ),
+        (_, "modalities") => (v == &json!(["text"]), "[\"text\"]"),
+        (Endpoint::Completion, "echo") => (v == &json!(false), "false"),
+        (Endpoint::Completion, "best_of") => (v == &json!(1), "1"),
+        (Endpoint::Completion, "suffix") => (v == &json!(""), "\"\""),
+        _ => return None,
+    })
+}
+
+fn unsupported(param: &str, message: String) -> ApiError {
+    ApiError::invalid(message, Some(param)).with_code("unsupported_parameter")
+}
+
+/// Refuses, by name, every field of a body that drllm does not implement, unless it carries
+/// its no-op value (see [`noop_value`]); a null counts as not given. Also checks the keys of
+/// `stream_options` and of each message.
+pub fn check_fields(endpoint: Endpoint, body: &Value) -> Result<(), ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Ok(()); // the type error is reported by the parser
+    };
+    for (key, v) in obj {
+        if v.is_null() {
+            continue;
+        }
+        let implemented = match endpoint {
+            Endpoint::Chat => key == "messages" || COMMON_FIELDS.contains(&key.as_str()),
+            Endpoint::Completion => key == "prompt" || COMMON_FIELDS.contains(&key.as_str()),
+            Endpoint::Route => matches!(
+                key.as_str(),
+                "model" | "messages" | "prompt" | "routing" | "depth_bias" | "max_passes"
+            ),
+        };
+        if implemented {
+            continue;
+        }
+        match noop_value(endpoint, key, v) {
+            Some((true, _)) => {}
+            Some((false, accepted)) => {
+                return Err(unsupported(
+                    key,
+                    format!("'{key}' is not supported by drllm; it is accepted only as {accepted}"),
+                ))
+            }
+            None => {
+                return Err(unsupported(
+                    key,
+                    format!("unknown or unsupported field '{key}'"),
+                ))
+            }
+        }
+    }
+    if let Some(o) = obj.get("stream_options").and_then(Value::as_object) {
+        for (key, v) in o {
+            // include_obfuscation pads chunks against side channels on a remote API: no effect
+            // on the answer
+            if !(v.is_null() || key == "include_usage" || key == "include_obfuscation") {
+                let param = format!("stream_options.{key}");
+                return Err(unsupported(
+                    &param,
+                    format!("unknown or unsupported field '{param}'"),
+                ));
+            }
+        }
+    }
+    if let Some(msgs) = obj.get("messages").and_then(Value::as_array) {
+        for (i, m) in msgs.iter().enumerate() {
+            let Some(m) = m.as_object() else { continue };
+            for (key, v) in m {
+                let ok = v.is_null()
+                    || match key.as_str() {
+                        "role" | "content" => true,
+                        // a participant's name and the id a tool result answers: labels
+                        "name" | "tool_call_id" => v.is_string(),
+                        "tool_calls" | "annotations" => v.as_array().is_some_and(|a| a.is_empty()),
+                        _ => false,
+                    };
+                if !ok {
+                    let param = format!("messages[{i}].{key}");
+                    return Err(unsupported(
+                        &param,
+                        format!("unknown or unsupported field '{param}'"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A string or a list of strings (`stop`).
@@ -221,8 +382,9 @@ pub struct StreamOptions {
 }
 
 /// The fields chat and text completions share: sampling, limits, streaming, and drllm's
-/// routing controls. Unknown fields are ignored (clients send many); known ones are checked
-/// by type here and by range in [`CommonFields::validate`].
+/// routing controls. Fields drllm does not implement are refused by [`check_fields`] before
+/// this is read; known ones are checked by type here and by range in
+/// [`CommonFields::validate`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CommonFields {
     pub model: Option<String>,
@@ -457,6 +619,7 @@ impl ChatRequest {
     /// Parses a request body.
     pub fn from_body(bytes: &[u8]) -> Result<Self, ApiError> {
         let v = parse_json(bytes)?;
+        check_fields(Endpoint::Chat, &v)?;
         let m: MessagesOnly = from_value(&v)?;
         Ok(ChatRequest {
             messages: m.messages,
@@ -532,10 +695,20 @@ pub struct CompletionRequest {
     pub common: CommonFields,
 }
 
+impl RouteRequest {
+    /// Parses a request body.
+    pub fn from_body(bytes: &[u8]) -> Result<Self, ApiError> {
+        let v = parse_json(bytes)?;
+        check_fields(Endpoint::Route, &v)?;
+        from_value(&v)
+    }
+}
+
 impl CompletionRequest {
     /// Parses a request body.
     pub fn from_body(bytes: &[u8]) -> Result<Self, ApiError> {
         let v = parse_json(bytes)?;
+        check_fields(Endpoint::Completion, &v)?;
         let p: PromptOnly = from_value(&v)?;
         Ok(CompletionRequest {
             prompt: p.prompt,

@@ -78,6 +78,14 @@ pub struct Settings {
     pub reload_debounce_ms: Option<u64>,
     /// Engine device: auto or cpu.
     pub device: Option<String>,
+    /// Host names (besides loopback names and addresses, and the bound address) that
+    /// requests may name in their Host header; `*` allows any.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Web origins (`http://localhost:3000`) whose pages may call the API from a browser
+    /// (CORS); `*` allows any. Default: none.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Seconds a client has to send a request body once its headers are in (default 30).
+    pub body_timeout_secs: Option<u64>,
 }
 
 macro_rules! overlay {
@@ -124,7 +132,10 @@ impl Settings {
             max_body_bytes,
             max_connections,
             reload_debounce_ms,
-            device
+            device,
+            allowed_hosts,
+            allowed_origins,
+            body_timeout_secs
         )
     }
 
@@ -227,6 +238,37 @@ impl Settings {
                 })
                 .unwrap_or_else(|| "model".into()),
         };
+        let body_timeout_secs = self.body_timeout_secs.unwrap_or(30);
+        if !(1..=3600).contains(&body_timeout_secs) {
+            return Err(invalid(
+                "body_timeout_secs",
+                format!("must be 1..=3600, got {body_timeout_secs}"),
+            ));
+        }
+        for (key, list) in [
+            ("allowed_hosts", &self.allowed_hosts),
+            ("allowed_origins", &self.allowed_origins),
+        ] {
+            for v in list.iter().flatten() {
+                let bad = v.trim().is_empty()
+                    || v.chars()
+                        .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+                    || (key == "allowed_origins" && v != "*" && v != "null" && !v.contains("://"));
+                if bad {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "'{v}' is not a {} (or *)",
+                            if key == "allowed_hosts" {
+                                "host name"
+                            } else {
+                                "web origin such as http://localhost:3000"
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(ServeConfig {
             model,
             routers,
@@ -247,6 +289,10 @@ impl Settings {
                 self.reload_debounce_ms.unwrap_or(300),
             ),
             device,
+            allowed_hosts: self.allowed_hosts.unwrap_or_default(),
+            allowed_origins: self.allowed_origins.unwrap_or_default(),
+            body_timeout: std::time::Duration::from_secs(body_timeout_secs),
+            fault: None,
         })
     }
 }
@@ -293,6 +339,12 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub reload_debounce: std::time::Duration,
     pub device: DeviceChoice,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
+    pub body_timeout: std::time::Duration,
+    /// Called by the workers at each fault point (tests inject panics with it).
+    #[doc(hidden)]
+    pub fault: Option<crate::pool::FaultHook>,
 }
 
 #[cfg(test)]
@@ -372,6 +424,27 @@ mod tests {
                     ..Default::default()
                 },
                 "device",
+            ),
+            (
+                Settings {
+                    allowed_origins: Some(vec!["localhost:3000".into()]),
+                    ..Default::default()
+                },
+                "allowed_origins",
+            ),
+            (
+                Settings {
+                    allowed_hosts: Some(vec!["a b".into()]),
+                    ..Default::default()
+                },
+                "allowed_hosts",
+            ),
+            (
+                Settings {
+                    body_timeout_secs: Some(0),
+                    ..Default::default()
+                },
+                "body_timeout_secs",
             ),
         ] {
             match s.over(base.clone()).resolve() {

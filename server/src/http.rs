@@ -1,5 +1,6 @@
 //! HTTP: the route table, authentication, body limits, the handlers, and SSE streaming.
 
+use crate::access::{self, Allowed};
 use crate::api::{
     self, ApiError, ChatRequest, CompletionRequest, GenSettings, Limits, Prompt, RouteRequest,
     Usage,
@@ -104,6 +105,13 @@ fn error_response(e: &ApiError) -> Response<ResBody> {
             hyper::header::HeaderValue::from_static("Bearer"),
         );
     }
+    if e.status == 408 {
+        // the rest of a stalled body is not read: the connection cannot be reused
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     if e.status == 503 {
         // busy or loading: well-behaved clients wait a moment before retrying
         r.headers_mut().insert(
@@ -137,35 +145,76 @@ pub async fn handle(
 ) -> Result<Response<ResBody>, Infallible> {
     let table = routes();
     let path = req.uri().path().to_string();
-    let Some(def) = table.iter().find(|d| d.path == path) else {
-        let e = ApiError::not_found(format!("no route {path}"), "unknown_route");
-        return Ok(error_response(&e));
-    };
-    let name = def.name;
-    let resp = if req.method() != def.method {
-        let mut r = error_response(&ApiError::method_not_allowed(def.method.as_str()));
-        if let Ok(v) = hyper::header::HeaderValue::from_str(def.method.as_str()) {
-            r.headers_mut().insert(hyper::header::ALLOW, v);
-        }
-        r
-    } else if def.auth
-        && state
-            .config
-            .api_key
-            .as_deref()
-            .is_some_and(|k| !token_ok(&req, k))
-    {
-        error_response(&ApiError::unauthorized())
-    } else {
-        match dispatch(&state, name, req).await {
-            Ok(r) => r,
-            Err(e) => error_response(&e),
+    let def = table.iter().find(|d| d.path == path);
+    let name = def.map_or("unknown", |d| d.name);
+    // the Host and Origin checks come first: a page the user visits learns nothing, not even
+    // which routes exist
+    let resp = match state.access.check(req.headers()) {
+        Err(e) => error_response(&e),
+        Ok(allowed) => {
+            let mut r = match def {
+                None => error_response(&ApiError::not_found(
+                    format!("no route {path}"),
+                    "unknown_route",
+                )),
+                Some(def) => route(&state, def, &allowed, req).await,
+            };
+            if let Allowed::Cors(origin) = &allowed {
+                if !r.headers().contains_key("access-control-allow-origin") {
+                    access::cors_headers(r.headers_mut(), origin);
+                }
+            }
+            r
         }
     };
     if let Some(ready) = state.ready.get() {
         ready.metrics.request(name, resp.status().as_u16());
     }
     Ok(resp)
+}
+
+/// A request for a known route from an allowed client: method, preflight, token, handler.
+async fn route(
+    state: &Arc<State>,
+    def: &RouteDef,
+    allowed: &Allowed,
+    req: Request<Incoming>,
+) -> Response<ResBody> {
+    let methods = format!("{}, OPTIONS", def.method);
+    if req.method() == Method::OPTIONS {
+        // a CORS preflight from an allowed origin, or a plain OPTIONS: no token needed
+        let mut r = Response::new(ResBody::Full(Full::new(Bytes::new())));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        if let Allowed::Cors(origin) = allowed {
+            if req.headers().contains_key("access-control-request-method") {
+                access::preflight_headers(r.headers_mut(), origin, req.headers(), &methods);
+            }
+        }
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&methods) {
+            r.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+        return r;
+    }
+    if req.method() != def.method {
+        let mut r = error_response(&ApiError::method_not_allowed(def.method.as_str()));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&methods) {
+            r.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+        return r;
+    }
+    if def.auth
+        && state
+            .config
+            .api_key
+            .as_deref()
+            .is_some_and(|k| !token_ok(&req, k))
+    {
+        return error_response(&ApiError::unauthorized());
+    }
+    match dispatch(state, def.name, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
 }
 
 fn ready(state: &State) -> Result<&Arc<Ready>, ApiError> {
@@ -175,12 +224,28 @@ fn ready(state: &State) -> Result<&Arc<Ready>, ApiError> {
         .ok_or_else(|| ApiError::unavailable("the model is loading", "loading"))
 }
 
+/// Reads a body of at most `max_body_bytes`, within `body_timeout` (a client that stalls
+/// is answered 408 and the connection closed).
 async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::invalid(format!("reading the body: {e}"), None)),
+    let read = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(state.config.body_timeout, read).await {
+        Err(_) => Err(ApiError::timeout(state.config.body_timeout)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Ok(Err(e)) => Err(ApiError::invalid(format!("reading the body: {e}"), None)),
+    }
+}
+
+fn refused(r: Refused) -> ApiError {
+    match r {
+        Refused::Busy => ApiError::unavailable(
+            "server busy: the request queue is full, retry later",
+            "server_busy",
+        ),
+        Refused::NoWorkers => {
+            ApiError::unavailable("no worker is left to run requests", "no_workers")
+        }
     }
 }
 
@@ -191,7 +256,18 @@ async fn dispatch(
 ) -> Result<Response<ResBody>, ApiError> {
     match name {
         "health" => Ok(match state.ready.get() {
-            Some(_) => json_response(200, &json!({"status": "ok"})),
+            Some(r) => {
+                let (alive, started) = (r.pool.workers_alive(), r.pool.workers());
+                let (code, status) = match alive {
+                    0 => (503, "no_workers"),
+                    n if n < started => (200, "degraded"),
+                    _ => (200, "ok"),
+                };
+                json_response(
+                    code,
+                    &json!({"status": status, "workers": alive, "workers_started": started}),
+                )
+            }
             None => json_response(503, &json!({"status": "loading"})),
         }),
         "metrics" => {
@@ -261,6 +337,8 @@ async fn dispatch(
         }
         "chat" | "completion" | "route" => {
             let r = ready(state)?.clone();
+            // a full queue answers before the body is read, parsed and tokenized
+            r.pool.admits().map_err(refused)?;
             let body = read_body(state, req).await?;
             completion(state, &r, name, body).await
         }
@@ -434,7 +512,7 @@ fn parse(state: &State, r: &Ready, name: &str, body: &[u8]) -> Result<Parsed, Ap
             })
         }
         _ => {
-            let q: RouteRequest = api::parse_body(body)?;
+            let q = RouteRequest::from_body(body)?;
             let common = api::CommonFields {
                 routing: q.routing,
                 depth_bias: q.depth_bias,
@@ -541,18 +619,7 @@ async fn completion(
         arrived: Instant::now(),
         arrived_unix: unix_now(),
     };
-    match r.pool.submit(job) {
-        Ok(()) => {}
-        Err(Refused::Busy) => {
-            return Err(ApiError::unavailable(
-                "server busy: the request queue is full, retry later",
-                "server_busy",
-            ))
-        }
-        Err(Refused::NoWorkers) => {
-            return Err(ApiError::internal("no worker is left to run requests"))
-        }
-    }
+    r.pool.submit(job).map_err(refused)?;
     let created = unix_now() as u64;
     let model = state.config.model_alias.clone();
     if s.stream && name != "route" {

@@ -1,6 +1,7 @@
 //! drllm's daemon: one model per process behind an OpenAI-compatible HTTP API, with router
 //! hot reload, Prometheus metrics and a SQLite routing log.
 //!
+//! - [`access`]: who may talk to the daemon (Host and Origin checks, CORS).
 //! - [`config`]: settings, layered flags > environment > TOML file > defaults.
 //! - [`api`]: the wire format; every request field is parsed and range-checked there.
 //! - [`http`]: the route table and handlers (hyper), SSE streaming.
@@ -10,6 +11,7 @@
 //! - [`metrics`]: counters rendered for `/metrics`.
 //! - [`client`]: a minimal blocking HTTP client (`drllm loadtest`, the tests).
 
+pub mod access;
 pub mod api;
 pub mod client;
 pub mod config;
@@ -76,6 +78,8 @@ pub struct Ready {
 /// Server state: the settings, and the loaded model once it is ready.
 pub struct State {
     pub config: ServeConfig,
+    /// The Host and Origin policy.
+    pub access: access::Access,
     pub ready: OnceLock<Arc<Ready>>,
 }
 
@@ -186,6 +190,7 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         routers: routers.clone(),
         metrics: metrics.clone(),
         log: log.clone(),
+        fault: config.fault.clone(),
     });
     let pool = Pool::start(
         shared,
@@ -234,7 +239,15 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
              address can use the model (set --api-key or bind 127.0.0.1)"
         );
     }
+    if !config.host.is_loopback() && config.allowed_hosts.is_empty() {
+        eprintln!(
+            "[drllm] note: requests must name this server by {} or a loopback name in their Host \
+             header; add the names clients use with --allowed-hosts",
+            config.host
+        );
+    }
     let state = Arc::new(State {
+        access: access::Access::new(config.host, &config.allowed_hosts, &config.allowed_origins),
         config,
         ready: OnceLock::new(),
     });

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub queue_depth: AtomicUsize,
     /// Jobs a worker is running.
     pub running: AtomicUsize,
+    /// Workers started, and those still alive.
+    pub workers_started: AtomicUsize,
+    pub workers_alive: AtomicUsize,
+    /// Requests that failed with a panic inside a worker (the worker went on).
+    panics: AtomicU64,
     generation: Mutex<Option<String>>,
 }
 
@@ -59,6 +64,9 @@ impl Metrics {
             batched_tokens: AtomicU64::new(0),
             queue_depth: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
+            workers_started: AtomicUsize::new(0),
+            workers_alive: AtomicUsize::new(0),
+            panics: AtomicU64::new(0),
             generation: Mutex::new(None),
         }
     }
@@ -118,6 +126,11 @@ impl Metrics {
     /// A request whose client went away before it finished.
     pub fn cancelled(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request that ended in a panic inside a worker (its client got a 500).
+    pub fn panicked(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A successful sidecar load; `generation` None: running unrouted.
@@ -206,6 +219,11 @@ impl Metrics {
                 c(&self.batched_tokens),
             ),
             (
+                "drllm_request_panics_total",
+                "Requests that failed with a panic inside a worker (answered 500; the worker went on).",
+                c(&self.panics),
+            ),
+            (
                 "drllm_router_reload_failures_total",
                 "Sidecar files that failed validation (the previous generation kept serving).",
                 c(&self.reload_failures),
@@ -262,6 +280,22 @@ impl Metrics {
             "drllm_requests_running {}",
             self.running.load(Ordering::Relaxed)
         );
+        let load = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        for (name, help, v) in [
+            (
+                "drllm_workers",
+                "Worker threads alive (each runs requests on its own sessions).",
+                load(&self.workers_alive),
+            ),
+            (
+                "drllm_workers_started",
+                "Worker threads started; more than drllm_workers means some died.",
+                load(&self.workers_started),
+            ),
+        ] {
+            head(&mut s, name, "gauge", help);
+            let _ = writeln!(s, "{name} {v}");
+        }
         head(
             &mut s,
             "drllm_block_passes_total",

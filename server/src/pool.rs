@@ -10,8 +10,9 @@ use drllm_engine::{
     generate, BlockDecision, EngineError, FinishReason, GenerateOptions, LayerPath, Logits, Model,
     Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper, Tokenizer,
 };
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc as tmpsc;
 
@@ -84,11 +85,207 @@ pub enum Refused {
     NoWorkers,
 }
 
+/// Where a worker calls [`FaultHook`]: right after taking a job (outside any panic guard: a
+/// panic there ends the worker), at the start of a job's prefill, and before each decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    Taken,
+    Prefill,
+    Decode,
+}
+
+/// A function the workers call at each [`FaultPoint`]; tests use it to make a job panic
+/// where the engine could. None in a real server.
+#[derive(Clone)]
+pub struct FaultHook(pub Arc<FaultFn>);
+
+/// The function inside a [`FaultHook`].
+pub type FaultFn = dyn Fn(FaultPoint, &Job) + Send + Sync;
+
+impl std::fmt::Debug for FaultHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultHook")
+    }
+}
+
+/// The queue between the HTTP side and the workers: waiting jobs, and the sessions ("lanes")
+/// of live workers that are free to take one. Workers wait on a condition variable, so no
+/// worker holds the lock while it waits or runs: an idle worker never stands between a busy
+/// worker and the jobs it could admit.
+struct JobQueue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+    /// Jobs that may wait beyond the free lanes.
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Lanes of live workers not running a job.
+    free_lanes: usize,
+    /// Live workers.
+    workers: usize,
+    closed: bool,
+}
+
+impl JobQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // nothing panics while holding it; a poisoned lock still holds consistent state
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a job would be admitted now: a lane is free for it, or the queue has room.
+    fn admits(&self, q: &QueueState) -> Result<(), Refused> {
+        if q.workers == 0 || q.closed {
+            Err(Refused::NoWorkers)
+        } else if q.jobs.len() >= self.capacity + q.free_lanes {
+            Err(Refused::Busy)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn push(&self, job: Job) -> Result<(), Refused> {
+        let mut q = self.lock();
+        self.admits(&q)?;
+        q.jobs.push_back(job);
+        self.metrics
+            .queue_depth
+            .store(q.jobs.len(), Ordering::Relaxed);
+        drop(q);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Takes the oldest job into a free lane of the calling worker; waits for one when `wait`.
+    /// None: nothing queued (or, waiting, the queue was closed).
+    fn take(&self, wait: bool) -> Option<Job> {
+        let mut q = self.lock();
+        loop {
+            if let Some(job) = q.jobs.pop_front() {
+                q.free_lanes = q.free_lanes.saturating_sub(1);
+                self.metrics
+                    .queue_depth
+                    .store(q.jobs.len(), Ordering::Relaxed);
+                return Some(job);
+            }
+            if !wait || q.closed {
+                return None;
+            }
+            q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_all();
+    }
+}
+
+/// A worker's membership of the queue: its lanes count as free while they run no job. Dropped
+/// when the worker ends for any reason (a panic included): its lanes leave the queue, the
+/// metrics show one worker fewer, and when none is left the waiting jobs are answered.
+struct Lanes {
+    queue: Arc<JobQueue>,
+    free: usize,
+}
+
+impl Lanes {
+    fn join(queue: Arc<JobQueue>, n: usize) -> Lanes {
+        {
+            let mut q = queue.lock();
+            q.workers += 1;
+            q.free_lanes += n;
+        }
+        queue
+            .metrics
+            .workers_started
+            .fetch_add(1, Ordering::Relaxed);
+        queue.metrics.workers_alive.fetch_add(1, Ordering::Relaxed);
+        Lanes { queue, free: n }
+    }
+
+    /// A job for one of this worker's free lanes (see [`JobQueue::take`]).
+    fn take(&mut self, wait: bool) -> Option<Job> {
+        if self.free == 0 {
+            return None;
+        }
+        let job = self.queue.take(wait)?;
+        self.free -= 1;
+        Some(job)
+    }
+
+    /// A lane finished its job.
+    fn release(&mut self) {
+        self.free += 1;
+        self.queue.lock().free_lanes += 1;
+        // a job refused a moment ago may fit now; nothing to wake (workers poll their lanes)
+    }
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        let orphans = {
+            let mut q = self.queue.lock();
+            q.workers = q.workers.saturating_sub(1);
+            q.free_lanes = q.free_lanes.saturating_sub(self.free);
+            if q.workers == 0 {
+                std::mem::take(&mut q.jobs)
+            } else {
+                VecDeque::new()
+            }
+        };
+        let m = &self.queue.metrics;
+        m.workers_alive.fetch_sub(1, Ordering::Relaxed);
+        if !self.queue.lock().closed {
+            eprintln!(
+                "[drllm] error: a worker ended unexpectedly ({} of {} left)",
+                m.workers_alive.load(Ordering::Relaxed),
+                m.workers_started.load(Ordering::Relaxed)
+            );
+        }
+        m.queue_depth
+            .store(self.queue.lock().jobs.len(), Ordering::Relaxed);
+        for job in orphans {
+            let _ = job.events.try_send(Event::Failed(ApiError::unavailable(
+                "no worker is left to run requests",
+                "no_workers",
+            )));
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into an error message; the caller answers the job's client and
+/// counts it.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
+/// The answer to the client of a job that panicked.
+fn panicked(shared: &Shared, events: &tmpsc::Sender<Event>, message: &str) {
+    shared.metrics.panicked();
+    eprintln!("[drllm] a request failed inside the engine (panic: {message}); the worker goes on");
+    let _ = events.try_send(Event::Failed(ApiError::internal(
+        "the request failed inside the engine (an internal error); the server goes on",
+    )));
+}
+
 /// The worker pool.
 pub struct Pool {
-    tx: mpsc::SyncSender<Job>,
-    metrics: Arc<Metrics>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    queue: Arc<JobQueue>,
+    workers: usize,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 /// What every worker shares.
@@ -98,13 +295,24 @@ pub struct Shared {
     pub routers: Arc<RouterSlot>,
     pub metrics: Arc<Metrics>,
     pub log: Option<Arc<db::Writer>>,
+    /// Called at each [`FaultPoint`] (tests only).
+    pub fault: Option<FaultHook>,
+}
+
+impl Shared {
+    fn fault(&self, at: FaultPoint, job: &Job) {
+        if let Some(f) = &self.fault {
+            (f.0)(at, job);
+        }
+    }
 }
 
 impl Pool {
     /// Starts `workers` threads with `threads` CPU threads and a context of `n_ctx` each; at
-    /// most `queue` jobs wait (a queue of 0 admits a job only when a worker is free to take it).
-    /// With `batch` > 1 each worker keeps up to `batch` requests going at once, in as many
-    /// sessions, and decodes the next tokens of those on the same path in one graph.
+    /// most `queue` jobs wait beyond the free sessions (a queue of 0 admits a job only when a
+    /// session is free to take it). With `batch` > 1 each worker keeps up to `batch` requests
+    /// going at once, in as many sessions, and decodes the next tokens of those on the same
+    /// path in one graph.
     pub fn start(
         shared: Arc<Shared>,
         workers: usize,
@@ -113,17 +321,27 @@ impl Pool {
         queue: usize,
         batch: usize,
     ) -> Result<Pool, EngineError> {
-        // the channel holds waiting jobs; a worker blocked in recv() takes one at once, so
-        // with capacity 0 (a rendezvous) a job is admitted only when a worker is idle
-        let (tx, rx) = mpsc::sync_channel::<Job>(queue);
-        let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::new();
+        let queue = Arc::new(JobQueue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                free_lanes: 0,
+                workers: 0,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            capacity: queue,
+            metrics: shared.metrics.clone(),
+        });
+        let pool = Pool {
+            queue: queue.clone(),
+            workers,
+        };
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
         for i in 0..workers {
-            let rx = rx.clone();
+            let queue = queue.clone();
             let shared = shared.clone();
             let ready = ready_tx.clone();
-            let h = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name(format!("drllm-worker-{i}"))
                 .spawn(move || {
                     let mut sessions = Vec::new();
@@ -144,33 +362,16 @@ impl Pool {
                             }
                         }
                     }
+                    let mut lanes = Lanes::join(queue, sessions.len());
                     let _ = ready.send(Ok(()));
                     drop(ready);
                     if sessions.len() > 1 {
-                        run_batched(&shared, &mut sessions, &rx);
-                        return;
-                    }
-                    let Some(mut session) = sessions.pop() else { return };
-                    loop {
-                        let job = match rx.lock() {
-                            Ok(r) => r.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(job) = job else { return };
-                        shared.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                        // a bug in one request must not take the worker with it: the job's
-                        // channel closes (its client gets a 500) and the session starts over
-                        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            run_job(&shared, &mut session, job)
-                        }));
-                        if run.is_err() {
-                            eprintln!("[drllm] a request failed inside the engine (panic); the worker goes on");
-                            session.reset();
-                        }
+                        run_batched(&shared, &mut sessions, &mut lanes);
+                    } else {
+                        run_single(&shared, &mut sessions[0], &mut lanes);
                     }
                 })
                 .map_err(|e| EngineError::State(format!("cannot start a worker: {e}")))?;
-            handles.push(h);
         }
         drop(ready_tx);
         for _ in 0..workers {
@@ -180,34 +381,54 @@ impl Pool {
                 Err(_) => return Err(EngineError::State("a worker died while starting".into())),
             }
         }
-        Ok(Pool {
-            tx,
-            metrics: shared.metrics.clone(),
-            threads: handles,
-        })
+        Ok(pool)
     }
 
     /// Queues a job, or refuses it when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), Refused> {
-        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                match e {
-                    mpsc::TrySendError::Full(_) => {
-                        self.metrics.rejected();
-                        Err(Refused::Busy)
-                    }
-                    mpsc::TrySendError::Disconnected(_) => Err(Refused::NoWorkers),
-                }
-            }
+        let r = self.queue.push(job);
+        if r == Err(Refused::Busy) {
+            self.metrics().rejected();
         }
+        r
     }
 
-    /// Worker threads.
+    /// Whether a job would be admitted now (checked before a body is read and parsed; the
+    /// submit after it may still find the queue full).
+    pub fn admits(&self) -> Result<(), Refused> {
+        let r = self.queue.admits(&self.queue.lock());
+        if r == Err(Refused::Busy) {
+            self.metrics().rejected();
+        }
+        r
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.queue.metrics
+    }
+
+    /// Worker threads started.
     pub fn workers(&self) -> usize {
-        self.threads.len()
+        self.workers
+    }
+
+    /// Worker threads still alive.
+    pub fn workers_alive(&self) -> usize {
+        self.queue.lock().workers
+    }
+}
+
+/// A worker with one session: one job at a time. A panicking job costs its client a 500 and
+/// the session a reset; the worker goes on.
+fn run_single(shared: &Shared, session: &mut Session, lanes: &mut Lanes) {
+    while let Some(job) = lanes.take(true) {
+        shared.fault(FaultPoint::Taken, &job);
+        let events = job.events.clone();
+        if let Err(message) = guarded(|| run_job(shared, session, job)) {
+            panicked(shared, &events, &message);
+            session.reset();
+        }
+        lanes.release();
     }
 }
 
@@ -243,6 +464,7 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
         }
     }
     let _running = Running(metrics);
+    shared.fault(FaultPoint::Prefill, &job);
     let queue_secs = job.arrived.elapsed().as_secs_f64();
     let Some((routers, opts)) = job_routing(shared, &job) else {
         return;
@@ -259,6 +481,7 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
             let mut cancelled = false;
             let stream_text = job.stream_text;
             generate(session, &shared.tokenizer, prompt, route, opts, |s| {
+                shared.fault(FaultPoint::Decode, &job);
                 let gone = if stream_text {
                     events.blocking_send(Event::Text(s.to_string())).is_err()
                 } else {
@@ -358,57 +581,77 @@ struct Active {
     queue_secs: f64,
     /// The token to decode this round.
     next: Option<i32>,
+    /// Failed (its client told): ends at the next round without a report.
     failed: bool,
 }
 
 /// A worker with several sessions: admits jobs while a session is free, then in rounds
 /// samples one token for every running generation and decodes the tokens of generations on
-/// the same path in one graph ([`Session::decode_batch`]). Route jobs run alone.
-fn run_batched(shared: &Shared, sessions: &mut [Session], rx: &Mutex<mpsc::Receiver<Job>>) {
+/// the same path in one graph ([`Session::decode_batch`]). Route jobs run alone. Every step
+/// that runs engine code for a job is guarded: a panic fails the jobs it concerns (500 to
+/// their clients, their sessions reset) and the worker goes on with the others.
+fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
     let metrics = &shared.metrics;
     let mut free: Vec<usize> = (0..sessions.len()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
     loop {
         // admit: wait for work when idle, else take only what is already queued
         while let Some(&lane) = free.last() {
-            let job = match rx.lock() {
-                Ok(r) if active.is_empty() => r.recv().map_err(|_| true),
-                Ok(r) => r
-                    .try_recv()
-                    .map_err(|e| e == mpsc::TryRecvError::Disconnected),
-                Err(_) => return,
+            let Some(job) = lanes.take(active.is_empty()) else {
+                if active.is_empty() {
+                    return; // closed
+                }
+                break;
             };
-            let job = match job {
-                Ok(j) => j,
-                Err(true) if active.is_empty() => return,
-                Err(_) => break,
-            };
-            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            shared.fault(FaultPoint::Taken, &job);
             if job.events.is_closed() {
                 metrics.cancelled();
+                lanes.release();
                 continue;
             }
-            let Task::Generate { prompt, opts } = &job.task else {
-                run_job(shared, &mut sessions[lane], job);
+            if !matches!(job.task, Task::Generate { .. }) {
+                let events = job.events.clone();
+                if let Err(message) = guarded(|| run_job(shared, &mut sessions[lane], job)) {
+                    panicked(shared, &events, &message);
+                    sessions[lane].reset();
+                }
+                lanes.release();
                 continue;
-            };
+            }
             let queue_secs = job.arrived.elapsed().as_secs_f64();
             let Some((routers, ropts)) = job_routing(shared, &job) else {
+                lanes.release();
                 continue;
             };
-            let mut hook = routers.as_ref().map(|r| r.hook(&ropts));
-            let full = LayerPath::full(shared.model.n_layer());
-            let route = match hook.as_mut() {
-                Some(h) => Route::Hook(h),
-                None => Route::Fixed(&full),
-            };
-            match Stepper::start(&mut sessions[lane], prompt, route, opts) {
-                Err(e) => {
-                    sessions[lane].reset();
+            let session = &mut sessions[lane];
+            let started = guarded(|| {
+                shared.fault(FaultPoint::Prefill, &job);
+                let Task::Generate { prompt, opts } = &job.task else {
+                    unreachable!("route jobs run above")
+                };
+                let mut hook = routers.as_ref().map(|r| r.hook(&ropts));
+                let full = LayerPath::full(shared.model.n_layer());
+                let route = match hook.as_mut() {
+                    Some(h) => Route::Hook(h),
+                    None => Route::Fixed(&full),
+                };
+                Stepper::start(session, prompt, route, opts).map(|stepper| {
+                    let decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
+                    (stepper, decisions)
+                })
+            });
+            match started {
+                Err(message) => {
+                    panicked(shared, &job.events, &message);
+                    session.reset();
+                    lanes.release();
+                }
+                Ok(Err(e)) => {
+                    session.reset();
+                    lanes.release();
                     let _ = job.events.blocking_send(Event::Failed(engine_error(e)));
                 }
-                Ok(stepper) => {
-                    let decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
+                Ok(Ok((stepper, decisions))) => {
                     metrics.running.fetch_add(1, Ordering::Relaxed);
                     free.pop();
                     active.push(Active {
@@ -431,25 +674,31 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], rx: &Mutex<mpsc::Recei
         for a in active.iter_mut() {
             let s = &sessions[a.lane];
             a.next = None;
-            if let Step::Token { show, decode } =
-                a.stepper
-                    .step(&shared.tokenizer, s.n_past(), s.options().n_ctx)
-            {
-                let gone = if a.job.stream_text && !show.is_empty() {
-                    a.job.events.blocking_send(Event::Text(show)).is_err()
-                } else {
-                    a.job.events.is_closed()
-                };
-                if gone {
-                    a.stepper.cancel();
-                } else {
-                    a.next = decode;
+            let (n_past, n_ctx) = (s.n_past(), s.options().n_ctx);
+            let step = guarded(|| a.stepper.step(&shared.tokenizer, n_past, n_ctx));
+            match step {
+                Err(message) => {
+                    panicked(shared, &a.job.events, &message);
+                    a.failed = true;
                 }
+                Ok(Step::Token { show, decode }) => {
+                    let gone = if a.job.stream_text && !show.is_empty() {
+                        a.job.events.blocking_send(Event::Text(show)).is_err()
+                    } else {
+                        a.job.events.is_closed()
+                    };
+                    if gone {
+                        a.stepper.cancel();
+                    } else {
+                        a.next = decode;
+                    }
+                }
+                Ok(_) => {}
             }
         }
         // decode: one graph per path
         let mut todo: Vec<usize> = (0..active.len())
-            .filter(|&i| active[i].next.is_some())
+            .filter(|&i| active[i].next.is_some() && !active[i].failed)
             .collect();
         while let Some(&first) = todo.first() {
             let path = active[first].stepper.path().clone();
@@ -457,35 +706,46 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], rx: &Mutex<mpsc::Recei
                 .iter()
                 .partition(|&&i| *active[i].stepper.path() == path);
             todo = rest;
-            let mut lanes: Vec<(usize, usize)> =
+            let mut lanes_of: Vec<(usize, usize)> =
                 group.iter().map(|&i| (active[i].lane, i)).collect();
-            lanes.sort_unstable();
-            let tokens: Vec<i32> = lanes
+            lanes_of.sort_unstable();
+            let tokens: Vec<i32> = lanes_of
                 .iter()
                 .map(|&(_, i)| active[i].next.unwrap_or(0))
                 .collect();
             let mut refs: Vec<&mut Session> = sessions
                 .iter_mut()
                 .enumerate()
-                .filter(|(l, _)| lanes.iter().any(|&(x, _)| x == *l))
+                .filter(|(l, _)| lanes_of.iter().any(|&(x, _)| x == *l))
                 .map(|(_, s)| s)
                 .collect();
-            match Session::decode_batch(&mut refs, &tokens) {
-                Ok(out) => {
+            let decoded = guarded(|| {
+                for &(_, i) in &lanes_of {
+                    shared.fault(FaultPoint::Decode, &active[i].job);
+                }
+                Session::decode_batch(&mut refs, &tokens)
+            });
+            match decoded {
+                Ok(Ok(out)) => {
                     metrics.decoded_together(out.len());
-                    for (&(_, i), logits) in lanes.iter().zip(&out) {
+                    for (&(_, i), logits) in lanes_of.iter().zip(&out) {
                         active[i].stepper.feed(logits);
                     }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let err = engine_error(e);
-                    for &(_, i) in &lanes {
+                    for &(_, i) in &lanes_of {
                         let _ = active[i]
                             .job
                             .events
                             .blocking_send(Event::Failed(err.clone()));
                         active[i].failed = true;
-                        active[i].stepper.cancel();
+                    }
+                }
+                Err(message) => {
+                    for &(_, i) in &lanes_of {
+                        panicked(shared, &active[i].job.events, &message);
+                        active[i].failed = true;
                     }
                 }
             }
@@ -493,37 +753,46 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], rx: &Mutex<mpsc::Recei
         // finish
         let mut i = 0;
         while i < active.len() {
-            if !active[i].stepper.is_done() {
+            if !(active[i].failed || active[i].stepper.is_done()) {
                 i += 1;
                 continue;
             }
             let a = active.swap_remove(i);
-            sessions[a.lane].reset();
-            free.push(a.lane);
+            let lane = a.lane;
             metrics.running.fetch_sub(1, Ordering::Relaxed);
-            if a.failed {
-                continue;
+            if !a.failed {
+                let events = a.job.events.clone();
+                if let Err(message) = guarded(|| finish(shared, a)) {
+                    panicked(shared, &events, &message);
+                }
             }
-            let (g, rest) = a.stepper.end();
-            if a.job.stream_text && !rest.is_empty() {
-                let _ = a.job.events.blocking_send(Event::Text(rest));
-            }
-            let outcome = Outcome {
-                path: g.path,
-                decisions: a.decisions,
-                routed: a.routers.is_some(),
-                generation: a.routers.as_ref().map(|r| r.generation().to_string()),
-                n_prompt: g.n_prompt,
-                n_completion: g.tokens.len(),
-                text: g.text,
-                finish: g.finish,
-                queue_secs: a.queue_secs,
-                prefill_secs: g.prefill_secs,
-                decode_secs: g.decode_secs,
-            };
-            report(shared, &a.job, outcome);
+            sessions[lane].reset();
+            free.push(lane);
+            lanes.release();
         }
     }
+}
+
+/// Reports a finished generation of a batched worker.
+fn finish(shared: &Shared, a: Active) {
+    let (g, rest) = a.stepper.end();
+    if a.job.stream_text && !rest.is_empty() {
+        let _ = a.job.events.blocking_send(Event::Text(rest));
+    }
+    let outcome = Outcome {
+        path: g.path,
+        decisions: a.decisions,
+        routed: a.routers.is_some(),
+        generation: a.routers.as_ref().map(|r| r.generation().to_string()),
+        n_prompt: g.n_prompt,
+        n_completion: g.tokens.len(),
+        text: g.text,
+        finish: g.finish,
+        queue_secs: a.queue_secs,
+        prefill_secs: g.prefill_secs,
+        decode_secs: g.decode_secs,
+    };
+    report(shared, &a.job, outcome);
 }
 
 /// The end of a job: metrics, a row of the routing log, the Done event.

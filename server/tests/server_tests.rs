@@ -9,7 +9,8 @@ use drllm_engine::{
     Route, SamplingParams, Session, SessionOptions, Tokenizer,
 };
 use drllm_server::client::{self, Response as Resp};
-use drllm_server::config::Settings;
+use drllm_server::config::{ServeConfig, Settings};
+use drllm_server::pool::{FaultHook, FaultPoint, Task};
 use drllm_server::{start, ServerHandle};
 use drllm_testkit::{prompt_text, write_tiny_model, Family, TinySpec};
 use serde_json::{json, Value};
@@ -60,6 +61,12 @@ fn write_routers(model: &Path, counts: &[usize], to: &Path) {
 }
 
 fn server(f: impl FnOnce(&mut Settings)) -> Server {
+    server_with(f, |_| {})
+}
+
+/// A server with settings `f` and, after they are resolved, changes `g` to the config (e.g.
+/// a fault hook).
+fn server_with(f: impl FnOnce(&mut Settings), g: impl FnOnce(&mut ServeConfig)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let sidecar = sidecar_path_for(&model);
@@ -77,7 +84,8 @@ fn server(f: impl FnOnce(&mut Settings)) -> Server {
         ..Default::default()
     };
     f(&mut s);
-    let config = s.resolve().unwrap();
+    let mut config = s.resolve().unwrap();
+    g(&mut config);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -586,7 +594,7 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
         (404, Some("unknown_route"))
     );
     let r = get(s.addr, chat);
-    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST, OPTIONS")));
     let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
     let r = request(s.addr, "POST", "/v1/completions", Some(&big), None);
     assert_eq!(r.status, 413);
@@ -662,7 +670,7 @@ fn many_clients_are_answered_or_refused_and_disconnects_free_the_slot() {
         let mut st = TcpStream::connect(addr).unwrap();
         write!(
             st,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
@@ -849,4 +857,439 @@ fn connections_beyond_the_cap_wait_until_one_ends() {
     );
     drop(idle);
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(200));
+}
+
+#[test]
+fn a_lone_request_on_two_batched_workers_finishes() {
+    // two workers of two sessions each: an idle worker waiting for work must not keep the
+    // busy one from its next token
+    let s = server(|c| {
+        c.parallel = Some(2);
+        c.batch = Some(2);
+        c.ctx_size = Some(512);
+    });
+    let addr = s.addr;
+    let t0 = Instant::now();
+    let r = client::request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(4, 24).to_string()),
+        None,
+        Duration::from_secs(60),
+    )
+    .expect("no answer within 60 s");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.v()["usage"]["completion_tokens"], 24);
+    eprintln!(
+        "lone request answered in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    // and several at once, more than the lanes, all answered
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(3 + i, 30)))
+        })
+        .collect();
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.v()["usage"]["completion_tokens"], 30);
+    }
+    assert_eq!(metric(addr, "drllm_workers"), 2);
+}
+
+/// A fault hook that panics where a request's max_tokens says: 7 at its prefill, 8 at its
+/// first decode step, 9 right after a worker took it (outside the panic guard: the worker
+/// ends).
+fn panicking_hook() -> FaultHook {
+    FaultHook(Arc::new(|at, job| {
+        if let Task::Generate { opts, .. } = &job.task {
+            match (at, opts.max_tokens) {
+                (FaultPoint::Prefill, 7) => panic!("injected panic at prefill"),
+                (FaultPoint::Decode, 8) => panic!("injected panic at decode"),
+                (FaultPoint::Taken, 9) => panic!("injected panic outside the guard"),
+                _ => {}
+            }
+        }
+    }))
+}
+
+fn assert_internal_error(r: &Resp) {
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(r.error().2.as_deref(), Some("internal_error"));
+}
+
+#[test]
+fn a_panicking_job_costs_its_client_a_500_and_the_worker_goes_on() {
+    for batch in [1, 2] {
+        let s = server_with(
+            |c| {
+                c.parallel = Some(1);
+                c.batch = Some(batch);
+                c.ctx_size = Some(1024);
+            },
+            |c| c.fault = Some(panicking_hook()),
+        );
+        let addr = s.addr;
+        let running = || metric(addr, "drllm_requests_running");
+        // a long request runs; one that panics in its prefill joins (batched) or waits
+        let long =
+            std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(6, 400)));
+        wait_for("the long request to run", || running() == 1);
+        assert_internal_error(&post(addr, "/v1/chat/completions", &chat_body(3, 7)));
+        let r = long.join().unwrap();
+        assert_eq!(r.status, 200, "batch {batch}: {}", r.body);
+        assert_eq!(r.v()["usage"]["completion_tokens"], 400);
+        // a panic while decoding, streamed: an error event, then [DONE]
+        let mut b = chat_body(3, 8);
+        b["stream"] = json!(true);
+        let r = post(addr, "/v1/chat/completions", &b);
+        let data = r.sse_data();
+        assert_eq!(data.last().copied(), Some("[DONE]"), "{}", r.body);
+        assert!(
+            data.iter().any(|d| d.contains("internal_error")),
+            "{}",
+            r.body
+        );
+        assert_internal_error(&post(addr, "/v1/chat/completions", &chat_body(3, 8)));
+        // the worker lives on and answers as before
+        let r = post(addr, "/v1/chat/completions", &chat_body(5, 12));
+        assert_eq!(r.status, 200, "batch {batch}: {}", r.body);
+        let (text, _) = direct(
+            &s.model,
+            &[("system", "be brief".into()), ("user", prompt_text(5, 5))],
+            &path_of(&COUNTS_A),
+            12,
+        );
+        assert_eq!(r.v()["choices"][0]["message"]["content"], text);
+        assert_eq!(metric(addr, "drllm_request_panics_total"), 3);
+        assert_eq!(metric(addr, "drllm_workers"), 1);
+        assert_eq!(get(addr, "/health").v()["status"], "ok");
+    }
+}
+
+#[test]
+fn a_worker_that_dies_shows_in_health_and_metrics() {
+    let s = server_with(
+        |c| {
+            c.parallel = Some(2);
+            c.batch = Some(2);
+        },
+        |c| c.fault = Some(panicking_hook()),
+    );
+    let addr = s.addr;
+    let h = get(addr, "/health").v();
+    assert_eq!(
+        (h["status"].clone(), h["workers"].clone()),
+        (json!("ok"), json!(2))
+    );
+    // the client of the job that killed its worker gets an error, not a hang
+    let r = post(addr, "/v1/chat/completions", &chat_body(3, 9));
+    assert_eq!(r.status, 500, "{}", r.body);
+    wait_for("one worker fewer", || metric(addr, "drllm_workers") == 1);
+    let h = get(addr, "/health");
+    assert_eq!(h.status, 200);
+    assert_eq!(
+        (h.v()["status"].clone(), h.v()["workers"].clone()),
+        (json!("degraded"), json!(1))
+    );
+    assert_eq!(metric(addr, "drllm_workers_started"), 2);
+    // the other worker still serves
+    let r = post(addr, "/v1/chat/completions", &chat_body(3, 5));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // the last one goes too: 503 everywhere, and the reason
+    assert_eq!(
+        post(addr, "/v1/chat/completions", &chat_body(3, 9)).status,
+        500
+    );
+    wait_for("no worker", || metric(addr, "drllm_workers") == 0);
+    let h = get(addr, "/health");
+    assert_eq!(
+        (h.status, h.v()["status"].clone()),
+        (503, json!("no_workers"))
+    );
+    let r = post(addr, "/v1/chat/completions", &chat_body(3, 5));
+    assert_eq!(
+        (r.status, r.error().2.as_deref()),
+        (503, Some("no_workers"))
+    );
+}
+
+fn with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Resp {
+    client::request_with(
+        addr,
+        method,
+        path,
+        headers,
+        body,
+        None,
+        Duration::from_secs(60),
+    )
+    .unwrap()
+}
+
+#[test]
+fn web_pages_cannot_use_the_daemon_unless_their_origin_is_allowed() {
+    let s = server(|c| {
+        c.allowed_origins = Some(vec!["http://localhost:3000".into()]);
+        c.allowed_hosts = Some(vec!["my-box.lan".into()]);
+    });
+    let addr = s.addr;
+    let chat = "/v1/chat/completions";
+    let body = chat_body(3, 4).to_string();
+    let tokens = || metric(addr, "drllm_prompt_tokens_total");
+    let before = tokens();
+    // DNS rebinding: the page's own name as Host
+    for path in ["/health", "/v1/models", chat] {
+        let method = if path == chat { "POST" } else { "GET" };
+        let r = with_headers(
+            addr,
+            method,
+            path,
+            &[("Host", "attacker.example:8088")],
+            Some(body.as_str()).filter(|_| path == chat),
+        );
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        assert_eq!(r.error().2.as_deref(), Some("host_not_allowed"));
+    }
+    // a simple cross-origin POST (no preflight: text/plain) from a page the user visits
+    let r = with_headers(
+        addr,
+        "POST",
+        chat,
+        &[
+            ("Origin", "https://attacker.example"),
+            ("Content-Type", "text/plain"),
+        ],
+        Some(&body),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.error().2.as_deref(), Some("origin_not_allowed"));
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    // its preflight is refused too
+    let r = with_headers(
+        addr,
+        "OPTIONS",
+        chat,
+        &[
+            ("Origin", "https://attacker.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 403);
+    // a no-cors GET from another site carries no Origin, only Sec-Fetch-Site
+    let r = with_headers(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Sec-Fetch-Site", "cross-site")],
+        None,
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(tokens(), before, "a refused request ran");
+
+    // the allowed origin: preflight, then the request, with CORS headers
+    let origin = "http://localhost:3000";
+    let r = with_headers(
+        addr,
+        "OPTIONS",
+        chat,
+        &[
+            ("Origin", origin),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization, content-type, x-stainless-os",
+            ),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.header("access-control-allow-origin"), Some(origin));
+    assert_eq!(
+        r.header("access-control-allow-methods"),
+        Some("POST, OPTIONS")
+    );
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("authorization, content-type, x-stainless-os")
+    );
+    let r = with_headers(addr, "POST", chat, &[("Origin", origin)], Some(&body));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("access-control-allow-origin"), Some(origin));
+    assert!(r.header("vary").is_some_and(|v| v.contains("Origin")));
+    // errors are readable by the page too
+    let r = with_headers(addr, "POST", chat, &[("Origin", origin)], Some("{"));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("access-control-allow-origin"), Some(origin));
+    // programs, loopback names and allowed hosts are served as before
+    for host in ["localhost:8088", "127.0.0.1", "[::1]:1", "my-box.lan:8088"] {
+        let r = with_headers(addr, "GET", "/health", &[("Host", host)], None);
+        assert_eq!(r.status, 200, "{host}");
+        assert_eq!(r.header("access-control-allow-origin"), None);
+    }
+    assert_eq!(post(addr, chat, &chat_body(3, 4)).status, 200);
+}
+
+#[test]
+fn fields_drllm_does_not_implement_are_refused_by_name() {
+    let s = server(|_| {});
+    let addr = s.addr;
+    let chat = "/v1/chat/completions";
+    let with = |extra: Value| {
+        let mut b = chat_body(3, 4);
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        post(addr, chat, &b)
+    };
+    for (extra, param) in [
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+            "tools",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"grammar": "root ::= \"a\""}), "grammar"),
+        (json!({"logit_bias": {"42": 5}}), "logit_bias"),
+        (json!({"top_logprobs": 3}), "top_logprobs"),
+        (json!({"repeat_penalty": 1.1}), "repeat_penalty"),
+        (json!({"store": true}), "store"),
+        (
+            json!({"stream_options": {"include_usage": true, "chunk_size": 4}}),
+            "stream_options.chunk_size",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi", "tool_calls": [{"id": "x"}]}]}),
+            "messages[0].tool_calls",
+        ),
+    ] {
+        let r = with(extra.clone());
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        let (kind, p, code) = r.error();
+        assert_eq!(kind, "invalid_request_error");
+        assert_eq!(p.as_deref(), Some(param), "{extra}");
+        assert_eq!(code.as_deref(), Some("unsupported_parameter"), "{extra}");
+    }
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "a", "echo": true, "max_tokens": 2}),
+    );
+    assert_eq!((r.status, r.error().1.as_deref()), (400, Some("echo")));
+    let r = post(addr, "/v1/route", &json!({"prompt": "a", "max_tokens": 2}));
+    assert_eq!(
+        (r.status, r.error().1.as_deref()),
+        (400, Some("max_tokens"))
+    );
+    // the values that ask for nothing pass
+    let r = with(json!({
+        "n": 1, "logprobs": false, "top_logprobs": 0, "tools": [], "tool_choice": "none",
+        "parallel_tool_calls": true, "user": "u-1", "response_format": {"type": "text"},
+        "store": false, "seed": null, "logit_bias": {}, "presence_penalty": 0,
+        "frequency_penalty": 0, "metadata": {"app": "x"}, "service_tier": "auto",
+        "stream_options": null, "functions": null,
+    }));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn the_bodies_real_clients_send_are_served() {
+    let s = server(|_| {});
+    let fixture: Value = serde_json::from_str(include_str!("fixtures/client_bodies.json")).unwrap();
+    let requests = fixture["requests"].as_array().unwrap();
+    assert!(requests.len() >= 9);
+    for q in requests {
+        let mut body = q["body"].clone();
+        body["model"] = json!("tiny");
+        let path = q["path"].as_str().unwrap();
+        let r = post(s.addr, path, &body);
+        assert_eq!(r.status, 200, "{}: {}", q["client"], r.body);
+        if body["stream"] == json!(true) {
+            assert_eq!(
+                r.sse_data().last().copied(),
+                Some("[DONE]"),
+                "{}",
+                q["client"]
+            );
+        } else {
+            assert!(r.v()["choices"][0].is_object(), "{}", q["client"]);
+        }
+    }
+}
+
+/// Sends a request's headers and only the start of its body; gives the open stream.
+fn partial_request(addr: SocketAddr, body: &str, sent: usize) -> TcpStream {
+    let mut st = TcpStream::connect(addr).unwrap();
+    write!(
+        st,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..sent]
+    )
+    .unwrap();
+    st.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    st
+}
+
+fn read_all(st: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = st.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn a_stalled_body_is_dropped_and_a_full_queue_answers_before_the_body() {
+    let s = server(|c| {
+        c.body_timeout_secs = Some(1);
+        c.parallel = Some(1);
+        c.queue = Some(0);
+        c.ctx_size = Some(2048);
+    });
+    let addr = s.addr;
+    let body = chat_body(3, 4).to_string();
+    // a client that stops half-way through its body
+    let t0 = Instant::now();
+    let mut st = partial_request(addr, &body, 10);
+    let answer = read_all(&mut st);
+    let waited = t0.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(waited < Duration::from_secs(10), "dropped after {waited:?}");
+    // the worker is busy and nothing may wait: refused before the body arrives
+    let long = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat_body(8, 1500)));
+    wait_for("the long request to run", || {
+        metric(addr, "drllm_requests_running") == 1
+    });
+    let t0 = Instant::now();
+    let mut st = partial_request(addr, &body, 0);
+    let answer = read_all(&mut st);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("server_busy"), "{answer}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "waited for the body: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(long.join().unwrap().status, 200);
+    // and the server goes on
+    assert_eq!(
+        post(addr, "/v1/chat/completions", &chat_body(2, 2)).status,
+        200
+    );
 }
