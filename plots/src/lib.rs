@@ -1,5 +1,6 @@
 //! PNG plots of routing results (plotters, bitmap backend): a heatmap of per-question routing
-//! decisions and accuracy against mean block passes.
+//! decisions, accuracy against mean block passes, and a per-block estimate with its interval
+//! (e.g. the AUC of each block's skip decision).
 //!
 //! Text needs a TrueType font, loaded once from the system: `DRLLM_FONT` if set, else DejaVu
 //! Sans (Debian/Ubuntu package `fonts-dejavu-core`) or another common sans-serif font from the
@@ -398,6 +399,112 @@ pub fn accuracy_vs_passes(path: &Path, title: &str, points: &[Point]) -> Result<
     let tmp = png_tmp(path)?;
     let result = draw_accuracy(&tmp, title, points);
     finish(&tmp, path, result)
+}
+
+/// One block in [`block_intervals`]: an estimate with its interval, or None (not defined).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockEstimate {
+    pub block: usize,
+    /// (estimate, low, high), all finite with low <= estimate <= high.
+    pub value: Option<(f64, f64, f64)>,
+}
+
+/// A per-block estimate with its interval (a point and a whisker per block), and a dashed
+/// horizontal reference line (e.g. AUC 0.5) on a y axis from `y_range.0` to `y_range.1`.
+pub fn block_intervals(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    rows: &[BlockEstimate],
+    reference: f64,
+    y_range: (f64, f64),
+) -> Result<(), PlotError> {
+    if rows.is_empty() {
+        return Err(PlotError::Input {
+            message: "no blocks to plot".into(),
+        });
+    }
+    for r in rows {
+        if let Some((e, lo, hi)) = r.value {
+            if !(e.is_finite() && lo.is_finite() && hi.is_finite() && lo <= e && e <= hi) {
+                return Err(PlotError::Input {
+                    message: format!("block {}: bad interval {lo} <= {e} <= {hi}", r.block),
+                });
+            }
+        }
+    }
+    if !(y_range.0 < y_range.1 && reference.is_finite()) {
+        return Err(PlotError::Input {
+            message: format!("bad y range {y_range:?}"),
+        });
+    }
+    ensure_font()?;
+    let tmp = png_tmp(path)?;
+    let result = draw_intervals(&tmp, title, y_desc, rows, reference, y_range);
+    finish(&tmp, path, result)
+}
+
+fn draw_intervals(
+    tmp: &Path,
+    title: &str,
+    y_desc: &str,
+    rows: &[BlockEstimate],
+    reference: f64,
+    y_range: (f64, f64),
+) -> Result<(), PlotError> {
+    let err = draw_err(tmp);
+    let n = rows.iter().map(|r| r.block).max().unwrap_or(0) as f64 + 1.0;
+    let root = BitMapBackend::new(tmp, (1200, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(&err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 26))
+        .margin(20)
+        .x_label_area_size(55)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5..n - 0.5, y_range.0..y_range.1)
+        .map_err(&err)?;
+    chart
+        .configure_mesh()
+        .x_desc("block")
+        .y_desc(y_desc)
+        .axis_desc_style(("sans-serif", 20))
+        .label_style(("sans-serif", 15))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(&err)?;
+    let grey = RGBColor(120, 120, 120);
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(-0.5, reference), (n - 0.5, reference)],
+            8,
+            5,
+            grey.stroke_width(2),
+        ))
+        .map_err(&err)?;
+    let colour = PALETTE[0];
+    for r in rows {
+        let Some((e, lo, hi)) = r.value else { continue };
+        let x = r.block as f64;
+        let clamp = |v: f64| v.clamp(y_range.0, y_range.1);
+        let style = colour.stroke_width(2);
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x, clamp(lo)), (x, clamp(hi))],
+                style,
+            )))
+            .map_err(&err)?;
+        let cap = |y: f64| {
+            EmptyElement::at((x, clamp(y))) + PathElement::new(vec![(-5, 0), (5, 0)], style)
+        };
+        chart.draw_series([cap(lo), cap(hi)]).map_err(&err)?;
+        chart
+            .draw_series(std::iter::once(
+                EmptyElement::at((x, clamp(e))) + Circle::new((0, 0), 5, colour.filled()),
+            ))
+            .map_err(&err)?;
+    }
+    root.present().map_err(&err)?;
+    Ok(())
 }
 
 /// A range around `lo..hi` with some padding (at least `min_pad`).

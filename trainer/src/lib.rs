@@ -8,6 +8,8 @@ pub mod data;
 pub mod eval;
 pub mod features;
 pub mod mcts;
+pub mod oracle;
+pub mod predict;
 pub use drllm_plots as plots;
 pub mod prune;
 pub mod rng;

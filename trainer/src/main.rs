@@ -10,8 +10,8 @@ use drllm_train::mcts::MctsConfig;
 use drllm_train::scoring::Scoring;
 use drllm_train::search::{read_results, RewardKind, SearchRun};
 use drllm_train::tasks::McScorer;
-use drllm_train::train::{FeatureSet, TrainConfig};
-use drllm_train::{data, eval, features, prune, search, train};
+use drllm_train::train::TrainConfig;
+use drllm_train::{data, eval, features, oracle, prune, search, train};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +37,13 @@ enum Cmd {
     },
     /// MCTS over layer paths for each question of a data set.
     Search(SearchArgs),
+    /// The oracle table: every single-block skip and repeat for each question (correctness,
+    /// gold margin, KL from the full path's answer distribution), then its summary.
+    Oracle(OracleArgs),
+    /// The predictability test: routers trained on oracle-table labels (safe skip or not),
+    /// cross-fitted; per block, the held-out ROC AUC of the skip score with a bootstrap 95%
+    /// interval. 0.5 means a router knows nothing a static prune does not.
+    Predictability(PredictArgs),
     /// Build the router features along the kept paths and train the routers (candle).
     Train(TrainArgs),
     /// Write the trained routers as a sidecar next to the model, with provenance.
@@ -168,34 +175,41 @@ struct SearchArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Simulations per question.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = MctsConfig::default().simulations)]
     simulations: usize,
     /// Exploration constant c.
-    #[arg(long, default_value_t = 1.8)]
+    #[arg(long, default_value_t = MctsConfig::default().c)]
     c: f64,
     /// Length penalty lambda.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = MctsConfig::default().lambda)]
     lambda: f64,
     /// Most consecutive blocks one skip action removes.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = MctsConfig::default().max_skip_span)]
     max_skip_span: usize,
     /// Most consecutive skipped blocks in a path (0 = no limit).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = MctsConfig::default().max_consecutive_skip)]
     max_consecutive_skip: usize,
     /// Extra passes a block may get.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = MctsConfig::default().max_repeats_per_block)]
     max_repeats: usize,
     /// Repeats only while the path has at most this many times L passes.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = MctsConfig::default().max_len_factor)]
     max_len_factor: f64,
     /// Share of random child choices.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = MctsConfig::default().random_rate)]
     random_rate: f64,
+    /// Progressive widening: a node visited n times has at most ceil(n^W) children (1: expand
+    /// every action of a node before descending).
+    #[arg(long, default_value_t = MctsConfig::default().widening)]
+    widening: f64,
+    /// Expand untried actions in a random order, not best-edits-first (see `mcts::Amaf`).
+    #[arg(long)]
+    no_amaf: bool,
     /// Run every simulation (no early stop).
     #[arg(long)]
     no_early_stop: bool,
     /// Early stop when a correct path this many passes shorter is found.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = MctsConfig::default().early_stop_shorter_by)]
     early_stop_shorter_by: usize,
     /// On originally correct questions, keep only paths whose gold margin is at least the
     /// plain model's (not in the reference; see `MctsConfig::margin_floor`).
@@ -236,33 +250,33 @@ struct TrainArgs {
     /// Keep at least this share of originally-wrong-and-fixed examples (with --labels all).
     #[arg(long, default_value_t = 0.3)]
     min_fixed_frac: f64,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
     epochs: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
     lr: f64,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
     weight_decay: f64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainConfig::default().warmup_frac)]
     warmup: f64,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     batch: usize,
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = TrainConfig::default().gamma)]
     gamma: f32,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = TrainConfig::default().beta)]
     beta: f32,
-    #[arg(long, default_value_t = 0.15)]
+    #[arg(long, default_value_t = TrainConfig::default().val_frac)]
     val_frac: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u64,
     /// Training device: cpu, or cuda (built with --features cuda).
-    #[arg(long = "train-device", default_value = "cpu")]
+    #[arg(long = "train-device", default_value_t = TrainConfig::default().device)]
     train_device: String,
     /// Rebuild the feature cache even if present.
     #[arg(long)]
     rebuild_features: bool,
     /// A block's router never predicts skip or repeat if that block has fewer training labels
     /// of the class (0: off, the reference).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainConfig::default().min_class_count)]
     min_class_count: usize,
     /// Train on standardised router inputs (not the reference; folded into the first layer on
     /// export, so the exported routers read raw inputs either way).
@@ -487,7 +501,7 @@ struct PipelineArgs {
     #[command(flatten)]
     common: Common,
     /// Simulations per question.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = MctsConfig::default().simulations)]
     simulations: usize,
     /// Questions of ARC-Easy test evaluated (a seeded sample).
     #[arg(long, default_value_t = 1000)]
@@ -501,7 +515,7 @@ struct PipelineArgs {
     /// Search keeps only paths that do not lower the gold margin (see `search --margin-floor`).
     #[arg(long)]
     margin_floor: bool,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
     epochs: usize,
     /// See `train --labels`.
     #[arg(long, value_enum, default_value = "all")]
@@ -522,6 +536,14 @@ struct PipelineArgs {
     /// step judges every question along about L paths.
     #[arg(long)]
     prune_n: Option<usize>,
+}
+
+/// A subcommand's arguments with every default, as the command line gives them when no flag
+/// is set: the one source of the defaults when one command runs another (`pipeline`).
+fn defaults<T: clap::FromArgMatches + Args>() -> Result<T> {
+    let cmd = T::augment_args(clap::Command::new("defaults"));
+    let m = cmd.try_get_matches_from(["defaults"])?;
+    Ok(T::from_arg_matches(&m)?)
 }
 
 /// Progress with rate and ETA on one stderr line.
@@ -576,6 +598,8 @@ fn main() {
             cmd: DataCmd::Fetch { data_dir },
         } => cmd_fetch(&data_dir),
         Cmd::Search(a) => cmd_search(&a).map(|_| ()),
+        Cmd::Oracle(a) => cmd_oracle(&a),
+        Cmd::Predictability(a) => cmd_predictability(&a),
         Cmd::Train(a) => cmd_train(&a),
         Cmd::Export(a) => cmd_export(&a).map(|_| ()),
         Cmd::Calibrate(a) => cmd_calibrate(&a),
@@ -603,18 +627,314 @@ fn search_out(a: &SearchArgs) -> PathBuf {
     })
 }
 
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    s.split_once('/')
+        .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+        .filter(|(i, n)| *n > 0 && i < n)
+        .with_context(|| format!("--shard {s}: expected i/n with i < n"))
+}
+
+#[derive(Args, Clone)]
+struct OracleArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Task (multiple choice).
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    /// Split.
+    #[arg(long, default_value = "validation")]
+    split: String,
+    /// Only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// The table (JSONL, appended; default RUN_DIR/oracle-TASK-SPLIT.jsonl).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Shard i/n: this process takes questions with index % n == i.
+    #[arg(long, default_value = "0/1")]
+    shard: String,
+    /// Memory for cached prefix states, MiB.
+    #[arg(long, default_value_t = 512)]
+    cache_mb: usize,
+    /// A skip is safe when the chosen option stays and the gold margin drops by at most this.
+    #[arg(long, default_value_t = DEFAULT_TAU)]
+    tau: f64,
+    /// Only summarise the table (no new questions).
+    #[arg(long)]
+    report_only: bool,
+    /// Leave out the single repeats (half the work; the skip columns and the predictability
+    /// test need only the skips).
+    #[arg(long)]
+    no_repeats: bool,
+}
+
+/// The margin drop a safe skip may cost (mean log-probability units of the answer texts).
+const DEFAULT_TAU: f64 = 0.05;
+
+fn cmd_oracle(a: &OracleArgs) -> Result<()> {
+    let out = a.out.clone().unwrap_or_else(|| {
+        a.common
+            .run_dir()
+            .join(format!("oracle-{}-{}.jsonl", a.task, a.split))
+    });
+    if !a.report_only {
+        let (model, tok, scorer, fp) = a.common.load()?;
+        let mut examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
+        if let Some(n) = a.limit {
+            examples.truncate(n);
+        }
+        let (si, sn) = parse_shard(&a.shard)?;
+        let run = oracle::OracleRun {
+            scoring: a.common.scoring(),
+            cache_bytes: a.cache_mb << 20,
+            shard: (si, sn),
+            repeats: !a.no_repeats,
+        };
+        search::check_params(
+            &out,
+            &serde_json::json!({"task": a.task, "split": a.split, "scoring": run.scoring,
+                                "table": "oracle single skips", "repeats": run.repeats}),
+        )?;
+        let mut session = a.common.session(&model)?;
+        eprintln!(
+            "[oracle] {} {} on {} (shard {si}/{sn}), {} paths per question, table -> {}",
+            a.task,
+            a.split,
+            a.common.model.display(),
+            1 + model.n_layer() * if run.repeats { 2 } else { 1 },
+            out.display()
+        );
+        let mut p = Progress::new("oracle");
+        let s = oracle::run_oracle(
+            &mut session,
+            &tok,
+            &scorer,
+            &examples,
+            &fp,
+            &run,
+            &out,
+            &mut |s, done, total| {
+                p.tick(
+                    done,
+                    total,
+                    &format!(
+                        "{:.0} questions/h, {} passes run, {} reused",
+                        s.questions_per_hour, s.work.passes_run, s.work.passes_reused
+                    ),
+                )
+            },
+        )?;
+        eprintln!("[oracle] {}", serde_json::to_string(&s)?);
+    }
+    let records = oracle::read_oracle(&out)?;
+    if records.is_empty() {
+        bail!("{} holds no questions", out.display());
+    }
+    let report = oracle::report(&records, a.tau)?;
+    let md = oracle::markdown(&report);
+    let stem = out.with_extension("");
+    std::fs::write(stem.with_extension("report.md"), &md)?;
+    std::fs::write(
+        stem.with_extension("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!("{md}");
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+struct PredictArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Oracle tables (JSONL; several allowed). Default RUN_DIR/oracle-arc_easy-validation.jsonl.
+    #[arg(long)]
+    oracle: Vec<PathBuf>,
+    /// See `oracle --tau`.
+    #[arg(long, default_value_t = DEFAULT_TAU)]
+    tau: f64,
+    /// Folds of the cross-fitting.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Bootstrap rounds of the intervals.
+    #[arg(long, default_value_t = 2000)]
+    bootstrap: usize,
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    epochs: usize,
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    seed: u64,
+    /// Train on raw router inputs (the reference) instead of standardised ones.
+    #[arg(long)]
+    raw_inputs: bool,
+    /// Training device: cpu, or cuda (built with --features cuda).
+    #[arg(long = "train-device", default_value_t = TrainConfig::default().device)]
+    train_device: String,
+    /// Output files' stem (default RUN_DIR/predictability).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Examples for the given ids (`task/split/...`), loaded from the data directory.
+fn examples_for_ids<'a>(
+    data_dir: &Path,
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<Vec<drllm_train::tasks::Example>> {
+    let mut sets = std::collections::BTreeSet::new();
+    for id in ids {
+        let mut parts = id.splitn(3, '/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(sp), Some(_)) => {
+                sets.insert((t.to_string(), sp.to_string()));
+            }
+            _ => bail!("question id '{id}' is not task/split/name"),
+        }
+    }
+    let mut out = Vec::new();
+    for (t, sp) in sets {
+        out.extend(data::load(data_dir, &t, &sp)?);
+    }
+    Ok(out)
+}
+
+fn cmd_predictability(a: &PredictArgs) -> Result<()> {
+    let run_dir = a.common.run_dir();
+    let files = if a.oracle.is_empty() {
+        vec![run_dir.join("oracle-arc_easy-validation.jsonl")]
+    } else {
+        a.oracle.clone()
+    };
+    let (model, tok, _scorer, fp) = a.common.load()?;
+    let mut records = Vec::new();
+    for f in &files {
+        let r = oracle::read_oracle(f)?;
+        if r.is_empty() {
+            bail!(
+                "{} holds no questions (run drllm-train oracle first)",
+                f.display()
+            );
+        }
+        records.extend(r.into_iter().filter(|r| r.model == fp));
+    }
+    if records.is_empty() {
+        bail!("the oracle tables hold no questions of this model ({fp})");
+    }
+    let n_layer = model.n_layer();
+    let examples = examples_for_ids(&a.common.data_dir, records.iter().map(|r| r.id.as_str()))?;
+    // router inputs along the full path, cached by model, scoring and questions
+    let items: Vec<features::PathItem> = records
+        .iter()
+        .map(|r| features::PathItem {
+            id: r.id.clone(),
+            counts: vec![1; n_layer],
+            labels: vec![1; n_layer],
+        })
+        .collect();
+    let windows = drllm_engine::router_format::DEFAULT_WINDOWS;
+    let key = features::cache_key(&fp, a.common.scoring(), windows, &items);
+    let cache = run_dir.join("predict-features.bin");
+    let (mut fs, from_cache) = features::cached(&cache, &key, false, || {
+        let mut session = a.common.session(&model)?;
+        let mut p = Progress::new("features");
+        Ok::<_, anyhow::Error>(features::build_paths(
+            &mut session,
+            &tok,
+            a.common.scoring(),
+            &examples,
+            &items,
+            windows,
+            &mut |d, t| p.tick(d, t, ""),
+        )?)
+    })?;
+    if from_cache {
+        eprintln!("[predict] router inputs from {}", cache.display());
+    }
+    let by_id: std::collections::HashMap<&str, &oracle::OracleRecord> =
+        records.iter().map(|r| (r.id.as_str(), r)).collect();
+    for e in &mut fs.examples {
+        let r = by_id
+            .get(e.id.as_str())
+            .with_context(|| format!("{} has features but no oracle row", e.id))?;
+        e.labels = oracle::skip_labels(r, a.tau);
+    }
+    let labels: Vec<Vec<u8>> = fs.examples.iter().map(|e| e.labels.clone()).collect();
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        seed: a.seed,
+        device: a.train_device.clone(),
+        standardize: !a.raw_inputs,
+        ..TrainConfig::default()
+    };
+    eprintln!(
+        "[predict] {} questions, {} blocks, {}-fold cross-fitting",
+        fs.examples.len(),
+        n_layer,
+        a.folds
+    );
+    let mut p = Progress::new("folds");
+    let logits = drllm_train::predict::cross_fitted_logits(&fs, &cfg, a.folds, &mut |d, t| {
+        p.tick(d, t, "")
+    })?;
+    let result =
+        drllm_train::predict::block_aucs(&logits, &labels, a.folds, a.tau, a.bootstrap, a.seed);
+    let stem = a
+        .out
+        .clone()
+        .unwrap_or_else(|| run_dir.join("predictability"));
+    let title = format!(
+        "{} ({})",
+        a.common
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        files
+            .iter()
+            .map(|f| f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let md = drllm_train::predict::markdown(&result, &title);
+    if let Some(dir) = stem.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(stem.with_extension("md"), &md)?;
+    std::fs::write(
+        stem.with_extension("json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    let rows: Vec<drllm_train::plots::BlockEstimate> = result
+        .blocks
+        .iter()
+        .map(|b| drllm_train::plots::BlockEstimate {
+            block: b.block,
+            value: b
+                .auc
+                .zip(b.interval)
+                .map(|(e, (lo, hi))| (e, lo.min(e), hi.max(e))),
+        })
+        .collect();
+    drllm_train::plots::block_intervals(
+        &stem.with_extension("png"),
+        &format!("Held-out AUC of each block's skip decision: {title}"),
+        "AUC (safe skip)",
+        &rows,
+        0.5,
+        (0.0, 1.0),
+    )?;
+    println!("{md}");
+    eprintln!("[predict] wrote {}.{{md,json,png}}", stem.display());
+    Ok(())
+}
+
 fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
     let (model, tok, scorer, fp) = a.common.load()?;
     let mut examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
     if let Some(n) = a.limit {
         examples.truncate(n);
     }
-    let (si, sn) = a
-        .shard
-        .split_once('/')
-        .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
-        .filter(|(i, n)| *n > 0 && i < n)
-        .with_context(|| format!("--shard {}: expected i/n with i < n", a.shard))?;
+    let (si, sn) = parse_shard(&a.shard)?;
     let run = SearchRun {
         mcts: MctsConfig {
             simulations: a.simulations,
@@ -625,6 +945,8 @@ fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
             max_repeats_per_block: a.max_repeats,
             max_len_factor: a.max_len_factor,
             random_rate: a.random_rate,
+            widening: a.widening,
+            amaf: !a.no_amaf,
             early_stop: !a.no_early_stop,
             early_stop_shorter_by: a.early_stop_shorter_by,
             margin_floor: a.margin_floor,
@@ -710,39 +1032,36 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     let (chosen, stats) = features::select(&records, model.n_layer(), a.labels, a.min_fixed_frac);
     eprintln!("[train] examples: {}", serde_json::to_string(&stats)?);
     let cache = run_dir.join(format!("features-{}-{}.bin", a.task, a.split));
-    let fs = if cache.exists() && !a.rebuild_features {
-        let fs = FeatureSet::load(&cache)?;
-        let same: std::collections::HashSet<&str> =
-            fs.examples.iter().map(|e| e.id.as_str()).collect();
-        if fs.examples.len() == chosen.len() && chosen.iter().all(|r| same.contains(r.id.as_str()))
-        {
-            eprintln!("[train] feature cache {}", cache.display());
-            Some(fs)
-        } else {
-            None
-        }
-    } else {
-        None
-    };
-    let fs = match fs {
-        Some(fs) => fs,
-        None => {
-            let examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
-            let mut session = a.common.session(&model)?;
-            let mut p = Progress::new("features");
-            let fs = features::build(
-                &mut session,
-                &tok,
-                a.common.scoring(),
-                &examples,
-                &chosen,
-                8,
-                &mut |d, t| p.tick(d, t, ""),
-            )?;
-            fs.save(&cache)?;
-            fs
-        }
-    };
+    let items: Vec<features::PathItem> = chosen
+        .iter()
+        .filter_map(|r| {
+            let k = r.kept.as_ref()?;
+            Some(features::PathItem {
+                id: r.id.clone(),
+                counts: k.clone(),
+                labels: k.clone(),
+            })
+        })
+        .collect();
+    let windows = drllm_engine::router_format::DEFAULT_WINDOWS;
+    let key = features::cache_key(&fp, a.common.scoring(), windows, &items);
+    let (fs, from_cache) = features::cached(&cache, &key, a.rebuild_features, || {
+        let examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
+        let mut session = a.common.session(&model)?;
+        let mut p = Progress::new("features");
+        Ok::<_, anyhow::Error>(features::build_paths(
+            &mut session,
+            &tok,
+            a.common.scoring(),
+            &examples,
+            &items,
+            windows,
+            &mut |d, t| p.tick(d, t, ""),
+        )?)
+    })?;
+    if from_cache {
+        eprintln!("[train] feature cache {}", cache.display());
+    }
     let cfg = TrainConfig {
         epochs: a.epochs,
         lr: a.lr,
@@ -1021,26 +1340,11 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
     }
     let s = SearchArgs {
         common: a.common.clone(),
-        task: "arc_easy".into(),
-        split: "validation".into(),
         limit: a.search_limit,
-        out: None,
         simulations: a.simulations,
-        c: 1.8,
-        lambda: 3.0,
-        max_skip_span: 2,
-        max_consecutive_skip: 0,
-        max_repeats: 1,
-        max_len_factor: 2.0,
-        random_rate: 0.1,
-        no_early_stop: false,
-        early_stop_shorter_by: 2,
         margin_floor: a.margin_floor,
-        seed: 0,
         reward: a.reward,
-        no_prefix_reuse: false,
-        cache_mb: 512,
-        shard: "0/1".into(),
+        ..defaults::<SearchArgs>()?
     };
     cmd_search(&s)?;
     eprintln!(
@@ -1049,24 +1353,11 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
     );
     cmd_train(&TrainArgs {
         common: a.common.clone(),
-        search: vec![],
-        task: "arc_easy".into(),
-        split: "validation".into(),
         labels: a.labels,
-        min_fixed_frac: 0.3,
         epochs: a.epochs,
-        lr: 1e-3,
-        weight_decay: 0.01,
-        warmup: 0.1,
-        batch: 16,
-        gamma: 2.0,
-        beta: 0.999,
-        val_frac: 0.15,
-        seed: 0,
-        train_device: "cpu".into(),
-        rebuild_features: false,
         min_class_count: a.min_class_count,
         standardize: a.standardize,
+        ..defaults::<TrainArgs>()?
     })?;
     eprintln!(
         "[pipeline] training done after {:.0}s",

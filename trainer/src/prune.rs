@@ -100,6 +100,7 @@ pub fn greedy_prune(
                 tokenizer,
                 reward: RewardKind::Binary,
                 cache: Some(&mut cache),
+                save_states: true,
                 max_answer_tokens: 256,
                 work: Default::default(),
             };
@@ -109,6 +110,9 @@ pub fn greedy_prune(
             }
             // the current path first: it fills the cache every candidate starts from
             let base = rw.evaluate(&counts)?;
+            // candidates share only the current path's prefixes: their own states are never
+            // read again
+            rw.save_states = false;
             if step == 0 {
                 plain.0 += usize::from(base.correct);
                 plain.1 += base.margin;

@@ -113,6 +113,20 @@ pub fn option_scores(
     Ok(out)
 }
 
+/// What judging one question along one path gave.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judgement {
+    /// The answer is right.
+    pub correct: bool,
+    /// The gold answer's score minus the best other option's (numeric: 1 or -1).
+    pub margin: f64,
+    /// The option chosen (multiple choice), None for numeric answers.
+    pub choice: Option<usize>,
+    /// Each option's score (multiple choice: mean log-probability of its text, or its letter's
+    /// logit); empty for numeric answers.
+    pub scores: Vec<f64>,
+}
+
 /// Whether the answer along the session's path is right, and the gold answer's margin (its
 /// score minus the best other option's; numeric: 1 or -1). The prompt (`Scoring::prompt`) must
 /// just have been prefilled, with last logits `last`.
@@ -127,42 +141,121 @@ pub fn judge(
     last: &[f32],
     max_answer_tokens: usize,
 ) -> Result<(bool, f64), EngineError> {
-    match ex.kind {
+    let j = judge_all(
+        session,
+        tokenizer,
+        scorer,
+        scoring,
+        ex,
+        prompt_tokens,
+        last,
+        max_answer_tokens,
+    )?;
+    Ok((j.correct, j.margin))
+}
+
+/// [`judge`], with the chosen option and every option's score.
+#[allow(clippy::too_many_arguments)]
+pub fn judge_all(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    scorer: &McScorer,
+    scoring: Scoring,
+    ex: &Example,
+    prompt_tokens: &[i32],
+    last: &[f32],
+    max_answer_tokens: usize,
+) -> Result<Judgement, EngineError> {
+    let scores: Vec<f64> = match ex.kind {
         TaskKind::MultipleChoice if scoring == Scoring::Continuation && !ex.texts.is_empty() => {
-            let scores = option_scores(
+            option_scores(
                 session,
                 tokenizer,
                 scoring.prompt(ex),
                 prompt_tokens,
                 last,
                 &ex.texts,
-            )?;
-            let mut best = 0;
-            for (i, s) in scores.iter().enumerate() {
-                if *s > scores[best] {
-                    best = i;
-                }
-            }
-            let gold = scores.get(ex.gold).copied().unwrap_or(f64::NEG_INFINITY);
-            let other = scores
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != ex.gold)
-                .map(|(_, s)| *s)
-                .fold(f64::NEG_INFINITY, f64::max);
-            Ok((best == ex.gold, gold - other))
+            )?
         }
-        TaskKind::MultipleChoice => {
-            let n = ex.choices.len();
-            Ok((
-                scorer.predict(last, n) == ex.gold,
-                scorer.margin(last, n, ex.gold) as f64,
-            ))
-        }
+        TaskKind::MultipleChoice => scorer
+            .label_logits(last, ex.choices.len())
+            .into_iter()
+            .map(f64::from)
+            .collect(),
         TaskKind::Numeric => {
             let text = greedy_answer(session, tokenizer, last, max_answer_tokens)?;
             let ok = extract_final_number(&text).is_some_and(|n| numbers_equal(&n, &ex.answer));
-            Ok((ok, if ok { 1.0 } else { -1.0 }))
+            return Ok(Judgement {
+                correct: ok,
+                margin: if ok { 1.0 } else { -1.0 },
+                choice: None,
+                scores: Vec::new(),
+            });
         }
+    };
+    let (choice, margin) = choice_and_margin(&scores, ex.gold);
+    Ok(Judgement {
+        correct: choice == ex.gold,
+        margin,
+        choice: Some(choice),
+        scores,
+    })
+}
+
+/// The best option (the first of equals) and the gold option's margin over the best other.
+pub fn choice_and_margin(scores: &[f64], gold: usize) -> (usize, f64) {
+    let mut best = 0;
+    for (i, s) in scores.iter().enumerate() {
+        if *s > scores[best] {
+            best = i;
+        }
+    }
+    let g = scores.get(gold).copied().unwrap_or(f64::NEG_INFINITY);
+    let other = scores
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != gold)
+        .map(|(_, s)| *s)
+        .fold(f64::NEG_INFINITY, f64::max);
+    (best, g - other)
+}
+
+/// KL(p || q) of the softmax distributions of two option-score vectors (nats): how far the
+/// answer distribution along one path (`q`) is from another's (`p`, e.g. the full path's).
+pub fn kl_divergence(p_scores: &[f64], q_scores: &[f64]) -> f64 {
+    let softmax = |s: &[f64]| -> Vec<f64> {
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if !m.is_finite() {
+            return vec![1.0 / s.len().max(1) as f64; s.len()];
+        }
+        let e: Vec<f64> = s.iter().map(|&x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.into_iter().map(|x| x / z).collect()
+    };
+    let (p, q) = (softmax(p_scores), softmax(q_scores));
+    p.iter()
+        .zip(&q)
+        .filter(|(pi, _)| **pi > 0.0)
+        .map(|(pi, qi)| pi * (pi / qi.max(1e-300)).ln())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_margin_and_kl_by_hand() {
+        assert_eq!(choice_and_margin(&[-1.0, -0.5, -2.0], 1), (1, 0.5));
+        assert_eq!(choice_and_margin(&[-1.0, -0.5, -2.0], 0), (1, -0.5));
+        // equal scores: the first wins, the margin is 0
+        assert_eq!(choice_and_margin(&[-1.0, -1.0], 1), (0, 0.0));
+        assert_eq!(kl_divergence(&[0.1, 0.2], &[0.1, 0.2]), 0.0);
+        // p = softmax(0, ln 3) = (1/4, 3/4), q = (1/2, 1/2):
+        // KL = 1/4 ln(1/2) + 3/4 ln(3/2)
+        let kl = kl_divergence(&[0.0, 3f64.ln()], &[5.0, 5.0]);
+        let want = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
+        assert!((kl - want).abs() < 1e-12, "{kl} vs {want}");
+        assert!(kl_divergence(&[0.0, 9.0], &[9.0, 0.0]) > 8.0);
     }
 }

@@ -8,7 +8,7 @@
 //! split across processes (`--shard i/n`) and the files concatenated.
 
 use crate::mcts::{self, passes, MctsConfig, Outcome, Rewarder};
-use crate::scoring::{judge, Scoring};
+use crate::scoring::{judge_all, Judgement, Scoring};
 use crate::tasks::{Example, McScorer, TaskKind};
 use drllm_engine::{EngineError, LayerPath, Logits, PassState, Route, Session, Tokenizer};
 use std::collections::HashMap;
@@ -177,6 +177,9 @@ pub struct EngineRewarder<'a> {
     pub reward: RewardKind,
     /// Prefix cache (None: recompute every rollout from scratch).
     pub cache: Option<&'a mut PrefixCache>,
+    /// Store the states of passes not yet cached (false: only read the cache, e.g. when the
+    /// paths still to come share no prefix with this one).
+    pub save_states: bool,
     /// Generated tokens allowed for numeric answers.
     pub max_answer_tokens: usize,
     /// Work counters.
@@ -187,10 +190,9 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-impl Rewarder for EngineRewarder<'_> {
-    type Error = SearchError;
-
-    fn evaluate(&mut self, counts: &[u8]) -> Result<Outcome, SearchError> {
+impl EngineRewarder<'_> {
+    /// Judges the example along a path (per-block pass counts), reusing cached prefixes.
+    pub fn judge_path(&mut self, counts: &[u8]) -> Result<Judgement, SearchError> {
         let cs: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
         let path = LayerPath::from_counts(&cs).map_err(EngineError::from)?;
         let blocks: Vec<u16> = path.blocks().map(|b| b as u16).collect();
@@ -201,11 +203,12 @@ impl Rewarder for EngineRewarder<'_> {
                 let (logits, saved) = {
                     let cache_ro: &PrefixCache = cache;
                     let states = cache_ro.chain(&blocks, k0);
+                    let save = self.save_states;
                     self.session.forward_from(
                         &self.tokens,
                         &path,
                         (k0 > 0).then_some(states.as_slice()),
-                        |i| !cache_ro.contains(&blocks[..i + 1]),
+                        |i| save && !cache_ro.contains(&blocks[..i + 1]),
                     )?
                 };
                 for (k, state) in saved {
@@ -222,7 +225,7 @@ impl Rewarder for EngineRewarder<'_> {
                     .logits
             }
         };
-        let (correct, margin) = judge(
+        Ok(judge_all(
             self.session,
             self.tokenizer,
             self.scorer,
@@ -231,7 +234,17 @@ impl Rewarder for EngineRewarder<'_> {
             &self.tokens,
             &logits,
             self.max_answer_tokens,
-        )?;
+        )?)
+    }
+}
+
+impl Rewarder for EngineRewarder<'_> {
+    type Error = SearchError;
+
+    fn evaluate(&mut self, counts: &[u8]) -> Result<Outcome, SearchError> {
+        let Judgement {
+            correct, margin, ..
+        } = self.judge_path(counts)?;
         let reward = match (self.reward, self.example.kind) {
             (RewardKind::Margin, TaskKind::MultipleChoice) => sigmoid(margin),
             _ => f64::from(u8::from(correct)),
@@ -406,6 +419,7 @@ pub fn run_search(
             tokenizer,
             reward: run.reward,
             cache: run.prefix_reuse.then_some(&mut cache),
+            save_states: true,
             max_answer_tokens: run.max_answer_tokens,
             work: Work::default(),
         };

@@ -346,6 +346,7 @@ fn every_rollout_with_prefix_reuse_equals_recomputing() {
                     tokenizer: &tok,
                     reward: RewardKind::Margin,
                     cache: reuse.then_some(&mut cache),
+                    save_states: true,
                     max_answer_tokens: 8,
                     work: Default::default(),
                 };
@@ -531,4 +532,235 @@ fn static_prune_counts_match_judging_each_path_afresh() {
         }
     }
     assert!(eval::markdown(&report).contains("skip ["));
+}
+
+/// The oracle table on a tiny model: every row equals judging each one-edit path afresh
+/// (without prefix reuse), the full path's KL is 0, a resumed run adds only new questions, and
+/// shards split the questions.
+#[test]
+fn oracle_rows_equal_judging_each_path_afresh_and_resume() {
+    use drllm_train::oracle::{read_oracle, report, run_oracle, OracleRun};
+    use drllm_train::scoring::kl_divergence;
+    use drllm_train::search::EngineRewarder;
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, m, tok, sc, fp) = setup(dir.path());
+    let n_layer = m.n_layer();
+    let qs = questions(5);
+    for scoring in [Scoring::Continuation, Scoring::Letters] {
+        let out = dir.path().join(format!("oracle-{scoring:?}.jsonl"));
+        let run = OracleRun {
+            scoring,
+            cache_bytes: 64 << 20,
+            shard: (0, 1),
+            repeats: true,
+        };
+        let mut s = session(&m);
+        let first = run_oracle(
+            &mut s,
+            &tok,
+            &sc,
+            &qs[..3],
+            &fp,
+            &run,
+            &out,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!((first.done, first.resumed), (3, 0));
+        // the full path runs once; each skip of block k resumes after k passes, each repeat
+        // after k + 1, except for the last block's (a resume leaves at least one pass to run,
+        // and the full path keeps no state after its last pass): one pass less each
+        let reused: u64 = (0..n_layer as u64).map(|k| 2 * k + 1).sum::<u64>() - 2;
+        assert_eq!(first.work.passes_reused, 3 * reused);
+        let again = run_oracle(&mut s, &tok, &sc, &qs, &fp, &run, &out, &mut |_, _, _| {}).unwrap();
+        assert_eq!((again.done, again.resumed), (2, 3));
+        let rows = read_oracle(&out).unwrap();
+        assert_eq!(rows.len(), 5);
+        for (r, q) in rows.iter().zip(&qs) {
+            assert_eq!(r.id, q.id);
+            assert_eq!((r.skip.len(), r.repeat.len()), (n_layer, n_layer));
+            assert_eq!(r.full.kl, 0.0);
+            // afresh: no cache, a new session
+            let tokens = tok.tokenize(scoring.prompt(q), true, false);
+            let mut fresh = session(&m);
+            let mut rw = EngineRewarder {
+                session: &mut fresh,
+                tokens,
+                scoring,
+                example: q,
+                scorer: &sc,
+                tokenizer: &tok,
+                reward: RewardKind::Binary,
+                cache: None,
+                save_states: false,
+                max_answer_tokens: 1,
+                work: Default::default(),
+            };
+            // a fresh session's graphs may round the last digit differently
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + a.abs());
+            let full = rw.judge_path(&vec![1; n_layer]).unwrap();
+            assert!(
+                full.scores
+                    .iter()
+                    .zip(&r.full_scores)
+                    .all(|(a, b)| close(*a, *b)),
+                "{scoring:?} {}",
+                q.id
+            );
+            for k in 0..n_layer {
+                for (c, probe) in [(0u8, &r.skip[k]), (2u8, &r.repeat[k])] {
+                    let mut counts = vec![1u8; n_layer];
+                    counts[k] = c;
+                    let j = rw.judge_path(&counts).unwrap();
+                    assert_eq!(
+                        (j.correct, j.choice),
+                        (probe.correct, Some(probe.choice)),
+                        "{scoring:?} {} block {k} x{c}",
+                        q.id
+                    );
+                    assert!(
+                        close(j.margin, probe.margin),
+                        "{} vs {}",
+                        j.margin,
+                        probe.margin
+                    );
+                    let kl = kl_divergence(&full.scores, &j.scores);
+                    assert!(close(probe.kl, kl), "{} vs {kl}", probe.kl);
+                }
+            }
+        }
+        let rep = report(&rows, 0.05).unwrap();
+        assert_eq!(rep.questions, 5);
+        assert!(rep.oracle_one_saved_accuracy >= rep.best_static_skip.1);
+        // another shard of the same file: nothing left to do for shard 1/2's questions
+        let run2 = OracleRun {
+            shard: (1, 2),
+            ..run.clone()
+        };
+        let s2 = run_oracle(&mut s, &tok, &sc, &qs, &fp, &run2, &out, &mut |_, _, _| {}).unwrap();
+        assert_eq!((s2.done, s2.resumed), (0, 2));
+        // without repeats: the same skips, no repeat columns
+        let out3 = dir.path().join(format!("oracle-{scoring:?}-skips.jsonl"));
+        let run3 = OracleRun {
+            repeats: false,
+            ..run.clone()
+        };
+        run_oracle(
+            &mut s,
+            &tok,
+            &sc,
+            &qs[..2],
+            &fp,
+            &run3,
+            &out3,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let skips = read_oracle(&out3).unwrap();
+        for (a, b) in skips.iter().zip(&rows) {
+            assert!(a.repeat.is_empty());
+            assert_eq!(
+                a.skip
+                    .iter()
+                    .map(|p| (p.correct, p.choice))
+                    .collect::<Vec<_>>(),
+                b.skip
+                    .iter()
+                    .map(|p| (p.correct, p.choice))
+                    .collect::<Vec<_>>()
+            );
+        }
+        let r3 = report(&skips, 0.05).unwrap();
+        assert_eq!(r3.oracle_one_repeat_accuracy, None);
+        assert!(rep.oracle_one_repeat_accuracy.is_some());
+    }
+}
+
+/// The predictability test end to end on a tiny model: features along the full path, labels
+/// from the oracle table, cross-fitted routers, one AUC row per block; with labels that follow
+/// the inputs (a planted signal) the AUC is high.
+#[test]
+fn predictability_finds_a_planted_signal_and_not_noise() {
+    use drllm_train::features::{build_paths, PathItem};
+    use drllm_train::predict::{block_aucs, cross_fitted_logits};
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, m, tok, _sc, _fp) = setup(dir.path());
+    let n_layer = m.n_layer();
+    // questions(n) repeats its texts every 7: make each prompt different
+    let words = ["cat", "dog", "the", "is", "a", "of", "and"];
+    let mut qs = questions(60);
+    for (i, q) in qs.iter_mut().enumerate() {
+        q.cont_prompt = format!(
+            "{} {} {} {}",
+            words[i % 7],
+            words[(i / 7) % 7],
+            words[(i * 3 + 1) % 7],
+            q.cont_prompt
+        );
+    }
+    let items: Vec<PathItem> = qs
+        .iter()
+        .map(|q| PathItem {
+            id: q.id.clone(),
+            counts: vec![1; n_layer],
+            labels: vec![1; n_layer],
+        })
+        .collect();
+    let mut s = session(&m);
+    let mut fs = build_paths(
+        &mut s,
+        &tok,
+        Scoring::Continuation,
+        &qs,
+        &items,
+        8,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(fs.examples.len(), 60);
+    // planted: block 2's skip is safe exactly when the first input dimension entering it is
+    // above its median; every other block's label is a coin flip
+    // (the mean over windows: the prompts all begin alike, so the first window is the same)
+    let d = fs.d;
+    let x: Vec<f32> = fs
+        .examples
+        .iter()
+        .map(|e| (0..e.n_windows).map(|w| e.pooled[2][w * d]).sum::<f32>() / e.n_windows as f32)
+        .collect();
+    let mut sorted = x.clone();
+    sorted.sort_by(f32::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let mut rng = drllm_train::rng::SplitMix64(5);
+    for (e, &v) in fs.examples.iter_mut().zip(&x) {
+        e.labels = (0..n_layer)
+            .map(|b| {
+                if b == 2 {
+                    u8::from(v < median)
+                } else {
+                    u8::from(rng.unit() < 0.5)
+                }
+            })
+            .collect();
+    }
+    let labels: Vec<Vec<u8>> = fs.examples.iter().map(|e| e.labels.clone()).collect();
+    let cfg = TrainConfig {
+        epochs: 30,
+        standardize: true,
+        ..TrainConfig::default()
+    };
+    let mut folds_done = 0;
+    let logits = cross_fitted_logits(&fs, &cfg, 5, &mut |d, _| folds_done = d).unwrap();
+    assert_eq!(folds_done, 5);
+    let p = block_aucs(&logits, &labels, 5, 0.05, 500, 0);
+    assert_eq!(p.blocks.len(), n_layer);
+    assert_eq!(p.testable, n_layer, "{p:?}");
+    let planted = &p.blocks[2];
+    assert!(planted.auc.unwrap() > 0.8, "{planted:?}");
+    assert!(planted.signal());
+    let noise_signal = p
+        .blocks
+        .iter()
+        .filter(|b| b.block != 2 && b.signal())
+        .count();
+    assert!(noise_signal <= 1, "{p:?}");
 }

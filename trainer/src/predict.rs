@@ -1,0 +1,282 @@
+//! The predictability test: can a router tell, from the hidden state entering block k, the
+//! questions for which skipping block k is safe from those for which it is not?
+//!
+//! Labels come from the oracle table ([`crate::oracle::skip_labels`]); the router inputs are
+//! the window means entering every block along the full path (exactly what block k's router
+//! sees when the blocks before it all run). Routers of the product's shape are trained with
+//! K-fold cross-fitting, so every question gets a skip score from routers that never saw it;
+//! per block, the ROC AUC of that score (skip logit minus execute logit) against "skip is
+//! safe", with a bootstrap 95% interval over questions. An AUC of 0.5 means the router knows
+//! nothing about block k that a static prune (the same decision for every question) does not.
+
+use crate::rng::SplitMix64;
+use crate::train::{candle_logits, split_ids, train, FeatureSet, TrainConfig, TrainError};
+
+/// ROC AUC: the probability that a random positive scores above a random negative (ties count
+/// half), by the rank-sum formula. None without positives or without negatives.
+pub fn auc(scores: &[f64], positive: &[bool]) -> Option<f64> {
+    let n = scores.len().min(positive.len());
+    let n_pos = positive[..n].iter().filter(|&&p| p).count();
+    let n_neg = n - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return None;
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // average ranks (1-based) over ties
+    let mut rank_sum_pos = 0.0;
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            if positive[k] {
+                rank_sum_pos += avg;
+            }
+        }
+        i = j + 1;
+    }
+    let (p, q) = (n_pos as f64, n_neg as f64);
+    Some((rank_sum_pos - p * (p + 1.0) / 2.0) / (p * q))
+}
+
+/// A percentile bootstrap interval of the AUC over questions (resampled with replacement,
+/// `rounds` times, seeded): the 2.5th and 97.5th percentiles. None when the AUC is undefined
+/// on the data; resamples without both classes are skipped.
+pub fn auc_interval(
+    scores: &[f64],
+    positive: &[bool],
+    rounds: usize,
+    seed: u64,
+) -> Option<(f64, f64)> {
+    auc(scores, positive)?;
+    let n = scores.len().min(positive.len());
+    let mut rng = SplitMix64(seed ^ 0xB007_57A9);
+    let mut values = Vec::with_capacity(rounds);
+    let mut s = vec![0.0; n];
+    let mut p = vec![false; n];
+    for _ in 0..rounds {
+        for i in 0..n {
+            let k = rng.below(n);
+            s[i] = scores[k];
+            p[i] = positive[k];
+        }
+        if let Some(a) = auc(&s, &p) {
+            values.push(a);
+        }
+    }
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| values[((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
+    Some((at(0.025), at(0.975)))
+}
+
+/// Splits `0..n` into `k` folds of nearly equal size in a seeded random order.
+pub fn folds(n: usize, k: usize, seed: u64) -> Vec<Vec<usize>> {
+    let k = k.clamp(1, n.max(1));
+    let mut perm: Vec<usize> = (0..n).collect();
+    SplitMix64(seed ^ 0xF01D_5EED).shuffle(&mut perm);
+    let mut out = vec![Vec::new(); k];
+    for (i, x) in perm.into_iter().enumerate() {
+        out[i % k].push(x);
+    }
+    for f in &mut out {
+        f.sort_unstable();
+    }
+    out
+}
+
+/// Cross-fitted router logits: for each fold, routers trained on the other folds (with
+/// `cfg.val_frac` of them for choosing the epoch) score the fold's examples. `[example][block]`.
+pub fn cross_fitted_logits(
+    fs: &FeatureSet,
+    cfg: &TrainConfig,
+    k: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Vec<[f32; 3]>>, TrainError> {
+    let n = fs.examples.len();
+    if n < 2 * k.max(2) {
+        return Err(TrainError::InvalidInput(format!(
+            "{n} examples are too few for {k}-fold cross-fitting"
+        )));
+    }
+    let parts = folds(n, k, cfg.seed);
+    let mut out: Vec<Vec<[f32; 3]>> = vec![Vec::new(); n];
+    for (f, held) in parts.iter().enumerate() {
+        let rest: Vec<usize> = (0..n).filter(|i| held.binary_search(i).is_err()).collect();
+        let (tr, va) = split_ids(rest.len(), cfg.val_frac, cfg.seed.wrapping_add(f as u64));
+        let tr: Vec<usize> = tr.into_iter().map(|i| rest[i]).collect();
+        let va: Vec<usize> = va.into_iter().map(|i| rest[i]).collect();
+        let trained = train(fs, cfg, &tr, &va, &mut |_| {})?;
+        let sub = FeatureSet {
+            d: fs.d,
+            n_layer: fs.n_layer,
+            max_windows: fs.max_windows,
+            examples: held.iter().map(|&i| fs.examples[i].clone()).collect(),
+        };
+        let logits = candle_logits(&trained.routers, &sub, &cfg.device)?;
+        for (&i, l) in held.iter().zip(logits) {
+            out[i] = l;
+        }
+        progress(f + 1, parts.len());
+    }
+    Ok(out)
+}
+
+/// One block of the test.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BlockAuc {
+    pub block: usize,
+    /// Questions for which skipping the block is safe / not safe.
+    pub safe: usize,
+    pub unsafe_: usize,
+    /// AUC of the cross-fitted skip score for "safe" (None: one class is empty).
+    pub auc: Option<f64>,
+    /// Bootstrap 95% interval.
+    pub interval: Option<(f64, f64)>,
+}
+
+impl BlockAuc {
+    /// The interval lies above 0.5: the router ranks safe skips above unsafe ones.
+    pub fn signal(&self) -> bool {
+        self.interval.is_some_and(|(lo, _)| lo > 0.5)
+    }
+}
+
+/// The test's result.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Predictability {
+    pub questions: usize,
+    pub folds: usize,
+    pub tau: f64,
+    pub blocks: Vec<BlockAuc>,
+    /// Blocks with both classes present, and those whose interval lies above 0.5.
+    pub testable: usize,
+    pub with_signal: usize,
+}
+
+/// Per-block AUCs of cross-fitted logits against labels (0: skip safe, 1: not).
+pub fn block_aucs(
+    logits: &[Vec<[f32; 3]>],
+    labels: &[Vec<u8>],
+    folds: usize,
+    tau: f64,
+    rounds: usize,
+    seed: u64,
+) -> Predictability {
+    let n_layer = labels.first().map_or(0, Vec::len);
+    let blocks: Vec<BlockAuc> = (0..n_layer)
+        .map(|b| {
+            let score: Vec<f64> = logits
+                .iter()
+                .map(|l| f64::from(l[b][0]) - f64::from(l[b][1]))
+                .collect();
+            let safe: Vec<bool> = labels.iter().map(|l| l[b] == 0).collect();
+            let n_safe = safe.iter().filter(|&&s| s).count();
+            BlockAuc {
+                block: b,
+                safe: n_safe,
+                unsafe_: safe.len() - n_safe,
+                auc: auc(&score, &safe),
+                interval: auc_interval(&score, &safe, rounds, seed.wrapping_add(b as u64)),
+            }
+        })
+        .collect();
+    let testable = blocks.iter().filter(|b| b.auc.is_some()).count();
+    let with_signal = blocks.iter().filter(|b| b.signal()).count();
+    Predictability {
+        questions: labels.len(),
+        folds,
+        tau,
+        blocks,
+        testable,
+        with_signal,
+    }
+}
+
+/// The result as markdown.
+pub fn markdown(p: &Predictability, title: &str) -> String {
+    let mut s = format!(
+        "# Predictability of safe skips: {title}\n\n{} questions, {}-fold cross-fitted routers; \
+         a skip is safe when the option chosen stays and the gold margin drops by at most {}. \
+         AUC of the router's skip score (skip minus execute logit) for \"safe\", with a \
+         bootstrap 95% interval over questions. {} of {} testable blocks have an interval above \
+         0.5.\n\n| block | safe | not safe | AUC | 95% interval |\n|---:|---:|---:|---:|---|\n",
+        p.questions, p.folds, p.tau, p.with_signal, p.testable
+    );
+    for b in &p.blocks {
+        let (a, i) = match (b.auc, b.interval) {
+            (Some(a), Some((lo, hi))) => (format!("{a:.3}"), format!("[{lo:.3}, {hi:.3}]")),
+            (Some(a), None) => (format!("{a:.3}"), "-".into()),
+            _ => ("-".into(), "-".into()),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {a} | {i} |\n",
+            b.block, b.safe, b.unsafe_
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_by_hand() {
+        // perfect, reversed, random-ish
+        assert_eq!(
+            auc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]),
+            Some(1.0)
+        );
+        assert_eq!(
+            auc(&[0.1, 0.2, 0.8, 0.9], &[true, true, false, false]),
+            Some(0.0)
+        );
+        // pairs (pos, neg): (0.4 vs 0.1) win, (0.4 vs 0.5) loss, (0.9 vs 0.1) win, (0.9 vs 0.5)
+        // win: 3 of 4
+        assert_eq!(
+            auc(&[0.1, 0.4, 0.5, 0.9], &[false, true, false, true]),
+            Some(0.75)
+        );
+        // a tie counts half: (0.5 vs 0.5) = 0.5, (0.5 vs 0.2) = 1 -> 0.75
+        assert_eq!(auc(&[0.5, 0.5, 0.2], &[true, false, false]), Some(0.75));
+        assert_eq!(auc(&[1.0, 2.0], &[true, true]), None);
+        assert_eq!(auc(&[], &[]), None);
+    }
+
+    #[test]
+    fn bootstrap_interval_brackets_the_auc_and_shrinks_with_data() {
+        let mut rng = SplitMix64(3);
+        let make = |n: usize, rng: &mut SplitMix64| {
+            let mut s = Vec::new();
+            let mut p = Vec::new();
+            for _ in 0..n {
+                let pos = rng.unit() < 0.5;
+                s.push(rng.unit() + if pos { 0.3 } else { 0.0 });
+                p.push(pos);
+            }
+            (s, p)
+        };
+        let (s, p) = make(100, &mut rng);
+        let a = auc(&s, &p).unwrap();
+        let (lo, hi) = auc_interval(&s, &p, 500, 1).unwrap();
+        assert!(lo < a && a < hi, "{lo} {a} {hi}");
+        let (s2, p2) = make(2000, &mut rng);
+        let (lo2, hi2) = auc_interval(&s2, &p2, 500, 1).unwrap();
+        assert!(hi2 - lo2 < (hi - lo) * 0.5, "{lo2}..{hi2} vs {lo}..{hi}");
+        // a signal of +0.3 on uniform noise: AUC about 0.76, well above 0.5
+        assert!(lo2 > 0.7, "{lo2}");
+        let f = folds(10, 3, 0);
+        assert_eq!(f.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 3, 3]);
+        let mut all: Vec<usize> = f.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+}
