@@ -731,6 +731,55 @@ pub fn split_ids(examples: &[Example], frac: f64, seed: u64) -> (Vec<usize>, Vec
     (first, second)
 }
 
+/// The calibration questions of a split: a seeded sample of `n` from the examples outside the
+/// evaluation sample `sample(all, exclude_limit, exclude_seed)` (disjoint from it by
+/// construction).
+pub fn calibration_sample(
+    all: &[Example],
+    exclude_limit: usize,
+    exclude_seed: u64,
+    n: usize,
+) -> Vec<Example> {
+    let excluded: std::collections::HashSet<String> = sample(all, exclude_limit, exclude_seed)
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let rest: Vec<Example> = all
+        .iter()
+        .filter(|e| !excluded.contains(&e.id))
+        .cloned()
+        .collect();
+    sample(&rest, n, exclude_seed ^ 0xCA11_B8A7E)
+}
+
+/// The examples of the given ids (`task/split/name`, as every example id is), loaded from
+/// the data folder, one file per task and split.
+pub fn examples_for_ids<'a>(
+    data_dir: &Path,
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<Vec<Example>, DataError> {
+    let mut sets = std::collections::BTreeSet::new();
+    for id in ids {
+        let mut parts = id.splitn(3, '/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(sp), Some(_)) => {
+                sets.insert((t.to_string(), sp.to_string()));
+            }
+            _ => {
+                return Err(DataError::UnknownDataset {
+                    task: id.to_string(),
+                    split: "(not a task/split/name id)".into(),
+                })
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (t, sp) in sets {
+        out.extend(load(data_dir, &t, &sp)?);
+    }
+    Ok(out)
+}
+
 /// A deterministic sample of `n` examples without replacement (all of them when `n` is at
 /// least their number), kept in their original order.
 pub fn sample(examples: &[Example], n: usize, seed: u64) -> Vec<Example> {

@@ -7,6 +7,7 @@
 pub mod data;
 pub mod eval;
 pub mod features;
+pub mod ledger;
 pub mod mcts;
 pub mod oracle;
 pub mod predict;

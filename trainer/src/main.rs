@@ -6,6 +6,7 @@ use drllm_engine::router_format::{
     base_model_info_from, rfc3339_utc_now, sidecar_path_for, Sidecar, StorageType,
 };
 use drllm_engine::{DeviceChoice, LayerPath, Model, Routers, Session, SessionOptions, Tokenizer};
+use drllm_train::ledger::Ledger;
 use drllm_train::mcts::MctsConfig;
 use drllm_train::scoring::Scoring;
 use drllm_train::search::{read_results, RewardKind, SearchRun};
@@ -282,6 +283,16 @@ struct TrainArgs {
     /// export, so the exported routers read raw inputs either way).
     #[arg(long)]
     standardize: bool,
+    /// Class weights of the focal loss: the reference's fixed label counts (nearly uniform), or
+    /// the training set's own (balanced).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().class_weights)]
+    class_weights: train::ClassWeights,
+    /// Label smoothing epsilon (0: off).
+    #[arg(long, default_value_t = TrainConfig::default().label_smoothing)]
+    label_smoothing: f32,
+    /// Only these blocks' routers decide (e.g. 8-20,25); the others always execute.
+    #[arg(long, value_parser = train::parse_blocks)]
+    blocks: Option<Vec<usize>>,
 }
 
 #[derive(Args, Clone)]
@@ -399,19 +410,11 @@ impl CalibrationQuestions {
 
     fn load(&self, data_dir: &Path) -> Result<Vec<drllm_train::tasks::Example>> {
         let all = data::load(data_dir, &self.task, &self.split)?;
-        let excluded: std::collections::HashSet<String> =
-            data::sample(&all, self.exclude_limit, self.exclude_seed)
-                .into_iter()
-                .map(|e| e.id)
-                .collect();
-        let rest: Vec<_> = all
-            .into_iter()
-            .filter(|e| !excluded.contains(&e.id))
-            .collect();
-        Ok(data::sample(
-            &rest,
+        Ok(data::calibration_sample(
+            &all,
+            self.exclude_limit,
+            self.exclude_seed,
             self.n,
-            self.exclude_seed ^ 0xCA11_B8A7E,
         ))
     }
 
@@ -486,10 +489,16 @@ fn calibrate(a: &CalibrateArgs) -> Result<(Option<PathBuf>, eval::Calibration)> 
     };
     let mut sc = routers.sidecar().clone();
     eval::bake_depth_bias(&mut sc.routers, bias);
-    sc.provenance.notes = format!(
+    let mut ledger = Ledger::from_notes(&sc.provenance.notes);
+    ledger.merge(&Ledger::record(
+        &run_dir,
+        "calibration",
+        set.iter().map(|e| e.id.as_str()),
+    )?);
+    sc.provenance.notes = ledger.to_notes(&format!(
         "depth bias {bias:+.2} baked in (chosen on {} {} {} calibration questions, disjoint from the evaluation sample)",
         c.n, a.set.task, a.set.split
-    );
+    ));
     let out = run_dir.join("routers.calibrated.gguf");
     sc.write(&out, StorageType::F32)?;
     eprintln!("[calibrate] chose bias {bias:+.2}; wrote {}", out.display());
@@ -526,6 +535,12 @@ struct PipelineArgs {
     /// See `train --standardize`.
     #[arg(long)]
     standardize: bool,
+    /// See `train --class-weights`.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().class_weights)]
+    class_weights: train::ClassWeights,
+    /// See `train --train-device`.
+    #[arg(long = "train-device", default_value_t = TrainConfig::default().device)]
+    train_device: String,
     /// Calibration questions for the depth bias (ARC-Easy test, outside the evaluation sample).
     #[arg(long, default_value_t = 300)]
     calibration_n: usize,
@@ -628,10 +643,7 @@ fn search_out(a: &SearchArgs) -> PathBuf {
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    s.split_once('/')
-        .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
-        .filter(|(i, n)| *n > 0 && i < n)
-        .with_context(|| format!("--shard {s}: expected i/n with i < n"))
+    Ok(search::parse_shard(s)?)
 }
 
 #[derive(Args, Clone)]
@@ -730,6 +742,11 @@ fn cmd_oracle(a: &OracleArgs) -> Result<()> {
     if records.is_empty() {
         bail!("{} holds no questions", out.display());
     }
+    Ledger::record(
+        &a.common.run_dir(),
+        "oracle",
+        records.iter().map(|r| r.id.as_str()),
+    )?;
     let report = oracle::report(&records, a.tau)?;
     let md = oracle::markdown(&report);
     let stem = out.with_extension("");
@@ -773,28 +790,6 @@ struct PredictArgs {
     out: Option<PathBuf>,
 }
 
-/// Examples for the given ids (`task/split/...`), loaded from the data directory.
-fn examples_for_ids<'a>(
-    data_dir: &Path,
-    ids: impl Iterator<Item = &'a str>,
-) -> Result<Vec<drllm_train::tasks::Example>> {
-    let mut sets = std::collections::BTreeSet::new();
-    for id in ids {
-        let mut parts = id.splitn(3, '/');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(t), Some(sp), Some(_)) => {
-                sets.insert((t.to_string(), sp.to_string()));
-            }
-            _ => bail!("question id '{id}' is not task/split/name"),
-        }
-    }
-    let mut out = Vec::new();
-    for (t, sp) in sets {
-        out.extend(data::load(data_dir, &t, &sp)?);
-    }
-    Ok(out)
-}
-
 fn cmd_predictability(a: &PredictArgs) -> Result<()> {
     let run_dir = a.common.run_dir();
     let files = if a.oracle.is_empty() {
@@ -818,7 +813,8 @@ fn cmd_predictability(a: &PredictArgs) -> Result<()> {
         bail!("the oracle tables hold no questions of this model ({fp})");
     }
     let n_layer = model.n_layer();
-    let examples = examples_for_ids(&a.common.data_dir, records.iter().map(|r| r.id.as_str()))?;
+    let examples =
+        data::examples_for_ids(&a.common.data_dir, records.iter().map(|r| r.id.as_str()))?;
     // router inputs along the full path, cached by model, scoring and questions
     let items: Vec<features::PathItem> = records
         .iter()
@@ -1003,6 +999,23 @@ fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
         },
     )?;
     eprintln!("[search] {}", serde_json::to_string(&s)?);
+    let recs: Vec<_> = read_results(&out)?
+        .into_iter()
+        .filter(|r| r.model == fp)
+        .collect();
+    eprintln!(
+        "[search] kept paths by number of edits (0, 1, 2, ...): {:?}",
+        search::edit_histogram(&recs)
+    );
+    Ledger::record(
+        &a.common.run_dir(),
+        "search",
+        examples
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % sn == si)
+            .map(|(_, e)| e.id.as_str()),
+    )?;
     Ok(s)
 }
 
@@ -1062,6 +1075,11 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     if from_cache {
         eprintln!("[train] feature cache {}", cache.display());
     }
+    let ledger = Ledger::record(
+        &run_dir,
+        "training",
+        fs.examples.iter().map(|e| e.id.as_str()),
+    )?;
     let cfg = TrainConfig {
         epochs: a.epochs,
         lr: a.lr,
@@ -1075,8 +1093,17 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         device: a.train_device.clone(),
         min_class_count: a.min_class_count,
         standardize: a.standardize,
+        class_weights: a.class_weights,
+        label_smoothing: a.label_smoothing,
+        blocks: a.blocks.clone().unwrap_or_default(),
         ..TrainConfig::default()
     };
+    if let Some(&b) = cfg.blocks.iter().find(|&&b| b >= model.n_layer()) {
+        bail!(
+            "--blocks: block {b} does not exist ({} blocks)",
+            model.n_layer()
+        );
+    }
     let t0 = Instant::now();
     let trained = train::train_split(&fs, &cfg, &mut |e| {
         let pc = |c: &train::ClassStats| format!("{:.2}/{:.2}", c.precision, c.recall);
@@ -1114,14 +1141,14 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
                 "{} {} ({} examples with a kept path, {} fixed)",
                 a.task, a.split, stats.kept, stats.fixed
             ),
-            search: search_summary(&records, &params),
+            search: search::summary(&records, &params),
             training: serde_json::to_string(&cfg)?,
             metrics: serde_json::to_string(
                 &trained.history.get(trained.best_epoch.saturating_sub(1)),
             )?,
             created: rfc3339_utc_now(),
             tool: format!("drllm-train {}", env!("CARGO_PKG_VERSION")),
-            notes: String::new(),
+            notes: ledger.to_notes(""),
         },
         routers: trained.routers,
     };
@@ -1129,19 +1156,6 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     sc.write(&ckpt, StorageType::F32)?;
     eprintln!("[train] wrote {}", ckpt.display());
     Ok(())
-}
-
-fn search_summary(records: &[search::SearchRecord], params: &[serde_json::Value]) -> String {
-    let n = records.len();
-    let fixed = records.iter().filter(|r| r.fixed()).count();
-    let correct = records.iter().filter(|r| r.originally_correct).count();
-    let sims: usize = records.iter().map(|r| r.simulations).sum();
-    serde_json::json!({
-        "questions": n, "originally_correct": correct, "fixed": fixed,
-        "mean_simulations": sims as f64 / n.max(1) as f64,
-        "settings": params,
-    })
-    .to_string()
 }
 
 fn cmd_export(a: &ExportArgs) -> Result<PathBuf> {
@@ -1172,6 +1186,13 @@ fn cmd_export(a: &ExportArgs) -> Result<PathBuf> {
         sc.provenance.metrics = summary.to_string();
     }
     sc.provenance.created = rfc3339_utc_now();
+    let mut ledger = Ledger::from_notes(&sc.provenance.notes);
+    ledger.merge(&Ledger::load(&a.common.run_dir())?);
+    let note = serde_json::from_str::<serde_json::Value>(&sc.provenance.notes)
+        .ok()
+        .and_then(|v| v.get("note").and_then(|n| n.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    sc.provenance.notes = ledger.to_notes(&note);
     let out = a
         .out
         .clone()
@@ -1211,6 +1232,24 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
     if let Some(n) = a.limit {
         examples = data::sample(&examples, n, a.seed);
     }
+    let statics = static_paths(a, model.n_layer())?;
+    // routers and prunes are judged only on questions none of their choices were made on
+    if routers.is_some() || !statics.is_empty() {
+        let mut used = Ledger::load(&a.common.run_dir())?;
+        if let Some(r) = &routers {
+            used.merge(&Ledger::from_notes(&r.sidecar().provenance.notes));
+        }
+        if let Some(file) = &a.prune {
+            let r = prune::read_report(file)?;
+            used.add("prune", r.ids.iter().map(String::as_str));
+        }
+        used.check_disjoint(examples.iter().map(|e| e.id.as_str()))?;
+        eprintln!(
+            "[eval] {} questions, disjoint from those used for choices ({:?})",
+            examples.len(),
+            used.counts()
+        );
+    }
     let mut session = a.common.session(&model)?;
     let mut p = Progress::new("eval");
     let opts = eval::EvalOptions {
@@ -1219,7 +1258,7 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
         sweep: a.sweep.clone(),
         max_answer_tokens: 256,
         scoring: a.common.scoring(),
-        statics: static_paths(a, model.n_layer())?,
+        statics,
     };
     let model_name = a.common.model.display().to_string();
     let r = eval::evaluate(
@@ -1250,38 +1289,9 @@ fn static_paths(a: &EvalArgs, n_layer: usize) -> Result<Vec<(String, LayerPath)>
     let Some(file) = &a.prune else {
         return Ok(Vec::new());
     };
-    let r: prune::PruneReport = serde_json::from_str(
-        &std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?,
-    )
-    .with_context(|| format!("{}: not a prune report", file.display()))?;
-    if r.n_layer != n_layer {
-        bail!(
-            "{}: prune report for a {}-block model, this model has {n_layer}",
-            file.display(),
-            r.n_layer
-        );
-    }
-    let ks: Vec<usize> = if a.prune_skips.is_empty() {
-        (1..=r.steps.len()).collect()
-    } else {
-        a.prune_skips.clone()
-    };
-    ks.iter()
-        .map(|&k| {
-            let set = r.skip_set(k).with_context(|| {
-                format!(
-                    "{}: no prune with {k} blocks skipped (has 1..={})",
-                    file.display(),
-                    r.steps.len()
-                )
-            })?;
-            let counts: Vec<usize> = (0..n_layer)
-                .map(|b| usize::from(!set.contains(&b)))
-                .collect();
-            let path = LayerPath::from_counts(&counts)?;
-            Ok((format!("static prune, skip {set:?}"), path))
-        })
-        .collect()
+    let r = prune::read_report(file)?;
+    Ok(prune::static_paths(&r, n_layer, &a.prune_skips)
+        .with_context(|| format!("{}", file.display()))?)
 }
 
 #[derive(Args, Clone)]
@@ -1328,6 +1338,11 @@ fn cmd_prune(a: &PruneArgs) -> Result<PathBuf> {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(&out, serde_json::to_string_pretty(&r)?)?;
+    Ledger::record(
+        &a.common.run_dir(),
+        "prune",
+        r.ids.iter().map(String::as_str),
+    )?;
     println!("{}", prune::markdown(&r));
     eprintln!("[prune] wrote {} ({:.0} s)", out.display(), r.secs);
     Ok(out)
@@ -1357,6 +1372,8 @@ fn cmd_pipeline(a: &PipelineArgs) -> Result<()> {
         epochs: a.epochs,
         min_class_count: a.min_class_count,
         standardize: a.standardize,
+        class_weights: a.class_weights,
+        train_device: a.train_device.clone(),
         ..defaults::<TrainArgs>()?
     })?;
     eprintln!(

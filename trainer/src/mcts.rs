@@ -139,6 +139,11 @@ pub fn passes(counts: &[u8]) -> usize {
     counts.iter().map(|&c| c as usize).sum()
 }
 
+/// Edits of a path from the default one: blocks run 0 or 2 times.
+pub fn edits(counts: &[u8]) -> usize {
+    counts.iter().filter(|&&c| c != 1).count()
+}
+
 fn distinct(counts: &[u8]) -> usize {
     counts.iter().filter(|&&c| c > 0).count()
 }

@@ -8,7 +8,7 @@ use crate::mcts::Rewarder;
 use crate::scoring::Scoring;
 use crate::search::{EngineRewarder, PrefixCache, RewardKind, SearchError};
 use crate::tasks::{Example, McScorer};
-use drllm_engine::{Session, Tokenizer};
+use drllm_engine::{LayerPath, Session, Tokenizer};
 use std::time::Instant;
 
 /// One candidate block of one greedy step.
@@ -59,6 +59,48 @@ impl PruneReport {
             .and_then(|i| self.steps.get(i))
             .map(|s| s.skipped.as_slice())
     }
+}
+
+/// Reads a prune report written by `drllm-train prune`.
+pub fn read_report(path: &std::path::Path) -> Result<PruneReport, SearchError> {
+    let text = std::fs::read_to_string(path)?;
+    serde_json::from_str(&text)
+        .map_err(|e| SearchError::Other(format!("{}: not a prune report ({e})", path.display())))
+}
+
+/// The static paths of a report's greedy steps: those skipping `k` blocks for each `k` of
+/// `skips` (all steps when empty), named for the tables.
+pub fn static_paths(
+    r: &PruneReport,
+    n_layer: usize,
+    skips: &[usize],
+) -> Result<Vec<(String, LayerPath)>, SearchError> {
+    if r.n_layer != n_layer {
+        return Err(SearchError::Other(format!(
+            "prune report for a {}-block model, this model has {n_layer}",
+            r.n_layer
+        )));
+    }
+    let ks: Vec<usize> = if skips.is_empty() {
+        (1..=r.steps.len()).collect()
+    } else {
+        skips.to_vec()
+    };
+    ks.iter()
+        .map(|&k| {
+            let set = r.skip_set(k).ok_or_else(|| {
+                SearchError::Other(format!(
+                    "no prune with {k} blocks skipped (has 1..={})",
+                    r.steps.len()
+                ))
+            })?;
+            let counts: Vec<usize> = (0..n_layer)
+                .map(|b| usize::from(!set.contains(&b)))
+                .collect();
+            let path = LayerPath::from_counts(&counts).map_err(drllm_engine::EngineError::from)?;
+            Ok((format!("static prune, skip {set:?}"), path))
+        })
+        .collect()
 }
 
 /// Runs `max_skips` greedy steps over `examples`. `progress(done, total)` counts judged paths.
@@ -211,4 +253,46 @@ pub fn markdown(r: &PruneReport) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_paths_of_a_report() {
+        let step = |chosen: usize, skipped: Vec<usize>| Step {
+            candidates: vec![],
+            chosen,
+            skipped,
+            correct: 0,
+        };
+        let r = PruneReport {
+            n_layer: 5,
+            ids: vec!["q".into()],
+            plain_correct: 1,
+            plain_mean_margin: 0.0,
+            steps: vec![step(3, vec![3]), step(1, vec![1, 3])],
+            secs: 0.0,
+        };
+        let all = static_paths(&r, 5, &[]).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all[0].1.to_string(),
+            LayerPath::from_counts(&[1, 1, 1, 0, 1])
+                .unwrap()
+                .to_string()
+        );
+        assert_eq!(all[1].1.len(), 3);
+        assert!(all[1].0.contains("[1, 3]"));
+        assert_eq!(static_paths(&r, 5, &[2]).unwrap().len(), 1);
+        assert!(static_paths(&r, 5, &[3]).is_err());
+        assert!(static_paths(&r, 6, &[]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("prune.json");
+        std::fs::write(&f, serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(read_report(&f).unwrap(), r);
+        std::fs::write(&f, "{}").unwrap();
+        assert!(read_report(&f).is_err());
+    }
 }

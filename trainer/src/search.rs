@@ -468,6 +468,48 @@ pub fn run_search(
     Ok(summary)
 }
 
+/// Parses `--shard i/n` (i < n).
+pub fn parse_shard(s: &str) -> Result<(usize, usize), SearchError> {
+    s.split_once('/')
+        .and_then(|(i, n)| {
+            Some((
+                i.trim().parse::<usize>().ok()?,
+                n.trim().parse::<usize>().ok()?,
+            ))
+        })
+        .filter(|(i, n)| *n > 0 && i < n)
+        .ok_or_else(|| SearchError::Other(format!("--shard {s}: expected i/n with i < n")))
+}
+
+/// How many kept paths carry 0, 1, 2, ... edits (blocks run 0 or 2 times), in order; dropped
+/// questions are not counted.
+pub fn edit_histogram(records: &[SearchRecord]) -> Vec<usize> {
+    let mut h = Vec::new();
+    for k in records.iter().filter_map(|r| r.kept.as_deref()) {
+        let e = mcts::edits(k);
+        if h.len() <= e {
+            h.resize(e + 1, 0);
+        }
+        h[e] += 1;
+    }
+    h
+}
+
+/// A one-line JSON summary of search results (the sidecar's search provenance).
+pub fn summary(records: &[SearchRecord], params: &[serde_json::Value]) -> String {
+    let n = records.len();
+    let fixed = records.iter().filter(|r| r.fixed()).count();
+    let correct = records.iter().filter(|r| r.originally_correct).count();
+    let sims: usize = records.iter().map(|r| r.simulations).sum();
+    serde_json::json!({
+        "questions": n, "originally_correct": correct, "fixed": fixed,
+        "mean_simulations": sims as f64 / n.max(1) as f64,
+        "edits_per_kept_path": edit_histogram(records),
+        "settings": params,
+    })
+    .to_string()
+}
+
 fn hash(s: &str) -> u64 {
     // FNV-1a
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -518,4 +560,50 @@ pub fn check_params(results: &Path, params: &serde_json::Value) -> Result<(), Se
     let text = serde_json::to_string_pretty(params)
         .map_err(|e| SearchError::Other(format!("settings: {e}")))?;
     std::fs::write(&path, text).map_err(SearchError::Io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(kept: Option<Vec<u8>>, originally_correct: bool) -> SearchRecord {
+        SearchRecord {
+            id: "q".into(),
+            model: "m".into(),
+            originally_correct,
+            default_margin: 0.0,
+            kept_path: None,
+            kept_passes: None,
+            kept_reward: None,
+            kept_margin: None,
+            kept,
+            simulations: 10,
+            evaluated: 5,
+            stopped_early: false,
+            work: Work::default(),
+            secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn shards_histograms_and_summaries() {
+        assert_eq!(parse_shard("0/1").unwrap(), (0, 1));
+        assert_eq!(parse_shard(" 3 / 4 ").unwrap(), (3, 4));
+        for bad in ["4/4", "1/0", "x/2", "1", ""] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+        let recs = vec![
+            rec(Some(vec![1, 1, 1]), true),
+            rec(Some(vec![0, 1, 2]), false),
+            rec(Some(vec![0, 0, 0]), true),
+            rec(None, false),
+            rec(Some(vec![1, 0, 1]), true),
+        ];
+        assert_eq!(edit_histogram(&recs), vec![1, 1, 1, 1]);
+        let v: serde_json::Value = serde_json::from_str(&summary(&recs, &[])).unwrap();
+        assert_eq!(v["questions"], 5);
+        assert_eq!(v["fixed"], 1);
+        assert_eq!(v["originally_correct"], 3);
+        assert_eq!(v["edits_per_kept_path"], serde_json::json!([1, 1, 1, 1]));
+    }
 }

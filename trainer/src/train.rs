@@ -523,7 +523,68 @@ pub struct TrainConfig {
     /// Standardise router inputs while training, folded into the first layer on export
     /// (false, the reference; see the module docs).
     pub standardize: bool,
+    /// Where the focal loss's class weights come from (the reference's fixed label counts by
+    /// default).
+    pub class_weights: ClassWeights,
+    /// Label smoothing epsilon: the target puts 1 - eps on the label and eps / 3 on every
+    /// class (0: off, the reference).
+    pub label_smoothing: f32,
+    /// Blocks whose routers decide; every other block's router always executes (its skip and
+    /// repeat classes are disabled). Empty: every block decides.
+    pub blocks: Vec<usize>,
 }
+
+/// Where the class weights of the focal loss come from.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+pub enum ClassWeights {
+    /// The reference's fixed counts 4399 / 120956 / 1457 (skip / execute / repeat), which
+    /// give nearly uniform weights (about 0.92 / 0.91 / 1.18).
+    #[default]
+    Reference,
+    /// The training set's own label counts (a few dozen repeats can weigh 30x an execute).
+    Balanced,
+}
+
+/// Parses a block list such as `8-20,25` (sorted, without repeats).
+pub fn parse_blocks(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{x}' in '{s}' is not a block number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range {part} runs backwards"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        return Err("no blocks given".into());
+    }
+    Ok(out)
+}
+
+/// The label counts the reference computes its class weights from.
+pub const REFERENCE_COUNTS: [usize; 3] = [4399, 120956, 1457];
 
 /// The output bias of a class a block's router may not predict (see
 /// [`TrainConfig::min_class_count`]); far below any logit a trained router produces, and
@@ -546,6 +607,9 @@ impl Default for TrainConfig {
             device: "cpu".to_string(),
             min_class_count: 0,
             standardize: false,
+            class_weights: ClassWeights::Reference,
+            label_smoothing: 0.0,
+            blocks: Vec::new(),
         }
     }
 }
@@ -586,6 +650,12 @@ impl TrainConfig {
                 "hidden {} not in 1..={}",
                 self.hidden,
                 drllm_router_format::MAX_ROUTER_HIDDEN
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad(format!(
+                "label_smoothing {} not in [0, 1)",
+                self.label_smoothing
             ));
         }
         Ok(())
@@ -678,7 +748,25 @@ pub fn focal_loss(
     alpha: &[f32; 3],
     gamma: f32,
 ) -> Result<Tensor, TrainError> {
+    focal_loss_smoothed(logits, targets, alpha, gamma, 0.0)
+}
+
+/// [`focal_loss`] against label-smoothed targets: the mean over rows of
+/// `-[(1 - eps) f_y + eps / 3 sum_c f_c]` with `f_c = alpha[c] (1 - p_c)^gamma log p_c`
+/// (eps = 0 is [`focal_loss`]). `eps` must lie in `[0, 1)`.
+pub fn focal_loss_smoothed(
+    logits: &Tensor,
+    targets: &Tensor,
+    alpha: &[f32; 3],
+    gamma: f32,
+    eps: f32,
+) -> Result<Tensor, TrainError> {
     let bad = |m: String| Err(TrainError::InvalidInput(m));
+    if !(0.0..1.0).contains(&eps) {
+        return bad(format!(
+            "focal loss: label smoothing {eps} must be in [0, 1)"
+        ));
+    }
     let (n, c) = match logits.dims() {
         [n, c] => (*n, *c),
         d => {
@@ -708,7 +796,7 @@ pub fn focal_loss(
     if targets.to_vec1::<u32>()?.iter().any(|&t| t > 2) {
         return bad("focal loss: a target is above 2".into());
     }
-    focal_loss_unchecked(logits, &targets, alpha, gamma)
+    focal_loss_unchecked(logits, &targets, alpha, gamma, eps)
 }
 
 /// [`focal_loss`] without the argument checks (targets already u32 and < 3).
@@ -717,18 +805,18 @@ fn focal_loss_unchecked(
     targets: &Tensor,
     alpha: &[f32; 3],
     gamma: f32,
+    smoothing: f32,
 ) -> Result<Tensor, TrainError> {
     let logits = logits.to_dtype(DType::F32)?;
     let logp = candle_nn::ops::log_softmax(&logits, 1)?;
-    let logp_y = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     let alpha_t = Tensor::new(alpha, logits.device())?;
-    let alpha_y = alpha_t.index_select(targets, 0)?;
-    let weighted = (logp_y.clone() * alpha_y)?;
-    let per_row = if gamma == 0.0 {
-        weighted
-    } else {
-        let p_y = logp_y.exp()?;
-        let one_minus = p_y.affine(-1.0, 1.0)?.maximum(0f32)?;
+    // the focal term alpha_c (1 - p_c)^gamma log p_c of one class per row, or of every class
+    let focal = |logp_c: &Tensor, alpha_c: &Tensor| -> Result<Tensor, TrainError> {
+        let weighted = logp_c.broadcast_mul(alpha_c)?;
+        if gamma == 0.0 {
+            return Ok(weighted);
+        }
+        let one_minus = logp_c.exp()?.affine(-1.0, 1.0)?.maximum(0f32)?;
         let modulator = if gamma == 1.0 {
             one_minus
         } else if gamma == 2.0 {
@@ -737,7 +825,18 @@ fn focal_loss_unchecked(
             // Keep the base away from 0 so the gradient of x^gamma (gamma < 1) stays finite.
             one_minus.maximum(1e-30f32)?.powf(f64::from(gamma))?
         };
-        (weighted * modulator)?
+        Ok((weighted * modulator)?)
+    };
+    let logp_y = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let alpha_y = alpha_t.index_select(targets, 0)?;
+    let on_label = focal(&logp_y, &alpha_y)?;
+    let per_row = if smoothing == 0.0 {
+        on_label
+    } else {
+        // target 1 - eps on the label, eps / 3 on every class
+        let all = focal(&logp, &alpha_t.unsqueeze(0)?)?.sum(1)?;
+        (on_label.affine(f64::from(1.0 - smoothing), 0.0)?
+            + all.affine(f64::from(smoothing) / 3.0, 0.0)?)?
     };
     Ok(per_row.mean_all()?.neg()?)
 }
@@ -1105,7 +1204,7 @@ fn evaluate(
         let batch = make_batch(fs, chunk, dev)?;
         let logits = p.forward(&batch.x, &batch.avg)?;
         let flat = logits.reshape((batch.labels.len(), 3))?;
-        let loss = focal_loss_unchecked(&flat, &batch.targets, alpha, gamma)?;
+        let loss = focal_loss_unchecked(&flat, &batch.targets, alpha, gamma, 0.0)?;
         loss_sum += f64::from(loss.to_scalar::<f32>()?) * batch.labels.len() as f64;
         n += batch.labels.len();
         let masked = logits
@@ -1156,8 +1255,25 @@ pub fn train(
     let standardized = norm.as_ref().map(|n| n.apply(fs));
     let fs = standardized.as_ref().unwrap_or(fs);
 
-    let alpha = class_weights(fs.class_counts_of(train_ids.iter().copied()), cfg.beta);
-    let disabled = disabled_classes(&fs.block_class_counts(train_ids), cfg.min_class_count);
+    let alpha = match cfg.class_weights {
+        ClassWeights::Reference => class_weights(REFERENCE_COUNTS, cfg.beta),
+        ClassWeights::Balanced => {
+            class_weights(fs.class_counts_of(train_ids.iter().copied()), cfg.beta)
+        }
+    };
+    if let Some(b) = cfg.blocks.iter().find(|&&b| b >= l) {
+        return Err(TrainError::InvalidConfig(format!(
+            "blocks: block {b} does not exist ({l} blocks)"
+        )));
+    }
+    let mut disabled = disabled_classes(&fs.block_class_counts(train_ids), cfg.min_class_count);
+    if !cfg.blocks.is_empty() {
+        for (b, off) in disabled.iter_mut().enumerate() {
+            if !cfg.blocks.contains(&b) {
+                *off = [true, false, true];
+            }
+        }
+    }
     let mask_host: Vec<f32> = disabled
         .iter()
         .flat_map(|d| d.map(|off| if off { DISABLED_LOGIT } else { 0.0 }))
@@ -1212,7 +1328,13 @@ pub fn train(
             // Autograd for the loss only (from the averaged logits); the MLP's gradients are
             // written out in `Params::backward`.
             let leaf = Var::from_tensor(&flat)?;
-            let mean = focal_loss_unchecked(leaf.as_tensor(), &batch.targets, &alpha, cfg.gamma)?;
+            let mean = focal_loss_unchecked(
+                leaf.as_tensor(),
+                &batch.targets,
+                &alpha,
+                cfg.gamma,
+                cfg.label_smoothing,
+            )?;
             // Sum over blocks of each block's mean over the batch.
             let loss = (&mean * l as f64)?;
             let mut grads = loss.backward()?;
@@ -1522,13 +1644,14 @@ mod tests {
                 b2: vars[3].as_tensor().clone(),
             };
             let logits = pv.forward(&batch.x, &batch.avg)?.reshape((l * 4, 3))?;
-            let loss = (focal_loss_unchecked(&logits, &batch.targets, &alpha, gamma)? * 3.0)?;
+            let loss = (focal_loss_unchecked(&logits, &batch.targets, &alpha, gamma, 0.0)? * 3.0)?;
             let auto = loss.backward()?;
             // By hand.
             let fwd = p.forward_full(&batch.x, &batch.avg)?;
             let leaf = Var::from_tensor(&fwd.logits.reshape((l * 4, 3))?)?;
             let loss =
-                (focal_loss_unchecked(leaf.as_tensor(), &batch.targets, &alpha, gamma)? * 3.0)?;
+                (focal_loss_unchecked(leaf.as_tensor(), &batch.targets, &alpha, gamma, 0.0)?
+                    * 3.0)?;
             let g = loss.backward()?;
             let g_logits = g.get(leaf.as_tensor()).expect("grad").reshape((l, 4, 3))?;
             let hand = p.backward(&batch.x, &batch.avg, &fwd, &g_logits)?;

@@ -750,3 +750,27 @@ fn real_fetch() {
     assert_eq!(third.skipped.len(), 4);
     assert_eq!(data::load(dir.path(), "gsm8k", "test").unwrap().len(), 1319);
 }
+
+#[test]
+fn calibration_questions_avoid_the_evaluation_sample_and_ids_find_their_files() {
+    let all: Vec<Example> = (0..50).map(|i| mc(&format!("q{i}"), i % 3)).collect();
+    let eval = data::sample(&all, 20, 0);
+    let cal = data::calibration_sample(&all, 20, 0, 10);
+    assert_eq!(cal.len(), 10);
+    assert!(cal.iter().all(|c| !eval.iter().any(|e| e.id == c.id)));
+    assert_eq!(cal, data::calibration_sample(&all, 20, 0, 10));
+    // asking for more than is left gives the rest
+    assert_eq!(data::calibration_sample(&all, 20, 0, 100).len(), 30);
+
+    let dir = tempfile::tempdir().unwrap();
+    write_jsonl(
+        &data::dataset_path(dir.path(), "arc_easy", "validation"),
+        &all,
+    )
+    .unwrap();
+    let got = data::examples_for_ids(dir.path(), ["arc_easy/validation/q3"].into_iter()).unwrap();
+    assert_eq!(got.len(), 50);
+    assert!(data::examples_for_ids(dir.path(), ["no-slashes"].into_iter()).is_err());
+    let e = data::examples_for_ids(dir.path(), ["piqa/validation/1"].into_iter()).unwrap_err();
+    assert!(e.to_string().contains("data fetch"), "{e}");
+}

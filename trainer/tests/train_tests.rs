@@ -875,3 +875,90 @@ fn standardisation_folds_into_the_first_layer() {
         "{same} of {total} decisions agree"
     );
 }
+
+#[test]
+fn label_smoothing_matches_hand_computed_values() {
+    use drllm_train::train::focal_loss_smoothed;
+    let dev = Device::Cpu;
+    let ln2 = std::f32::consts::LN_2;
+    // one row, p = (1/2, 1/4, 1/4), label 0, gamma 0, weights (1, 2, 3), eps 0.3:
+    // -[0.7 * 1 * ln(1/2) + 0.1 * (1 ln 1/2 + 2 ln 1/4 + 3 ln 1/4)]
+    let logits = Tensor::new(&[[ln2, 0., 0.]], &dev).expect("logits");
+    let targets = Tensor::new(&[0u32], &dev).expect("targets");
+    let alpha = [1.0f32, 2.0, 3.0];
+    let got = scalar(&focal_loss_smoothed(&logits, &targets, &alpha, 0.0, 0.3).expect("loss"));
+    let (h, q) = (0.5f64.ln(), 0.25f64.ln());
+    let want = -(0.7 * h + 0.1 * (h + 2.0 * q + 3.0 * q));
+    assert!(close(f64::from(got), want, 1e-5), "{got} vs {want}");
+    // gamma 2: each term weighted by (1 - p_c)^2
+    let got = scalar(&focal_loss_smoothed(&logits, &targets, &alpha, 2.0, 0.3).expect("loss"));
+    let f = |a: f64, p: f64| a * (1.0 - p) * (1.0 - p) * p.ln();
+    let want = -(0.7 * f(1.0, 0.5) + 0.1 * (f(1.0, 0.5) + f(2.0, 0.25) + f(3.0, 0.25)));
+    assert!(close(f64::from(got), want, 1e-5), "{got} vs {want}");
+    // eps 0 is the plain focal loss; eps outside [0, 1) is refused
+    let a = scalar(&focal_loss_smoothed(&logits, &targets, &alpha, 2.0, 0.0).expect("loss"));
+    let b = scalar(&focal_loss(&logits, &targets, &alpha, 2.0).expect("loss"));
+    assert_eq!(a, b);
+    assert!(focal_loss_smoothed(&logits, &targets, &alpha, 2.0, 1.0).is_err());
+    assert!(TrainConfig {
+        label_smoothing: -0.1,
+        ..TrainConfig::default()
+    }
+    .validate()
+    .is_err());
+}
+
+#[test]
+fn reference_class_weights_are_nearly_uniform() {
+    use drllm_train::train::{ClassWeights, REFERENCE_COUNTS};
+    assert_eq!(
+        TrainConfig::default().class_weights,
+        ClassWeights::Reference
+    );
+    let w = class_weights(REFERENCE_COUNTS, 0.999);
+    for (got, want) in w.iter().zip([0.92f32, 0.91, 1.18]) {
+        assert!((got - want).abs() < 0.01, "{w:?}");
+    }
+    // the balanced weights of a skewed set are far from uniform
+    let b = class_weights([30, 900, 3], 0.999);
+    assert!(b[2] > 10.0 * b[1], "{b:?}");
+}
+
+#[test]
+fn routers_of_blocks_outside_the_chosen_set_always_execute() {
+    use drllm_train::train::DISABLED_LOGIT;
+    let fs = synth(200, 16, 4, 1.0, 42);
+    let (tr, va) = split_ids(fs.examples.len(), 0.15, 7);
+    let cfg = TrainConfig {
+        blocks: vec![1, 2],
+        ..quick_cfg(7)
+    };
+    let t = train(&fs, &cfg, &tr, &va, &mut |_| {}).expect("training");
+    for (b, r) in t.routers.iter().enumerate() {
+        let free = cfg.blocks.contains(&b);
+        assert_eq!(r.b2[0] == DISABLED_LOGIT, !free, "block {b}");
+        assert_eq!(r.b2[2] == DISABLED_LOGIT, !free, "block {b}");
+        assert_ne!(r.b2[1], DISABLED_LOGIT);
+    }
+    let dec = candle_decisions(&t.routers, &fs, "cpu").expect("decisions");
+    assert!(dec.iter().all(|d| d[0] == 1 && d[3] == 1));
+    // the chosen blocks still decide: some skip or repeat on this set
+    assert!(dec.iter().any(|d| d[1] != 1 || d[2] != 1));
+}
+
+#[test]
+fn block_lists_parse() {
+    use drllm_train::train::parse_blocks;
+    assert_eq!(parse_blocks("8-10,25, 3").unwrap(), vec![3, 8, 9, 10, 25]);
+    assert_eq!(parse_blocks("4,4,4-5").unwrap(), vec![4, 5]);
+    for bad in ["", "x", "5-3", "1-", ",,"] {
+        assert!(parse_blocks(bad).is_err(), "{bad}");
+    }
+    let fs = synth(40, 8, 3, 1.0, 1);
+    let (tr, va) = split_ids(fs.examples.len(), 0.15, 1);
+    let cfg = TrainConfig {
+        blocks: vec![3],
+        ..quick_cfg(1)
+    };
+    assert!(train(&fs, &cfg, &tr, &va, &mut |_| {}).is_err());
+}
