@@ -1290,8 +1290,7 @@ fn static_paths(a: &EvalArgs, n_layer: usize) -> Result<Vec<(String, LayerPath)>
         return Ok(Vec::new());
     };
     let r = prune::read_report(file)?;
-    Ok(prune::static_paths(&r, n_layer, &a.prune_skips)
-        .with_context(|| format!("{}", file.display()))?)
+    prune::static_paths(&r, n_layer, &a.prune_skips).with_context(|| format!("{}", file.display()))
 }
 
 #[derive(Args, Clone)]
