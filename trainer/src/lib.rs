@@ -4,6 +4,7 @@
 //!
 //! The binary is `drllm-train`; candle stays out of the `drllm` binary.
 
+pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod features;

@@ -45,6 +45,10 @@ enum Cmd {
     /// cross-fitted; per block, the held-out ROC AUC of the skip score with a bootstrap 95%
     /// interval. 0.5 means a router knows nothing a static prune does not.
     Predictability(PredictArgs),
+    /// The decisive comparison on questions no choice was made on: plain, the best static
+    /// prunes at 1, 2, 3 passes saved, routers at the depth biases matching those budgets
+    /// (chosen on calibration questions), the oracle at one pass saved; paired differences.
+    Compare(CompareArgs),
     /// Build the router features along the kept paths and train the routers (candle).
     Train(TrainArgs),
     /// Write the trained routers as a sidecar next to the model, with provenance.
@@ -615,6 +619,7 @@ fn main() {
         Cmd::Search(a) => cmd_search(&a).map(|_| ()),
         Cmd::Oracle(a) => cmd_oracle(&a),
         Cmd::Predictability(a) => cmd_predictability(&a),
+        Cmd::Compare(a) => cmd_compare(&a),
         Cmd::Train(a) => cmd_train(&a),
         Cmd::Export(a) => cmd_export(&a).map(|_| ()),
         Cmd::Calibrate(a) => cmd_calibrate(&a),
@@ -788,6 +793,10 @@ struct PredictArgs {
     /// Output files' stem (default RUN_DIR/predictability).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also train routers on every question with these labels and write them here (a
+    /// checkpoint sidecar for calibrate/compare/export).
+    #[arg(long)]
+    export: Option<PathBuf>,
 }
 
 fn cmd_predictability(a: &PredictArgs) -> Result<()> {
@@ -921,6 +930,307 @@ fn cmd_predictability(a: &PredictArgs) -> Result<()> {
     )?;
     println!("{md}");
     eprintln!("[predict] wrote {}.{{md,json,png}}", stem.display());
+    if let Some(out) = &a.export {
+        // routers for the product: trained on every question (a validation share picks the
+        // epoch), skip where the oracle says it is safe
+        let trained = train::train_split(&fs, &cfg, &mut |_| {})?;
+        let ledger = Ledger::record(
+            &run_dir,
+            "training",
+            fs.examples.iter().map(|e| e.id.as_str()),
+        )?;
+        let sc = Sidecar {
+            version: drllm_engine::router_format::FORMAT_VERSION,
+            base: base_model_info_from(model.gguf(), model.path())?,
+            shape: drllm_engine::router_format::RouterShape {
+                hidden: cfg.hidden,
+                windows: fs.max_windows,
+            },
+            provenance: drllm_engine::router_format::Provenance {
+                dataset: format!(
+                    "oracle-table labels (skip where safe, tau {}) of {} questions: {}",
+                    a.tau,
+                    fs.examples.len(),
+                    title
+                ),
+                search: "oracle table: every single-block skip (drllm-train oracle)".into(),
+                training: serde_json::to_string(&cfg)?,
+                metrics: serde_json::to_string(&serde_json::json!({
+                    "predictability_blocks_with_signal": result.with_signal,
+                    "testable_blocks": result.testable,
+                    "best_epoch": trained.best_epoch,
+                }))?,
+                created: rfc3339_utc_now(),
+                tool: format!("drllm-train {}", env!("CARGO_PKG_VERSION")),
+                notes: ledger.to_notes(""),
+            },
+            routers: trained.routers,
+        };
+        sc.write(out, StorageType::F32)?;
+        eprintln!(
+            "[predict] wrote routers trained on every question: {}",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+struct CompareArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Routers to compare, NAME=SIDECAR (repeatable), e.g. mcts=runs/m/routers.ckpt.gguf.
+    #[arg(long = "routers", value_parser = parse_named)]
+    routers: Vec<(String, PathBuf)>,
+    /// A prune report (drllm-train prune) with at least as many steps as the largest budget.
+    #[arg(long)]
+    prune: PathBuf,
+    /// Passes saved per question to compare at.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    budgets: Vec<usize>,
+    /// The calibration questions the routers' depth biases are matched to the budgets on.
+    #[command(flatten)]
+    calibration: CalibrationQuestions,
+    /// Depth biases tried on the calibration questions.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        default_value = "-4,-3,-2.5,-2,-1.5,-1,-0.75,-0.5,-0.25,0,0.25,0.5,0.75,1,1.5,2,3"
+    )]
+    biases: Vec<f32>,
+    /// Question sets, TASK:SPLIT:N (a fresh seeded sample of N; ARC-Easy test leaves out the
+    /// old evaluation sample and the calibration questions).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "arc_easy:test:800,arc_challenge:test:500,piqa:validation:500"
+    )]
+    sets: Vec<String>,
+    /// Seed of the fresh samples.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also the oracle at one pass saved (every single skip of every question: L more paths
+    /// per question).
+    #[arg(long)]
+    oracle: bool,
+    /// Output directory (default RUN_DIR/compare).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+}
+
+fn parse_named(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    let (n, p) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected NAME=PATH"))?;
+    if n.is_empty() || p.is_empty() {
+        return Err(format!("'{s}': expected NAME=PATH"));
+    }
+    Ok((n.to_string(), PathBuf::from(p)))
+}
+
+fn cmd_compare(a: &CompareArgs) -> Result<()> {
+    use drllm_train::compare;
+    let (model, tok, scorer, _fp) = a.common.load()?;
+    let n_layer = model.n_layer();
+    let scoring = a.common.scoring();
+    let report = prune::read_report(&a.prune)?;
+    let mut arms_fixed: Vec<(String, LayerPath)> = vec![("plain".into(), LayerPath::full(n_layer))];
+    for &k in &a.budgets {
+        let p = prune::static_paths(&report, n_layer, &[k])?;
+        arms_fixed.extend(p.into_iter().map(|(_, path)| {
+            (
+                format!(
+                    "static, {k} saved ({})",
+                    path.skipped()
+                        .iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                path,
+            )
+        }));
+    }
+    let routers: Vec<(String, Routers)> = a
+        .routers
+        .iter()
+        .map(|(n, p)| {
+            Routers::load(p, &model)
+                .with_context(|| format!("{}", p.display()))
+                .map(|r| (n.clone(), r))
+        })
+        .collect::<Result<_>>()?;
+    // what must stay out of the evaluation: the run's ledger, the routers', the prune's, and
+    // the calibration questions used here
+    let mut used = Ledger::load(&a.common.run_dir())?;
+    for (_, r) in &routers {
+        used.merge(&Ledger::from_notes(&r.sidecar().provenance.notes));
+    }
+    used.add("prune", report.ids.iter().map(String::as_str));
+    let cal = a.calibration.load(&a.common.data_dir)?;
+    used.add("calibration", cal.iter().map(|e| e.id.as_str()));
+    let mut session = a.common.session(&model)?;
+    // depth biases matched to the budgets on the calibration questions
+    let mut routed_arms: Vec<(String, usize, f32, f64)> = Vec::new();
+    for (name, r) in &routers {
+        let mut p = Progress::new("calibrate");
+        let c = eval::calibrate(
+            &mut session,
+            &tok,
+            &scorer,
+            r,
+            &cal,
+            scoring,
+            &a.biases,
+            0.0,
+            &mut |d, t| p.tick(d, t, name),
+        )?;
+        let tried: Vec<(f32, f64)> = c
+            .tried
+            .iter()
+            .filter_map(|t| Some((t.depth_bias?, t.mean_passes)))
+            .collect();
+        for &k in &a.budgets {
+            let target = n_layer as f64 - k as f64;
+            if let Some(b) = compare::bias_for_passes(&tried, target) {
+                let got = tried.iter().find(|t| t.0 == b).map_or(0.0, |t| t.1);
+                eprintln!(
+                    "[compare] {name}: {k} saved -> bias {b:+.2} ({got:.2} passes on the calibration questions)"
+                );
+                routed_arms.push((name.clone(), k, b, got));
+            }
+        }
+    }
+    let out_dir = a
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| a.common.run_dir().join("compare"));
+    std::fs::create_dir_all(&out_dir)?;
+    let mut md = format!(
+        "# Decisive comparison: {}
+
+Static prunes from {} (chosen on {} questions); routers' depth biases matched to the budgets on {}. Paired differences in accuracy points with standard errors.
+
+",
+        a.common.model.display(),
+        a.prune.display(),
+        report.ids.len(),
+        a.calibration.describe(cal.len())
+    );
+    let mut sets_out = Vec::new();
+    for spec in &a.sets {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let [task, split, n] = parts.as_slice() else {
+            bail!("--sets: '{spec}' is not TASK:SPLIT:N");
+        };
+        let n: usize = n.parse().with_context(|| format!("--sets: '{spec}'"))?;
+        let all = data::load(&a.common.data_dir, task, split)?;
+        // ARC-Easy test: outside the old evaluation sample (1000, seed 0)
+        let pool: Vec<_> = if *task == a.calibration.task && *split == a.calibration.split {
+            let old: std::collections::HashSet<String> = data::sample(
+                &all,
+                a.calibration.exclude_limit,
+                a.calibration.exclude_seed,
+            )
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+            all.into_iter().filter(|e| !old.contains(&e.id)).collect()
+        } else {
+            all
+        };
+        let pool: Vec<_> = pool
+            .into_iter()
+            .filter(|e| used.check_disjoint([e.id.as_str()]).is_ok())
+            .collect();
+        let examples = data::sample(&pool, n, a.seed);
+        used.check_disjoint(examples.iter().map(|e| e.id.as_str()))?;
+        let name = format!("{task} {split}");
+        let mut specs: Vec<compare::ArmSpec> = arms_fixed
+            .iter()
+            .map(|(l, p)| compare::ArmSpec::Fixed {
+                label: l.clone(),
+                path: p.clone(),
+            })
+            .collect();
+        for (rn, k, b, _) in &routed_arms {
+            let r = &routers.iter().find(|(n, _)| n == rn).context("routers")?.1;
+            specs.push(compare::ArmSpec::Routed {
+                label: format!("routed {rn}, {k} saved (bias {b:+.2})"),
+                routers: r,
+                depth_bias: *b,
+            });
+        }
+        let mut p = Progress::new("compare");
+        let r = compare::compare_set(
+            &mut session,
+            &tok,
+            &scorer,
+            scoring,
+            &name,
+            &examples,
+            &specs,
+            a.oracle,
+            &mut |d, t| p.tick(d, t, &name),
+        )?;
+        // each routed arm against the static prune of its budget
+        let matched: Vec<(String, String)> = routed_arms
+            .iter()
+            .filter_map(|(rn, k, b, _)| {
+                let st = arms_fixed
+                    .iter()
+                    .find(|(l, _)| l.starts_with(&format!("static, {k} saved")))?;
+                Some((
+                    format!("routed {rn}, {k} saved (bias {b:+.2})"),
+                    st.0.clone(),
+                ))
+            })
+            .chain(std::iter::once((
+                compare::ORACLE_LABEL.to_string(),
+                arms_fixed
+                    .iter()
+                    .find(|(l, _)| l.starts_with("static, 1 saved"))
+                    .map(|s| s.0.clone())
+                    .unwrap_or_default(),
+            )))
+            .collect();
+        md.push_str(&compare::markdown(&r, &matched));
+        md.push('\n');
+        let points: Vec<drllm_train::plots::Point> = r
+            .arms
+            .iter()
+            .map(|arm| {
+                let (acc, se) = arm.accuracy();
+                drllm_train::plots::Point {
+                    label: arm.label.clone(),
+                    passes: arm.mean_passes(),
+                    accuracy: acc,
+                    stderr: se,
+                }
+            })
+            .collect();
+        let png = out_dir.join(format!("compare-{task}-{split}.png"));
+        drllm_train::plots::accuracy_vs_passes(
+            &png,
+            &format!("{name}: static prunes and routers, accuracy against passes"),
+            &points,
+        )?;
+        eprintln!(
+            "[compare] {name} done in {:.0} s; {}",
+            r.secs,
+            png.display()
+        );
+        sets_out.push(r);
+        std::fs::write(out_dir.join("compare.md"), &md)?;
+        std::fs::write(
+            out_dir.join("compare.json"),
+            serde_json::to_string(&serde_json::json!({
+                "routed_biases": routed_arms, "sets": sets_out,
+            }))?,
+        )?;
+    }
+    println!("{md}");
     Ok(())
 }
 

@@ -1,0 +1,283 @@
+//! The decisive comparison (`drllm-train compare`): on question sets no choice was made on,
+//! the plain model, the best static prunes at 1, 2 and 3 passes saved, routers at the depth
+//! biases that match those budgets (biases chosen on calibration questions), and the oracle at
+//! one pass saved, with paired differences and their standard errors.
+//!
+//! Every arm is judged on the same questions; a question's path that several arms share is
+//! judged once ([`crate::eval::answer`]).
+
+use crate::eval::answer;
+use crate::oracle::{oracle_question, OracleRun};
+use crate::scoring::Scoring;
+use crate::search::{PrefixCache, SearchError};
+use crate::tasks::{Example, McScorer};
+use drllm_engine::{LayerPath, Route, RouteOptions, Routers, Session, Tokenizer};
+use std::time::Instant;
+
+/// One variant compared.
+pub enum ArmSpec<'a> {
+    /// A fixed path (the plain model, a static prune).
+    Fixed { label: String, path: LayerPath },
+    /// Routers at a depth bias.
+    Routed {
+        label: String,
+        routers: &'a Routers,
+        depth_bias: f32,
+    },
+}
+
+impl ArmSpec<'_> {
+    fn label(&self) -> &str {
+        match self {
+            ArmSpec::Fixed { label, .. } | ArmSpec::Routed { label, .. } => label,
+        }
+    }
+}
+
+/// One arm's results on a question set.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ArmResult {
+    pub label: String,
+    /// Depth bias (routed arms).
+    pub depth_bias: Option<f32>,
+    /// Per question: correct, and block passes.
+    pub outcomes: Vec<(bool, usize)>,
+}
+
+impl ArmResult {
+    /// Accuracy in percent and its standard error.
+    pub fn accuracy(&self) -> (f64, f64) {
+        let n = self.outcomes.len().max(1) as f64;
+        let p = self.outcomes.iter().filter(|o| o.0).count() as f64 / n;
+        (100.0 * p, 100.0 * (p * (1.0 - p) / n).sqrt())
+    }
+
+    /// Mean block passes per question.
+    pub fn mean_passes(&self) -> f64 {
+        self.outcomes.iter().map(|o| o.1 as f64).sum::<f64>() / self.outcomes.len().max(1) as f64
+    }
+}
+
+/// `a - b` accuracy in points over paired questions, with its standard error.
+pub fn paired_diff(a: &ArmResult, b: &ArmResult) -> (f64, f64) {
+    let d: Vec<f64> = a
+        .outcomes
+        .iter()
+        .zip(&b.outcomes)
+        .map(|(x, y)| f64::from(u8::from(x.0)) - f64::from(u8::from(y.0)))
+        .collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n.max(1.0);
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (100.0 * mean, 100.0 * (var / n.max(1.0)).sqrt())
+}
+
+/// The comparison on one question set.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SetReport {
+    /// "arc_easy test (800 fresh)" ...
+    pub name: String,
+    pub n_layer: usize,
+    pub ids: Vec<String>,
+    pub arms: Vec<ArmResult>,
+    pub secs: f64,
+}
+
+impl SetReport {
+    /// The arm with this label.
+    pub fn arm(&self, label: &str) -> Option<&ArmResult> {
+        self.arms.iter().find(|a| a.label == label)
+    }
+}
+
+/// Judges every arm on every question; with `oracle`, also every single skip of each question
+/// (the arm "oracle, 1 pass saved": right when at least one single skip answers right).
+#[allow(clippy::too_many_arguments)]
+pub fn compare_set(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    scorer: &McScorer,
+    scoring: Scoring,
+    name: &str,
+    examples: &[Example],
+    arms: &[ArmSpec<'_>],
+    oracle: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<SetReport, SearchError> {
+    let t0 = Instant::now();
+    let n_layer = session.model().n_layer();
+    let mut results: Vec<ArmResult> = arms
+        .iter()
+        .map(|a| ArmResult {
+            label: a.label().to_string(),
+            depth_bias: match a {
+                ArmSpec::Routed { depth_bias, .. } => Some(*depth_bias),
+                ArmSpec::Fixed { .. } => None,
+            },
+            outcomes: Vec::with_capacity(examples.len()),
+        })
+        .collect();
+    let mut oracle_arm = ArmResult {
+        label: ORACLE_LABEL.into(),
+        depth_bias: None,
+        outcomes: Vec::new(),
+    };
+    let mut cache = PrefixCache::new(256 << 20);
+    let run = OracleRun {
+        scoring,
+        cache_bytes: 256 << 20,
+        shard: (0, 1),
+        repeats: false,
+    };
+    for (i, ex) in examples.iter().enumerate() {
+        let mut known = Vec::new();
+        for (a, res) in arms.iter().zip(results.iter_mut()) {
+            let (correct, path) = match a {
+                ArmSpec::Fixed { path, .. } => answer(
+                    session,
+                    tokenizer,
+                    scorer,
+                    scoring,
+                    ex,
+                    Route::Fixed(path),
+                    256,
+                    &mut known,
+                )?,
+                ArmSpec::Routed {
+                    routers,
+                    depth_bias,
+                    ..
+                } => {
+                    let ro = RouteOptions {
+                        depth_bias: *depth_bias,
+                        max_passes: None,
+                        observe_only: false,
+                    };
+                    let mut hook = routers.hook(&ro);
+                    answer(
+                        session,
+                        tokenizer,
+                        scorer,
+                        scoring,
+                        ex,
+                        Route::Hook(&mut hook),
+                        256,
+                        &mut known,
+                    )?
+                }
+            };
+            res.outcomes.push((correct, path.len()));
+        }
+        if oracle {
+            let rec = oracle_question(session, tokenizer, scorer, ex, "", &run, &mut cache)?;
+            oracle_arm
+                .outcomes
+                .push((rec.skip.iter().any(|p| p.correct), n_layer - 1));
+        }
+        progress(i + 1, examples.len());
+    }
+    if oracle {
+        results.push(oracle_arm);
+    }
+    Ok(SetReport {
+        name: name.to_string(),
+        n_layer,
+        ids: examples.iter().map(|e| e.id.clone()).collect(),
+        arms: results,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The label of the oracle arm.
+pub const ORACLE_LABEL: &str = "oracle, 1 pass saved";
+
+/// The depth bias, among those tried on calibration questions (bias, mean passes), whose mean
+/// passes come closest to `target` (ties: the one with more passes).
+pub fn bias_for_passes(tried: &[(f32, f64)], target: f64) -> Option<f32> {
+    tried
+        .iter()
+        .min_by(|a, b| {
+            (a.1 - target)
+                .abs()
+                .total_cmp(&(b.1 - target).abs())
+                .then(b.1.total_cmp(&a.1))
+        })
+        .map(|t| t.0)
+}
+
+/// A row of the table: label, accuracy, s.e., passes, vs plain, vs a matched static arm.
+pub fn markdown(r: &SetReport, matched: &[(String, String)]) -> String {
+    let mut s = format!(
+        "### {} ({} questions)\n\n| variant | accuracy | mean passes | vs plain (paired) | vs static at the same budget (paired) |\n|---|---:|---:|---:|---:|\n",
+        r.name,
+        r.ids.len()
+    );
+    let plain = r.arms.first();
+    for a in &r.arms {
+        let (acc, se) = a.accuracy();
+        let vs_plain = match plain {
+            Some(p) if p.label != a.label => {
+                let (d, e) = paired_diff(a, p);
+                format!("{d:+.1} ± {e:.1}")
+            }
+            _ => "-".into(),
+        };
+        let vs_static = matched
+            .iter()
+            .find(|(arm, _)| *arm == a.label)
+            .and_then(|(_, st)| r.arm(st))
+            .map_or("-".into(), |st| {
+                let (d, e) = paired_diff(a, st);
+                format!("{d:+.1} ± {e:.1} ({})", st.label)
+            });
+        s.push_str(&format!(
+            "| {} | {acc:.1}% ± {se:.1} | {:.2} | {vs_plain} | {vs_static} |\n",
+            a.label,
+            a.mean_passes()
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arm(label: &str, outcomes: &[(bool, usize)]) -> ArmResult {
+        ArmResult {
+            label: label.into(),
+            depth_bias: None,
+            outcomes: outcomes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn accuracy_paired_differences_and_bias_matching_by_hand() {
+        let plain = arm("plain", &[(true, 4), (false, 4), (true, 4), (true, 4)]);
+        let other = arm("x", &[(true, 3), (true, 3), (false, 2), (true, 3)]);
+        assert_eq!(plain.accuracy().0, 75.0);
+        assert!((plain.accuracy().1 - 100.0 * (0.75f64 * 0.25 / 4.0).sqrt()).abs() < 1e-12);
+        assert_eq!(other.mean_passes(), 2.75);
+        // differences 0, +1, -1, 0: mean 0, variance 2/3, s.e. sqrt(2/3 / 4)
+        let (d, e) = paired_diff(&other, &plain);
+        assert_eq!(d, 0.0);
+        assert!((e - 100.0 * (2.0f64 / 3.0 / 4.0).sqrt()).abs() < 1e-12);
+        let tried = [(-1.0f32, 27.2), (0.0, 28.9), (0.5, 29.4), (1.0, 29.9)];
+        assert_eq!(bias_for_passes(&tried, 29.0), Some(0.0));
+        assert_eq!(bias_for_passes(&tried, 27.0), Some(-1.0));
+        assert_eq!(bias_for_passes(&tried, 29.65), Some(1.0)); // tie: more passes
+        assert_eq!(bias_for_passes(&[], 29.0), None);
+        let r = SetReport {
+            name: "t".into(),
+            n_layer: 4,
+            ids: vec!["a".into(); 4],
+            arms: vec![plain, other],
+            secs: 0.0,
+        };
+        let md = markdown(&r, &[("x".into(), "plain".into())]);
+        assert!(
+            md.contains("| x | 75.0% ± 21.7 | 2.75 | +0.0 ± 40.8 | +0.0 ± 40.8 (plain) |"),
+            "{md}"
+        );
+    }
+}
