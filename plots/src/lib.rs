@@ -466,6 +466,7 @@ fn draw_intervals(
     chart
         .configure_mesh()
         .x_desc("block")
+        .x_label_formatter(&|x| format!("{}", x.round() as i64))
         .y_desc(y_desc)
         .axis_desc_style(("sans-serif", 20))
         .label_style(("sans-serif", 15))

@@ -900,31 +900,66 @@ fn cmd_predictability(a: &PredictArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let md = drllm_train::predict::markdown(&result, &title);
+    // a second, simpler learner on the same folds: a linear probe per block
+    let mut p = Progress::new("probes");
+    let probe_scores = drllm_train::predict::cross_fitted_probe_scores(
+        &fs,
+        &labels,
+        a.folds,
+        a.seed,
+        &mut |d, t| p.tick(d, t, ""),
+    );
+    let probe = drllm_train::predict::block_aucs_of_scores(
+        &probe_scores,
+        &labels,
+        a.folds,
+        a.tau,
+        a.bootstrap,
+        a.seed,
+    );
+    let md = format!(
+        "# Predictability test\n\n{}\n{}\nThe linear probes: ridge regression of safe (+1) / not (-1) on the standardised mean of the windows entering the block, the penalty chosen on a fifth of each training fold.\n",
+        drllm_train::predict::markdown(&result, &title, "routers (the product's MLP)"),
+        drllm_train::predict::markdown(&probe, &title, "linear probes"),
+    );
     if let Some(dir) = stem.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(stem.with_extension("md"), &md)?;
     std::fs::write(
         stem.with_extension("json"),
-        serde_json::to_string_pretty(&result)?,
+        serde_json::to_string_pretty(
+            &serde_json::json!({"router": result, "linear_probe": probe}),
+        )?,
     )?;
-    let rows: Vec<drllm_train::plots::BlockEstimate> = result
-        .blocks
-        .iter()
-        .map(|b| drllm_train::plots::BlockEstimate {
-            block: b.block,
-            value: b
-                .auc
-                .zip(b.interval)
-                .map(|(e, (lo, hi))| (e, lo.min(e), hi.max(e))),
-        })
-        .collect();
+    let rows =
+        |p: &drllm_train::predict::Predictability| -> Vec<drllm_train::plots::BlockEstimate> {
+            p.blocks
+                .iter()
+                .map(|b| drllm_train::plots::BlockEstimate {
+                    block: b.block,
+                    value: b
+                        .auc
+                        .zip(b.interval)
+                        .map(|(e, (lo, hi))| (e, lo.min(e), hi.max(e))),
+                })
+                .collect()
+        };
     drllm_train::plots::block_intervals(
         &stem.with_extension("png"),
-        &format!("Held-out AUC of each block's skip decision: {title}"),
+        &format!("Held-out AUC of the skip decision per block, {title}"),
         "AUC (safe skip)",
-        &rows,
+        &rows(&result),
+        0.5,
+        (0.0, 1.0),
+    )?;
+    let mut probe_png = stem.clone().into_os_string();
+    probe_png.push("-probe.png");
+    drllm_train::plots::block_intervals(
+        Path::new(&probe_png),
+        &format!("Held-out AUC of a linear probe per block, {title}"),
+        "AUC (safe skip)",
+        &rows(&probe),
         0.5,
         (0.0, 1.0),
     )?;

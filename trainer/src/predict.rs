@@ -161,9 +161,33 @@ pub struct Predictability {
     pub with_signal: usize,
 }
 
-/// Per-block AUCs of cross-fitted logits against labels (0: skip safe, 1: not).
+/// The routers' skip scores (skip minus execute logit), `[example][block]`.
+pub fn skip_scores(logits: &[Vec<[f32; 3]>]) -> Vec<Vec<f64>> {
+    logits
+        .iter()
+        .map(|l| {
+            l.iter()
+                .map(|b| f64::from(b[0]) - f64::from(b[1]))
+                .collect()
+        })
+        .collect()
+}
+
+/// Per-block AUCs of cross-fitted router logits against labels (0: skip safe, 1: not).
 pub fn block_aucs(
     logits: &[Vec<[f32; 3]>],
+    labels: &[Vec<u8>],
+    folds: usize,
+    tau: f64,
+    rounds: usize,
+    seed: u64,
+) -> Predictability {
+    block_aucs_of_scores(&skip_scores(logits), labels, folds, tau, rounds, seed)
+}
+
+/// Per-block AUCs of cross-fitted scores (`[example][block]`, higher: safer) against labels.
+pub fn block_aucs_of_scores(
+    scores: &[Vec<f64>],
     labels: &[Vec<u8>],
     folds: usize,
     tau: f64,
@@ -173,10 +197,7 @@ pub fn block_aucs(
     let n_layer = labels.first().map_or(0, Vec::len);
     let blocks: Vec<BlockAuc> = (0..n_layer)
         .map(|b| {
-            let score: Vec<f64> = logits
-                .iter()
-                .map(|l| f64::from(l[b][0]) - f64::from(l[b][1]))
-                .collect();
+            let score: Vec<f64> = scores.iter().map(|l| l[b]).collect();
             let safe: Vec<bool> = labels.iter().map(|l| l[b] == 0).collect();
             let n_safe = safe.iter().filter(|&&s| s).count();
             BlockAuc {
@@ -200,14 +221,14 @@ pub fn block_aucs(
     }
 }
 
-/// The result as markdown.
-pub fn markdown(p: &Predictability, title: &str) -> String {
+/// The result as markdown; `learner` says what gave the scores ("routers", "linear probes").
+pub fn markdown(p: &Predictability, title: &str, learner: &str) -> String {
     let mut s = format!(
-        "# Predictability of safe skips: {title}\n\n{} questions, {}-fold cross-fitted routers; \
-         a skip is safe when the option chosen stays and the gold margin drops by at most {}. \
-         AUC of the router's skip score (skip minus execute logit) for \"safe\", with a \
-         bootstrap 95% interval over questions. {} of {} testable blocks have an interval above \
-         0.5.\n\n| block | safe | not safe | AUC | 95% interval |\n|---:|---:|---:|---:|---|\n",
+        "## Predictability of safe skips, {learner}: {title}\n\n{} questions, {}-fold \
+         cross-fitting; a skip is safe when the option chosen stays and the gold margin drops \
+         by at most {}. AUC of the held-out score for \"safe\", with a bootstrap 95% interval \
+         over questions. {} of {} testable blocks have an interval above 0.5.\n\n\
+         | block | safe | not safe | AUC | 95% interval |\n|---:|---:|---:|---:|---|\n",
         p.questions, p.folds, p.tau, p.with_signal, p.testable
     );
     for b in &p.blocks {
@@ -224,9 +245,189 @@ pub fn markdown(p: &Predictability, title: &str) -> String {
     s
 }
 
+/// Solves `(A + lambda I) x = b` for a symmetric positive semi-definite `A` (`d x d`,
+/// row-major) by Cholesky; None when the matrix is not positive definite.
+pub fn ridge_solve(a: &[f64], d: usize, lambda: f64, b: &[f64]) -> Option<Vec<f64>> {
+    let mut l = vec![0.0f64; d * d];
+    for i in 0..d {
+        for j in 0..=i {
+            let mut sum = a[i * d + j] + if i == j { lambda } else { 0.0 };
+            let (ri, rj) = (&l[i * d..i * d + j], &l[j * d..j * d + j]);
+            sum -= ri.iter().zip(rj).map(|(x, y)| x * y).sum::<f64>();
+            if i == j {
+                if sum <= 0.0 || !sum.is_finite() {
+                    return None;
+                }
+                l[i * d + i] = sum.sqrt();
+            } else {
+                l[i * d + j] = sum / l[j * d + j];
+            }
+        }
+    }
+    // L y = b, then L^T x = y
+    let mut y = vec![0.0f64; d];
+    for i in 0..d {
+        let s: f64 = (0..i).map(|k| l[i * d + k] * y[k]).sum();
+        y[i] = (b[i] - s) / l[i * d + i];
+    }
+    let mut x = vec![0.0f64; d];
+    for i in (0..d).rev() {
+        let s: f64 = (i + 1..d).map(|k| l[k * d + i] * x[k]).sum();
+        x[i] = (y[i] - s) / l[i * d + i];
+    }
+    Some(x)
+}
+
+/// A linear probe for one block: ridge regression of +1 (safe) / -1 (not) on the
+/// standardised mean of the router's windows, lambda chosen on a held-out fifth of the training
+/// questions by AUC, then refit on all of them. Returns the scores of `test` rows.
+fn ridge_probe(x: &[Vec<f64>], y: &[bool], train: &[usize], test: &[usize], seed: u64) -> Vec<f64> {
+    let d = x.first().map_or(0, Vec::len);
+    // standardise with the training rows' statistics
+    let mut mean = vec![0.0; d];
+    let mut sd = vec![0.0; d];
+    for &i in train {
+        for (m, v) in mean.iter_mut().zip(&x[i]) {
+            *m += v;
+        }
+    }
+    let n = train.len().max(1) as f64;
+    mean.iter_mut().for_each(|m| *m /= n);
+    for &i in train {
+        for ((s, v), m) in sd.iter_mut().zip(&x[i]).zip(&mean) {
+            *s += (v - m) * (v - m);
+        }
+    }
+    sd.iter_mut().for_each(|s| *s = (*s / n).sqrt().max(1e-8));
+    let z = |i: usize| -> Vec<f64> {
+        x[i].iter()
+            .zip(&mean)
+            .zip(&sd)
+            .map(|((v, m), s)| (v - m) / s)
+            .collect()
+    };
+    let fit = |rows: &[usize], lambda: f64| -> Option<(Vec<f64>, f64)> {
+        let mut a = vec![0.0; d * d];
+        let mut b = vec![0.0; d];
+        let ybar = rows
+            .iter()
+            .map(|&i| if y[i] { 1.0 } else { -1.0 })
+            .sum::<f64>()
+            / rows.len().max(1) as f64;
+        for &i in rows {
+            let zi = z(i);
+            let t = if y[i] { 1.0 } else { -1.0 } - ybar;
+            for r in 0..d {
+                let zr = zi[r];
+                b[r] += zr * t;
+                let row = &mut a[r * d..r * d + r + 1];
+                for (c, av) in row.iter_mut().enumerate() {
+                    *av += zr * zi[c];
+                }
+            }
+        }
+        for r in 0..d {
+            for c in r + 1..d {
+                a[r * d + c] = a[c * d + r];
+            }
+        }
+        ridge_solve(&a, d, lambda, &b).map(|w| (w, ybar))
+    };
+    let score = |w: &[f64], i: usize| -> f64 { z(i).iter().zip(w).map(|(a, b)| a * b).sum() };
+    // lambda by AUC on a fifth of the training rows
+    let mut order = train.to_vec();
+    SplitMix64(seed ^ 0x21D6_E000).shuffle(&mut order);
+    let cut = order.len() / 5;
+    let (val, inner) = order.split_at(cut);
+    let mut best = (f64::NEG_INFINITY, n);
+    for mult in [0.1, 1.0, 10.0, 100.0] {
+        let lambda = mult * inner.len().max(1) as f64;
+        if let Some((w, _)) = fit(inner, lambda) {
+            let s: Vec<f64> = val.iter().map(|&i| score(&w, i)).collect();
+            let p: Vec<bool> = val.iter().map(|&i| y[i]).collect();
+            if let Some(a) = auc(&s, &p) {
+                if a > best.0 {
+                    best = (a, mult);
+                }
+            }
+        }
+    }
+    let lambda = best.1 * train.len().max(1) as f64;
+    match fit(train, lambda) {
+        Some((w, _)) => test.iter().map(|&i| score(&w, i)).collect(),
+        None => vec![0.0; test.len()],
+    }
+}
+
+/// Cross-fitted scores of linear probes (see `ridge_probe`), one per block, for "skip is
+/// safe": the same folds as [`cross_fitted_logits`]. `[example][block]`.
+pub fn cross_fitted_probe_scores(
+    fs: &FeatureSet,
+    labels: &[Vec<u8>],
+    k: usize,
+    seed: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Vec<Vec<f64>> {
+    let n = fs.examples.len();
+    let d = fs.d;
+    let parts = folds(n, k, seed);
+    let mut out = vec![vec![0.0; fs.n_layer]; n];
+    let total = parts.len() * fs.n_layer;
+    for b in 0..fs.n_layer {
+        // the mean of the block's windows
+        let x: Vec<Vec<f64>> = fs
+            .examples
+            .iter()
+            .map(|e| {
+                let w = e.n_windows.max(1);
+                (0..d)
+                    .map(|j| {
+                        (0..w)
+                            .map(|k| f64::from(e.pooled[b][k * d + j]))
+                            .sum::<f64>()
+                            / w as f64
+                    })
+                    .collect()
+            })
+            .collect();
+        let y: Vec<bool> = labels.iter().map(|l| l[b] == 0).collect();
+        for (f, held) in parts.iter().enumerate() {
+            let train: Vec<usize> = (0..n).filter(|i| held.binary_search(i).is_err()).collect();
+            let s = ridge_probe(&x, &y, &train, held, seed.wrapping_add(f as u64));
+            for (&i, v) in held.iter().zip(s) {
+                out[i][b] = v;
+            }
+            progress(b * parts.len() + f + 1, total);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ridge_solve_by_hand_and_probe_finds_a_linear_signal() {
+        // [[2, 1], [1, 3]] + 1 I = [[3, 1], [1, 4]]; x for b = (5, 6): (14/11, 13/11)
+        let x = ridge_solve(&[2.0, 1.0, 1.0, 3.0], 2, 1.0, &[5.0, 6.0]).unwrap();
+        assert!((x[0] - 14.0 / 11.0).abs() < 1e-12 && (x[1] - 13.0 / 11.0).abs() < 1e-12);
+        assert!(ridge_solve(&[-1.0], 1, 0.0, &[1.0]).is_none());
+        // 5-dimensional inputs; "safe" when x1 + noise > 0
+        let mut rng = SplitMix64(9);
+        let x: Vec<Vec<f64>> = (0..300)
+            .map(|_| (0..5).map(|_| rng.unit() - 0.5).collect())
+            .collect();
+        let y: Vec<bool> = x
+            .iter()
+            .map(|r| r[1] + 0.2 * (rng.unit() - 0.5) > 0.0)
+            .collect();
+        let train: Vec<usize> = (0..200).collect();
+        let test: Vec<usize> = (200..300).collect();
+        let s = ridge_probe(&x, &y, &train, &test, 1);
+        let p: Vec<bool> = test.iter().map(|&i| y[i]).collect();
+        assert!(auc(&s, &p).unwrap() > 0.9);
+    }
 
     #[test]
     fn auc_by_hand() {
