@@ -379,6 +379,12 @@ struct CalibrateArgs {
     min_saved: f64,
 }
 
+/// The fixed evaluation sample of ARC-Easy test (`eval --limit`, seed 0) that calibration
+/// questions stay clear of.
+const EVAL_SAMPLE: usize = 1000;
+/// Calibration questions (depth bias, static prune).
+const CALIBRATION_N: usize = 300;
+
 /// Depth biases `calibrate` tries unless told otherwise (also the pipeline's).
 const DEFAULT_BIASES: &str = "-3,-2,-1,-0.5,0,0.5,1,2,3";
 
@@ -391,12 +397,12 @@ struct CalibrationQuestions {
     #[arg(long, default_value = "test")]
     split: String,
     /// The evaluation sample to stay clear of: `eval --limit N --seed S` of the same split.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = EVAL_SAMPLE)]
     exclude_limit: usize,
     #[arg(long, default_value_t = 0)]
     exclude_seed: u64,
     /// Calibration questions (from the rest of the split).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = CALIBRATION_N)]
     n: usize,
 }
 
@@ -517,7 +523,7 @@ struct PipelineArgs {
     #[arg(long, default_value_t = MctsConfig::default().simulations)]
     simulations: usize,
     /// Questions of ARC-Easy test evaluated (a seeded sample).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = EVAL_SAMPLE)]
     eval_limit: usize,
     /// Only the first N validation questions are searched.
     #[arg(long)]
@@ -546,7 +552,7 @@ struct PipelineArgs {
     #[arg(long = "train-device", default_value_t = TrainConfig::default().device)]
     train_device: String,
     /// Calibration questions for the depth bias (ARC-Easy test, outside the evaluation sample).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = CALIBRATION_N)]
     calibration_n: usize,
     /// Skip the static-prune baseline (chosen on the calibration questions, judged in `eval`).
     #[arg(long)]
@@ -1031,7 +1037,7 @@ struct CompareArgs {
         long,
         value_delimiter = ',',
         allow_negative_numbers = true,
-        default_value = "-4,-3,-2.5,-2,-1.5,-1,-0.75,-0.5,-0.25,0,0.25,0.5,0.75,1,1.5,2,3"
+        default_value = "-4,-3,-2,-1.5,-1,-0.5,0,0.5,1,2,3"
     )]
     biases: Vec<f32>,
     /// Question sets, TASK:SPLIT:N (a fresh seeded sample of N; ARC-Easy test leaves out the
@@ -1045,10 +1051,10 @@ struct CompareArgs {
     /// Seed of the fresh samples.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Also the oracle at one pass saved (every single skip of every question: L more paths
-    /// per question).
-    #[arg(long)]
-    oracle: bool,
+    /// Tasks whose sets also get the oracle at one pass saved (every single skip of every
+    /// question: L more paths per question), e.g. arc_easy.
+    #[arg(long, value_delimiter = ',')]
+    oracle: Vec<String>,
     /// Output directory (default RUN_DIR/compare).
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -1206,7 +1212,7 @@ Static prunes from {} (chosen on {} questions); routers' depth biases matched to
             &name,
             &examples,
             &specs,
-            a.oracle,
+            a.oracle.iter().any(|t| t == task),
             &mut |d, t| p.tick(d, t, &name),
         )?;
         // each routed arm against the static prune of its budget
