@@ -860,11 +860,20 @@ fn cmd_predictability(a: &PredictArgs) -> Result<()> {
     }
     let by_id: std::collections::HashMap<&str, &oracle::OracleRecord> =
         records.iter().map(|r| (r.id.as_str(), r)).collect();
+    // and the reference score: the full path's confidence in its own choice
+    let mut confidence_scores: Vec<Vec<f64>> = Vec::with_capacity(fs.examples.len());
     for e in &mut fs.examples {
         let r = by_id
             .get(e.id.as_str())
             .with_context(|| format!("{} has features but no oracle row", e.id))?;
         e.labels = oracle::skip_labels(r, a.tau);
+        confidence_scores.push(vec![
+            drllm_train::predict::full_confidence(
+                &r.full_scores,
+                r.full.choice
+            );
+            n_layer
+        ]);
     }
     let labels: Vec<Vec<u8>> = fs.examples.iter().map(|e| e.labels.clone()).collect();
     let cfg = TrainConfig {
@@ -923,10 +932,21 @@ fn cmd_predictability(a: &PredictArgs) -> Result<()> {
         a.bootstrap,
         a.seed,
     );
+    // the reference: how much the question itself (the full path's confidence) says
+    let confidence = drllm_train::predict::block_aucs_of_scores(
+        &confidence_scores,
+        &labels,
+        a.folds,
+        a.tau,
+        a.bootstrap,
+        a.seed,
+    );
+    let question_trait = drllm_train::predict::question_trait(&labels);
     let md = format!(
-        "# Predictability test\n\n{}\n{}\nThe linear probes: ridge regression of safe (+1) / not (-1) on the standardised mean of the windows entering the block, the penalty chosen on a fifth of each training fold.\n",
+        "# Predictability test\n\n{}\n{}\nThe linear probes: ridge regression of safe (+1) / not (-1) on the standardised mean of the windows entering the block, the penalty chosen on a fifth of each training fold.\n\n{}",
         drllm_train::predict::markdown(&result, &title, "routers (the product's MLP)"),
         drllm_train::predict::markdown(&probe, &title, "linear probes"),
+        drllm_train::predict::reference_markdown(&confidence, &question_trait),
     );
     if let Some(dir) = stem.parent() {
         std::fs::create_dir_all(dir)?;
@@ -934,9 +954,12 @@ fn cmd_predictability(a: &PredictArgs) -> Result<()> {
     std::fs::write(stem.with_extension("md"), &md)?;
     std::fs::write(
         stem.with_extension("json"),
-        serde_json::to_string_pretty(
-            &serde_json::json!({"router": result, "linear_probe": probe}),
-        )?,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "router": result,
+            "linear_probe": probe,
+            "full_confidence": confidence,
+            "question_trait": question_trait,
+        }))?,
     )?;
     let rows =
         |p: &drllm_train::predict::Predictability| -> Vec<drllm_train::plots::BlockEstimate> {

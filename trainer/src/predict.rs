@@ -221,6 +221,83 @@ pub fn block_aucs_of_scores(
     }
 }
 
+/// The probability the full path gives its own choice (softmax of its option scores): how sure
+/// the model is. Known only once every block has run, so no router can use it; it is the
+/// reference for how much "safe to skip" follows the question's difficulty at all.
+pub fn full_confidence(scores: &[f64], choice: usize) -> f64 {
+    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !m.is_finite() {
+        return 1.0 / scores.len().max(1) as f64;
+    }
+    let z: f64 = scores.iter().map(|&x| (x - m).exp()).sum();
+    scores.get(choice).map_or(0.0, |&x| (x - m).exp() / z)
+}
+
+/// How much "safe to skip" is a trait of the question rather than of each (question, block)
+/// pair: the variance over questions of their number of safe blocks, beside what it would be
+/// if each block were safe at its own rate independently of the question.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct QuestionTrait {
+    /// Mean number of blocks safe to skip per question.
+    pub mean_safe_blocks: f64,
+    /// Variance of that number over questions.
+    pub variance: f64,
+    /// The variance if safety did not depend on the question (sum of p(1-p) over blocks).
+    pub independent_variance: f64,
+}
+
+/// [`QuestionTrait`] of labels `[question][block]` (0: skip safe).
+pub fn question_trait(labels: &[Vec<u8>]) -> QuestionTrait {
+    let n = labels.len();
+    let n_layer = labels.first().map_or(0, Vec::len);
+    let counts: Vec<f64> = labels
+        .iter()
+        .map(|l| l.iter().filter(|&&x| x == 0).count() as f64)
+        .collect();
+    let mean = counts.iter().sum::<f64>() / n.max(1) as f64;
+    let variance = counts.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / n.max(1) as f64;
+    let independent_variance = (0..n_layer)
+        .map(|b| {
+            let p = labels.iter().filter(|l| l[b] == 0).count() as f64 / n.max(1) as f64;
+            p * (1.0 - p)
+        })
+        .sum();
+    QuestionTrait {
+        mean_safe_blocks: mean,
+        variance,
+        independent_variance,
+    }
+}
+
+/// The reference section of the report: the full path's confidence as a score for "safe"
+/// (per block) and the question-trait variances.
+pub fn reference_markdown(confidence: &Predictability, t: &QuestionTrait) -> String {
+    let aucs: Vec<f64> = confidence.blocks.iter().filter_map(|b| b.auc).collect();
+    let mean = aucs.iter().sum::<f64>() / aucs.len().max(1) as f64;
+    let lo = aucs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = aucs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let ratio = t.variance / t.independent_variance.max(1e-12);
+    let reading = if ratio > 1.2 {
+        "some questions tolerate skips better than others"
+    } else {
+        "safety looks independent of the question"
+    };
+    format!(
+        "## Reference: what the question itself says (not available to a router)\n\n\
+         Safe blocks per question: mean {:.2}, variance {:.2} over questions against {:.2} if \
+         each block were safe independently of the question ({ratio:.1}x): {reading}. The full path's confidence in its own choice (known only \
+         after every block has run) scores \"safe\" with AUC {mean:.3} on average over blocks \
+         (from {lo:.3} to {hi:.3}; {} of {} intervals above 0.5). Routers near 0.5 where this \
+         score is above it: the question-level signal exists, but not in what a router sees \
+         when it decides.\n",
+        t.mean_safe_blocks,
+        t.variance,
+        t.independent_variance,
+        confidence.with_signal,
+        confidence.testable,
+    )
+}
+
 /// The result as markdown; `learner` says what gave the scores ("routers", "linear probes").
 pub fn markdown(p: &Predictability, title: &str, learner: &str) -> String {
     let mut s = format!(
@@ -479,5 +556,28 @@ mod tests {
         let mut all: Vec<usize> = f.concat();
         all.sort_unstable();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn confidence_and_question_trait_by_hand() {
+        // softmax(0, ln 3) = (1/4, 3/4)
+        assert!((full_confidence(&[0.0, 3f64.ln()], 1) - 0.75).abs() < 1e-12);
+        assert!((full_confidence(&[0.0, 3f64.ln()], 0) - 0.25).abs() < 1e-12);
+        assert_eq!(full_confidence(&[f64::NEG_INFINITY; 4], 2), 0.25);
+        // two questions, two blocks: one question safe everywhere, one nowhere. Counts 2 and
+        // 0: mean 1, variance 1; each block safe at rate 1/2: independent variance 2 * 1/4
+        let t = question_trait(&[vec![0, 0], vec![1, 1]]);
+        assert_eq!(
+            t,
+            QuestionTrait {
+                mean_safe_blocks: 1.0,
+                variance: 1.0,
+                independent_variance: 0.5
+            }
+        );
+        // the same rates with safety alternating: counts 1 and 1, variance 0
+        let t = question_trait(&[vec![0, 1], vec![1, 0]]);
+        assert_eq!(t.variance, 0.0);
+        assert_eq!(t.independent_variance, 0.5);
     }
 }
