@@ -205,6 +205,89 @@ pub fn bias_for_passes(tried: &[(f32, f64)], target: f64) -> Option<f32> {
         .map(|t| t.0)
 }
 
+/// A variant's accuracy on the questions its choice was made on (static prunes: the prune's
+/// selection questions; routers: the calibration questions), for choosing what to ship.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CalibrationRow {
+    pub label: String,
+    /// Accuracy in percent.
+    pub accuracy: f64,
+    /// Questions.
+    pub n: usize,
+    pub mean_passes: f64,
+}
+
+/// The calibration rows: plain and each static prune of `budgets` from the prune report, and
+/// every depth bias tried for each routers.
+pub fn calibration_rows(
+    prune: &crate::prune::PruneReport,
+    budgets: &[usize],
+    routers: &[(String, crate::eval::Calibration)],
+) -> Vec<CalibrationRow> {
+    let n = prune.ids.len();
+    let pct = |c: usize| 100.0 * c as f64 / n.max(1) as f64;
+    let mut rows = vec![CalibrationRow {
+        label: "plain".into(),
+        accuracy: pct(prune.plain_correct),
+        n,
+        mean_passes: prune.n_layer as f64,
+    }];
+    for &k in budgets {
+        if let Some(step) = k.checked_sub(1).and_then(|i| prune.steps.get(i)) {
+            rows.push(CalibrationRow {
+                label: format!("static, skip {:?}", step.skipped),
+                accuracy: pct(step.correct),
+                n,
+                mean_passes: (prune.n_layer - step.skipped.len()) as f64,
+            });
+        }
+    }
+    for (name, c) in routers {
+        for t in &c.tried {
+            rows.push(CalibrationRow {
+                label: format!("routed {name}, bias {:+.2}", t.depth_bias.unwrap_or(0.0)),
+                accuracy: 100.0 * t.correct as f64 / t.n.max(1) as f64,
+                n: t.n,
+                mean_passes: t.mean_passes,
+            });
+        }
+    }
+    rows
+}
+
+/// What to ship: the row with the highest calibration accuracy among those saving at least
+/// one pass per question (ties: fewer passes).
+pub fn ship_choice(rows: &[CalibrationRow], n_layer: usize) -> Option<&CalibrationRow> {
+    rows.iter()
+        .filter(|r| r.mean_passes <= n_layer as f64 - 1.0)
+        .min_by(|a, b| {
+            b.accuracy
+                .total_cmp(&a.accuracy)
+                .then(a.mean_passes.total_cmp(&b.mean_passes))
+        })
+}
+
+/// The calibration rows as markdown, with the choice for shipping.
+pub fn calibration_markdown(rows: &[CalibrationRow], n_layer: usize) -> String {
+    let mut s = String::from(
+        "## On the questions the choices were made on\n\n| variant | questions | accuracy | mean passes |\n|---|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.1}% | {:.2} |\n",
+            r.label, r.n, r.accuracy, r.mean_passes
+        ));
+    }
+    if let Some(c) = ship_choice(rows, n_layer) {
+        s.push_str(&format!(
+            "\nHighest accuracy with at least one pass saved (what to ship): {} ({:.1}% at {:.2} passes).\n",
+            c.label, c.accuracy, c.mean_passes
+        ));
+    }
+    s.push('\n');
+    s
+}
+
 /// A row of the table: label, accuracy, s.e., passes, vs plain, vs a matched static arm.
 pub fn markdown(r: &SetReport, matched: &[(String, String)]) -> String {
     let mut s = format!(
@@ -279,5 +362,66 @@ mod tests {
             md.contains("| x | 75.0% ± 21.7 | 2.75 | +0.0 ± 40.8 | +0.0 ± 40.8 (plain) |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn calibration_rows_and_the_ship_choice_by_hand() {
+        use crate::eval::{Arm, Calibration};
+        use crate::prune::{PruneReport, Step};
+        let step = |skipped: Vec<usize>, correct| Step {
+            candidates: vec![],
+            chosen: skipped[skipped.len() - 1],
+            skipped,
+            correct,
+        };
+        let prune = PruneReport {
+            n_layer: 4,
+            ids: vec!["q".into(); 10],
+            plain_correct: 6,
+            plain_mean_margin: 0.0,
+            steps: vec![step(vec![2], 5), step(vec![1, 2], 4)],
+            secs: 0.0,
+        };
+        let arm = |bias: f32, correct: usize, passes: f64| Arm {
+            label: String::new(),
+            depth_bias: Some(bias),
+            correct,
+            n: 20,
+            accuracy: correct as f64 / 20.0,
+            stderr: 0.0,
+            mean_passes: passes,
+        };
+        let cal = Calibration {
+            n: 20,
+            plain: arm(0.0, 12, 4.0),
+            tried: vec![arm(-1.0, 11, 2.5), arm(0.0, 13, 3.0), arm(1.0, 14, 3.9)],
+            chosen: None,
+            min_saved: 0.0,
+        };
+        let rows = calibration_rows(&prune, &[1, 2, 3], &[("r".into(), cal)]);
+        let got: Vec<(&str, f64, usize, f64)> = rows
+            .iter()
+            .map(|r| (r.label.as_str(), r.accuracy, r.n, r.mean_passes))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("plain", 60.0, 10, 4.0),
+                ("static, skip [2]", 50.0, 10, 3.0),
+                ("static, skip [1, 2]", 40.0, 10, 2.0),
+                ("routed r, bias -1.00", 55.0, 20, 2.5),
+                ("routed r, bias +0.00", 65.0, 20, 3.0),
+                ("routed r, bias +1.00", 70.0, 20, 3.9),
+            ]
+        );
+        // bias +1 saves only 0.1 pass: the best with a whole pass saved is bias 0 (ties on
+        // accuracy would go to fewer passes)
+        assert_eq!(ship_choice(&rows, 4).map(|r| r.accuracy), Some(65.0));
+        let md = calibration_markdown(&rows, 4);
+        assert!(
+            md.contains("what to ship): routed r, bias +0.00 (65.0% at 3.00 passes)"),
+            "{md}"
+        );
+        assert_eq!(ship_choice(&rows[..1], 4), None);
     }
 }

@@ -1137,6 +1137,7 @@ fn cmd_compare(a: &CompareArgs) -> Result<()> {
     let mut session = a.common.session(&model)?;
     // depth biases matched to the budgets on the calibration questions
     let mut routed_arms: Vec<(String, usize, f32, f64)> = Vec::new();
+    let mut calibrations = Vec::new();
     for (name, r) in &routers {
         let mut p = Progress::new("calibrate");
         let c = eval::calibrate(
@@ -1165,7 +1166,9 @@ fn cmd_compare(a: &CompareArgs) -> Result<()> {
                 routed_arms.push((name.clone(), k, b, got));
             }
         }
+        calibrations.push((name.clone(), c));
     }
+    let cal_rows = compare::calibration_rows(&report, &a.budgets, &calibrations);
     let out_dir = a
         .out_dir
         .clone()
@@ -1182,6 +1185,7 @@ Static prunes from {} (chosen on {} questions); routers' depth biases matched to
         report.ids.len(),
         a.calibration.describe(cal.len())
     );
+    md.push_str(&compare::calibration_markdown(&cal_rows, n_layer));
     let mut sets_out = Vec::new();
     for spec in &a.sets {
         let parts: Vec<&str> = spec.split(':').collect();
@@ -1290,7 +1294,7 @@ Static prunes from {} (chosen on {} questions); routers' depth biases matched to
         std::fs::write(
             out_dir.join("compare.json"),
             serde_json::to_string(&serde_json::json!({
-                "routed_biases": routed_arms, "sets": sets_out,
+                "routed_biases": routed_arms, "calibration": cal_rows, "sets": sets_out,
             }))?,
         )?;
     }
