@@ -1287,9 +1287,9 @@ fn a_stalled_body_is_dropped_and_a_full_queue_answers_before_the_body() {
         t0.elapsed()
     );
     assert_eq!(long.join().unwrap().status, 200);
-    // and the server goes on
-    assert_eq!(
-        post(addr, "/v1/chat/completions", &chat_body(2, 2)).status,
-        200
-    );
+    // and the server goes on. Its client can have the whole answer a moment before the worker
+    // frees its lane, and with --queue 0 nothing may wait, so the first try may be refused
+    wait_for("the server to answer again", || {
+        post(addr, "/v1/chat/completions", &chat_body(2, 2)).status == 200
+    });
 }
