@@ -225,12 +225,10 @@ pub fn block_aucs_of_scores(
 /// the model is. Known only once every block has run, so no router can use it; it is the
 /// reference for how much "safe to skip" follows the question's difficulty at all.
 pub fn full_confidence(scores: &[f64], choice: usize) -> f64 {
-    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if !m.is_finite() {
-        return 1.0 / scores.len().max(1) as f64;
-    }
-    let z: f64 = scores.iter().map(|&x| (x - m).exp()).sum();
-    scores.get(choice).map_or(0.0, |&x| (x - m).exp() / z)
+    crate::scoring::softmax(scores)
+        .get(choice)
+        .copied()
+        .unwrap_or(0.0)
 }
 
 /// How much "safe to skip" is a trait of the question rather than of each (question, block)
@@ -285,8 +283,8 @@ pub fn reference_markdown(confidence: &Predictability, t: &QuestionTrait) -> Str
     format!(
         "## Reference: what the question itself says (not available to a router)\n\n\
          Safe blocks per question: mean {:.2}, variance {:.2} over questions against {:.2} if \
-         each block were safe independently of the question ({ratio:.1}x): {reading}. The full path's confidence in its own choice (known only \
-         after every block has run) scores \"safe\" with AUC {mean:.3} on average over blocks \
+         each block were safe independently of the question ({ratio:.1}x): {reading}. The full \
+         path's confidence in its own choice (known only after every block has run) scores \"safe\" with AUC {mean:.3} on average over blocks \
          (from {lo:.3} to {hi:.3}; {} of {} intervals above 0.5). Routers near 0.5 where this \
          score is above it: the question-level signal exists, but not in what a router sees \
          when it decides.\n",

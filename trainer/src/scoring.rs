@@ -220,18 +220,20 @@ pub fn choice_and_margin(scores: &[f64], gold: usize) -> (usize, f64) {
     (best, g - other)
 }
 
+/// The answer distribution of option scores: their softmax (uniform when no score is finite).
+pub fn softmax(s: &[f64]) -> Vec<f64> {
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !m.is_finite() {
+        return vec![1.0 / s.len().max(1) as f64; s.len()];
+    }
+    let e: Vec<f64> = s.iter().map(|&x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / z).collect()
+}
+
 /// KL(p || q) of the softmax distributions of two option-score vectors (nats): how far the
 /// answer distribution along one path (`q`) is from another's (`p`, e.g. the full path's).
 pub fn kl_divergence(p_scores: &[f64], q_scores: &[f64]) -> f64 {
-    let softmax = |s: &[f64]| -> Vec<f64> {
-        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        if !m.is_finite() {
-            return vec![1.0 / s.len().max(1) as f64; s.len()];
-        }
-        let e: Vec<f64> = s.iter().map(|&x| (x - m).exp()).collect();
-        let z: f64 = e.iter().sum();
-        e.into_iter().map(|x| x / z).collect()
-    };
     let (p, q) = (softmax(p_scores), softmax(q_scores));
     p.iter()
         .zip(&q)
