@@ -40,6 +40,15 @@ pub struct LoadtestArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Conversation mode: one conversation of this many turns instead of the load; each turn's
+    /// time to first token is measured with the conversation cache and, side by side, for
+    /// the same messages without it (`cache_prompt: false`).
+    #[arg(long, value_name = "TURNS")]
+    turns: Option<usize>,
+    /// Conversation mode: words of the document the first user message brings (the later
+    /// turns are short questions about it, as in a chat about a document).
+    #[arg(long, default_value_t = 1100)]
+    document_words: usize,
 }
 
 /// A few different questions, so that paths and lengths vary.
@@ -87,7 +96,143 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Sentences the conversation mode's user messages are made of.
+const NOTES: &[&str] = &[
+    "The river rises in the hills and runs east past three villages before it reaches the sea.",
+    "Every spring the farmers repair the stone walls that the winter frost has pushed apart.",
+    "The old mill was turned into a library, and its wheel still turns when the water is high.",
+    "Children walk to the school on the ridge, where the teacher keeps a garden of herbs.",
+    "A market is held on Saturdays, selling cheese, bread, apples and wool from the valley.",
+    "In the evenings the fishermen mend their nets on the harbour wall and talk about the weather.",
+    "The railway reached the town in 1872, and the station clock has not been wrong since.",
+    "Visitors come in summer to climb the peak, which on clear days shows the islands offshore.",
+];
+
+/// The later questions of the conversation mode.
+const QUESTIONS: &[&str] = &[
+    "When did the railway arrive, and what is special about the station clock?",
+    "What is sold at the market, and on which day?",
+    "What happened to the old mill?",
+    "Where do the children go to school, and what does the teacher keep there?",
+    "Why do visitors come in summer?",
+    "What do the fishermen do in the evenings?",
+    "What do the farmers repair every spring, and why?",
+];
+
+/// One conversation of `turns` turns: per turn, time to first token along the cached
+/// conversation and for the same messages uncached.
+fn run_conversation(a: &LoadtestArgs, turns: usize) -> Result<()> {
+    let token = a.api_key.as_deref();
+    let mut messages =
+        vec![json!({"role": "system", "content": "You are a helpful assistant. Answer briefly."})];
+    let mut rows = Vec::new();
+    let timeout = Duration::from_secs(1200);
+    let send = |body: &Value| -> Result<(Value, f64)> {
+        let (r, first) = client::request_first_text(
+            &a.addr,
+            "/v1/chat/completions",
+            &body.to_string(),
+            token,
+            timeout,
+        )?;
+        if r.status != 200 {
+            bail!("{} {}", r.status, r.body);
+        }
+        let chunks: Vec<Value> = r
+            .sse_data()
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
+        if let Some(e) = chunks.iter().find(|c| c.get("error").is_some()) {
+            bail!("{}", e["error"]);
+        }
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        let usage = chunks
+            .iter()
+            .rev()
+            .find(|c| c.get("usage").is_some_and(|u| !u.is_null()))
+            .map(|c| c["usage"].clone())
+            .unwrap_or(Value::Null);
+        let ttft = first.context("the answer had no text")?.as_secs_f64();
+        Ok((json!({"text": text, "usage": usage}), ttft))
+    };
+    let mut words: Vec<&str> = Vec::new();
+    let mut i = 0;
+    while words.len() < a.document_words {
+        words.extend(NOTES[i % NOTES.len()].split(' '));
+        i += 1;
+    }
+    words.truncate(a.document_words);
+    for turn in 1..=turns {
+        let content = if turn == 1 {
+            format!(
+                "Here are my notes about a town: {} What is the town's river like?",
+                words.join(" ")
+            )
+        } else {
+            QUESTIONS[(turn - 2) % QUESTIONS.len()].to_string()
+        };
+        messages.push(json!({"role": "user", "content": content}));
+        let body = |cache: bool, max_tokens: usize| {
+            let mut b = json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                "stream": true, "stream_options": {"include_usage": true}, "cache_prompt": cache});
+            if let Some(r) = a.routing {
+                b["routing"] = json!(r);
+            }
+            b
+        };
+        // uncached first (it leaves nothing in the cache), then the turn itself
+        let (_, uncached) = send(&body(false, 1))?;
+        let (answer, cached) = send(&body(true, a.max_tokens))?;
+        let u = &answer["usage"];
+        let row = json!({
+            "turn": turn,
+            "prompt_tokens": u["prompt_tokens"],
+            "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+            "ttft_cached_seconds": cached,
+            "ttft_uncached_seconds": uncached,
+            "speedup": uncached / cached,
+        });
+        eprintln!(
+            "[loadtest] turn {turn}: {} prompt tokens ({} cached): first token {:.3}s cached, {:.3}s uncached ({:.1}x)",
+            u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"], cached, uncached, uncached / cached
+        );
+        rows.push(row);
+        messages.push(json!({"role": "assistant", "content": answer["text"]}));
+    }
+    let summary = json!({"turns": rows});
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "| turn | prompt tokens | cached | first token, cached (s) | uncached (s) | speedup |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for r in &rows {
+            println!(
+                "| {} | {} | {} | {:.3} | {:.3} | {:.1}x |",
+                r["turn"],
+                r["prompt_tokens"],
+                r["cached_tokens"],
+                r["ttft_cached_seconds"].as_f64().unwrap_or(0.0),
+                r["ttft_uncached_seconds"].as_f64().unwrap_or(0.0),
+                r["speedup"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
+    if let Some(turns) = a.turns {
+        if turns == 0 {
+            bail!("--turns must be at least 1");
+        }
+        return run_conversation(&a, turns);
+    }
     if a.requests == 0 || a.concurrency == 0 {
         bail!("--requests and --concurrency must be at least 1");
     }

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send its request body [default: 30].
     #[arg(long, env = "DRLLM_BODY_TIMEOUT_SECS", value_name = "SECS")]
     body_timeout_secs: Option<u64>,
+    /// Host memory for the conversation cache (the KV cache of finished requests, so that a
+    /// conversation's next turn prefills only what is new), MiB; 0 turns it off [default: 512].
+    #[arg(long, env = "DRLLM_CACHE_MB", value_name = "MIB")]
+    cache_mb: Option<usize>,
 }
 
 impl ServeArgs {
@@ -122,6 +126,7 @@ impl ServeArgs {
             allowed_hosts: self.allowed_hosts.clone(),
             allowed_origins: self.allowed_origins.clone(),
             body_timeout_secs: self.body_timeout_secs,
+            cache_mb: self.cache_mb,
         }
     }
 }

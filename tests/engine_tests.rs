@@ -276,6 +276,88 @@ fn cached_decoding_equals_recompute_smollm2() {
     cached_equals_recompute(&p, &path, &real_prompt(&p));
 }
 
+/// A conversation continued from a snapshot: the next turn's logits equal the same session
+/// continuing (bit for bit: the same K/V bytes), any other session restored from the snapshot,
+/// and, within the cached-decoding tolerance, the whole conversation prefilled from scratch.
+fn snapshot_continues_the_sequence(p: &Path, path: &LayerPath, prompt: &[i32]) {
+    let m = load(p);
+    let v = m.n_vocab();
+    let mut a = session(&m);
+    a.prefill(prompt, Route::Fixed(path), Logits::Last).unwrap();
+    let mut seq = prompt.to_vec();
+    for _ in 0..6 {
+        let t = argmax(a.last_logits()) as i32;
+        a.decode(t).unwrap();
+        seq.push(t);
+    }
+    let snap = a.snapshot().unwrap();
+    assert_eq!(snap.n_tokens(), seq.len());
+    assert_eq!(snap.path(), path);
+    assert_eq!(
+        snap.bytes(),
+        seq.len() * path.len() * (m.config().n_embd_k_gqa() + m.config().n_embd_v_gqa()) * 2,
+        "F16 K and V rows of every pass"
+    );
+    // the next turn shares all but the last 3 tokens of the sequence, then says more
+    let keep = seq.len() - 3;
+    let mut turn = seq[..keep].to_vec();
+    turn.extend_from_slice(&prompt[..12]);
+    // the same session cut back
+    a.truncate(keep).unwrap();
+    let (same, _) = a.append(&turn[keep..], Logits::All).unwrap();
+    // another session, restored
+    let mut b = session(&m);
+    b.restore(&snap, keep).unwrap();
+    assert_eq!((b.n_past(), b.path()), (keep, Some(path)));
+    let (restored, _) = b.append(&turn[keep..], Logits::All).unwrap();
+    assert_eq!(same, restored, "restored session differs from the original");
+    // decoding goes on identically
+    let t = argmax(&restored[restored.len() - v..]) as i32;
+    assert_eq!(a.decode(t).unwrap().to_vec(), b.decode(t).unwrap().to_vec());
+    // the whole turn prefilled in one go
+    let mut c = session(&m);
+    let full = c.prefill(&turn, Route::Fixed(path), Logits::All).unwrap();
+    let tail: Vec<Vec<f32>> = full.logits[keep * v..]
+        .chunks(v)
+        .map(<[f32]>::to_vec)
+        .collect();
+    let rows: Vec<Vec<f32>> = restored.chunks(v).map(<[f32]>::to_vec).collect();
+    assert_traces_rel(
+        &format!("{} path {path}: restored vs prefilled", p.display()),
+        &rows,
+        &tail,
+        CACHE_REL_TOL,
+    );
+    // bad restores are refused
+    let mut d = session(&m);
+    assert!(d.restore(&snap, 0).is_err());
+    assert!(d.restore(&snap, seq.len() + 1).is_err());
+    let other = tiny(p.parent().unwrap(), Family::Qwen3, |s| {
+        s.n_layer = m.n_layer() as u32 + 1
+    });
+    let mut e = session(&load(&other));
+    assert!(
+        e.restore(&snap, keep).is_err(),
+        "a snapshot of another model"
+    );
+}
+
+#[test]
+fn snapshot_and_restore_continue_a_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Llama, Family::Gemma3] {
+        let p = tiny(dir.path(), family, |_| {});
+        let m = load(&p);
+        let n = m.n_layer();
+        let prompt = prompt_for(&p, 40);
+        snapshot_continues_the_sequence(&p, &LayerPath::full(n), &prompt);
+        let mut counts = vec![1usize; n];
+        counts[1] = 0;
+        counts[3] = 2;
+        snapshot_continues_the_sequence(&p, &LayerPath::from_counts(&counts).unwrap(), &prompt);
+    }
+}
+
 #[test]
 fn empty_path_and_hook_limits() {
     let dir = tempfile::tempdir().unwrap();

@@ -215,6 +215,12 @@ pub(crate) fn tensor_set_bytes(t: Tensor, data: &[u8]) {
     }
 }
 
+/// Bytes of one row (`ne[0]` elements) of a tensor.
+pub(crate) fn row_bytes(t: Tensor) -> usize {
+    // SAFETY: plain size query on a live tensor.
+    unsafe { sys::ggml_row_size((*t).type_, (*t).ne[0]) }
+}
+
 /// Reads the first `n` bytes of a tensor.
 pub(crate) fn tensor_get_bytes(t: Tensor, n: usize) -> Vec<u8> {
     let mut out = vec![0u8; n];

@@ -176,22 +176,60 @@ impl Stepper {
     ) -> Result<Stepper> {
         let t0 = Instant::now();
         let pre = session.prefill(prompt, route, Logits::Last)?;
-        let prefill_secs = t0.elapsed().as_secs_f64();
         let n_vocab = session.model().n_vocab();
-        Ok(Stepper {
+        let last = pre.logits[pre.logits.len() - n_vocab..].to_vec();
+        Ok(Self::ready(prompt, pre.path, last, opts, t0))
+    }
+
+    /// Like [`Stepper::start`] for a session that already holds the first `reused` tokens of
+    /// `prompt` (restored from a cache, or left by an earlier request): only the rest is
+    /// prefilled, along the session's path. `reused` must be below `prompt.len()`.
+    pub fn resume(
+        session: &mut Session,
+        prompt: &[i32],
+        reused: usize,
+        opts: &GenerateOptions,
+    ) -> Result<Stepper> {
+        let t0 = Instant::now();
+        let path = session
+            .path()
+            .cloned()
+            .ok_or_else(|| crate::EngineError::State("resume without a sequence".into()))?;
+        if reused == 0 || reused >= prompt.len() || session.n_past() != reused {
+            return Err(crate::EngineError::State(format!(
+                "resume: the session holds {} tokens, {reused} of a prompt of {} asked",
+                session.n_past(),
+                prompt.len()
+            )));
+        }
+        let (logits, _) = session.append(&prompt[reused..], Logits::Last)?;
+        let n_vocab = session.model().n_vocab();
+        let last = logits[logits.len() - n_vocab..].to_vec();
+        Ok(Self::ready(prompt, path, last, opts, t0))
+    }
+
+    fn ready(
+        prompt: &[i32],
+        path: crate::path::LayerPath,
+        logits: Vec<f32>,
+        opts: &GenerateOptions,
+        t0: Instant,
+    ) -> Stepper {
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        Stepper {
             opts: opts.clone(),
             sampler: Sampler::new(&opts.sampling),
             stream: TextStream::default(),
             stops: StopScanner::new(&opts.stop),
             tokens: Vec::new(),
-            logits: pre.logits[pre.logits.len() - n_vocab..].to_vec(),
+            logits,
             n_prompt: prompt.len(),
-            path: pre.path,
+            path,
             finish: None,
             stopped_by_string: false,
             prefill_secs,
             t_decode: Instant::now(),
-        })
+        }
     }
 
     /// The path the request follows.

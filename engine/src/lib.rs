@@ -32,8 +32,8 @@ pub use path::{LayerPath, Pass, PathError, MAX_PASSES_PER_BLOCK};
 pub use routing::{constant_sidecar, decide, BlockDecision, RouteOptions, RouterHook, Routers};
 pub use sampler::{argmax, Sampler, SamplingParams};
 pub use session::{
-    Hidden, Logits, PassState, Prefill, PrefillHook, Route, SavedStates, Session, SessionOptions,
-    MAX_DECODE_BATCH,
+    Hidden, Logits, PassState, Prefill, PrefillHook, Route, SavedStates, SeqSnapshot, Session,
+    SessionOptions, MAX_DECODE_BATCH,
 };
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 

@@ -36,6 +36,35 @@ impl PassState {
     }
 }
 
+/// A sequence copied to host memory: its path, and the K and V rows of its first `n_tokens`
+/// cells in every pass slot of the path. [`Session::restore`] puts any prefix of it back into a
+/// session (the same one or another of the same model), which then continues the sequence as
+/// if it had computed those tokens itself: the conversation cache of the daemon.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqSnapshot {
+    path: LayerPath,
+    n_tokens: usize,
+    /// Per pass of `path`, in order: (K rows, V rows) of cells `0..n_tokens`.
+    rows: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl SeqSnapshot {
+    /// The path the sequence follows.
+    pub fn path(&self) -> &LayerPath {
+        &self.path
+    }
+
+    /// Tokens held.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.rows.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
 /// States saved by [`Session::forward_from`]: (passes they follow, state of the last of them).
 pub type SavedStates = Vec<(usize, PassState)>;
 
@@ -912,6 +941,69 @@ impl Session {
         };
         self.finish_prefill(path, t_total, &logits);
         Ok((logits, saved))
+    }
+
+    /// Copies the sequence's KV cache (all `n_past` cells of every pass slot of its path) to
+    /// host memory.
+    pub fn snapshot(&self) -> Result<SeqSnapshot> {
+        let path = self
+            .path
+            .clone()
+            .ok_or_else(|| EngineError::State("snapshot before prefill".into()))?;
+        let n = self.n_past;
+        let mut rows = Vec::with_capacity(path.len());
+        for p in path.passes() {
+            let slot = self.kv.slot(p.block, p.pass)?;
+            rows.push((
+                ffi::tensor_get_bytes(slot.k, ffi::row_bytes(slot.k) * n),
+                ffi::tensor_get_bytes(slot.v, ffi::row_bytes(slot.v) * n),
+            ));
+        }
+        Ok(SeqSnapshot {
+            path,
+            n_tokens: n,
+            rows,
+        })
+    }
+
+    /// Starts a new sequence from the first `n` tokens of a snapshot (1 <= n <= its tokens):
+    /// the session then holds those tokens along the snapshot's path, ready for
+    /// [`Session::append`]. The snapshot must come from a session of the same model.
+    pub fn restore(&mut self, snap: &SeqSnapshot, n: usize) -> Result<()> {
+        self.reset();
+        if n == 0 || n > snap.n_tokens {
+            return Err(EngineError::State(format!(
+                "cannot restore {n} of a snapshot's {} tokens",
+                snap.n_tokens
+            )));
+        }
+        if n > self.opts.n_ctx {
+            return Err(EngineError::ContextFull {
+                needed: n,
+                n_ctx: self.opts.n_ctx,
+            });
+        }
+        let path = &snap.path;
+        if path.n_layer() != self.model.cfg.n_layer || snap.rows.len() != path.len() {
+            return Err(EngineError::State(
+                "the snapshot is of another model".into(),
+            ));
+        }
+        self.kv.ensure(path)?;
+        for (p, (k, v)) in path.passes().iter().zip(&snap.rows) {
+            let slot = self.kv.slot(p.block, p.pass)?;
+            let (kr, vr) = (ffi::row_bytes(slot.k), ffi::row_bytes(slot.v));
+            if k.len() != kr * snap.n_tokens || v.len() != vr * snap.n_tokens {
+                return Err(EngineError::State(
+                    "the snapshot is of another model".into(),
+                ));
+            }
+            ffi::tensor_set_bytes(slot.k, &k[..kr * n]);
+            ffi::tensor_set_bytes(slot.v, &v[..vr * n]);
+        }
+        self.path = Some(path.clone());
+        self.n_past = n;
+        Ok(())
     }
 
     /// Forgets the tokens after the first `n` (e.g. one answer option scored after a shared

@@ -209,6 +209,7 @@ const COMMON_FIELDS: &[&str] = &[
     "routing",
     "depth_bias",
     "max_passes",
+    "cache_prompt",
 ];
 
 /// Fields drllm does not implement, with the value that asks for nothing (what clients send
@@ -412,6 +413,9 @@ pub struct CommonFields {
     pub depth_bias: Option<f64>,
     /// drllm: cap on the total number of block passes.
     pub max_passes: Option<i64>,
+    /// Reuse the cached KV of a conversation's earlier turns, and cache this one
+    /// (llama-server's field; default true).
+    pub cache_prompt: Option<bool>,
 }
 
 /// Validated generation settings.
@@ -427,6 +431,7 @@ pub struct GenSettings {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    pub cache_prompt: bool,
     pub routing: RoutingSettings,
 }
 
@@ -589,6 +594,7 @@ impl CommonFields {
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
             ignore_eos: self.ignore_eos,
+            cache_prompt: self.cache_prompt.unwrap_or(true),
             routing: RoutingSettings {
                 routing: self.routing,
                 depth_bias,
@@ -734,14 +740,25 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens taken from the conversation cache.
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt: usize, completion: usize) -> Self {
+    pub fn new(prompt: usize, completion: usize, cached: usize) -> Self {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: cached,
+            },
         }
     }
 }

@@ -108,6 +108,61 @@ pub fn request(
     request_with(addr, method, path, &[], body, token, timeout)
 }
 
+/// [`request`] that also times the first generated text of a streamed answer: the time from
+/// sending until the body holds an event with non-empty `"content"` (or `"text"`), i.e. the
+/// time to first token as a client sees it. None if no such event came.
+pub fn request_first_text(
+    addr: impl ToSocketAddrs,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<(Response, Option<Duration>)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nConnection: close\r\nHost: {}\r\n",
+        s.peer_addr()?
+    );
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    let t0 = std::time::Instant::now();
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    let mut first = None;
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if first.is_none() && has_text(&buf) {
+            first = Some(t0.elapsed());
+        }
+    }
+    Ok((parse_response(&buf)?, first))
+}
+
+/// Whether raw response bytes hold a streamed event with generated text.
+fn has_text(buf: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(buf);
+    ["\"content\":\"", "\"text\":\""].iter().any(|key| {
+        text.match_indices(key).any(|(i, _)| {
+            text[i + key.len()..]
+                .chars()
+                .next()
+                .is_some_and(|c| c != '"')
+        })
+    })
+}
+
 /// [`request`] with extra headers; a `Host` among them replaces the default (the address
 /// connected to, as a browser or curl would send it).
 pub fn request_with(

@@ -86,6 +86,8 @@ pub struct Settings {
     pub allowed_origins: Option<Vec<String>>,
     /// Seconds a client has to send a request body once its headers are in (default 30).
     pub body_timeout_secs: Option<u64>,
+    /// Host memory for the conversation cache, MiB (default 512; 0 turns it off).
+    pub cache_mb: Option<usize>,
 }
 
 macro_rules! overlay {
@@ -135,7 +137,8 @@ impl Settings {
             device,
             allowed_hosts,
             allowed_origins,
-            body_timeout_secs
+            body_timeout_secs,
+            cache_mb
         )
     }
 
@@ -269,6 +272,7 @@ impl Settings {
                 }
             }
         }
+        let cache_mb = in_range("cache_mb", self.cache_mb.unwrap_or(512), 0, 1 << 20)?;
         Ok(ServeConfig {
             model,
             routers,
@@ -292,6 +296,7 @@ impl Settings {
             allowed_hosts: self.allowed_hosts.unwrap_or_default(),
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             body_timeout: std::time::Duration::from_secs(body_timeout_secs),
+            cache_bytes: cache_mb << 20,
             fault: None,
         })
     }
@@ -342,6 +347,8 @@ pub struct ServeConfig {
     pub allowed_hosts: Vec<String>,
     pub allowed_origins: Vec<String>,
     pub body_timeout: std::time::Duration,
+    /// Bytes the conversation cache may hold (0: off).
+    pub cache_bytes: usize,
     /// Called by the workers at each fault point (tests inject panics with it).
     #[doc(hidden)]
     pub fault: Option<crate::pool::FaultHook>,

@@ -552,6 +552,7 @@ fn drllm_object(o: &Outcome) -> Value {
         "repeated": o.path.repeated(),
         "routed": o.routed,
         "router_generation": o.generation,
+        "cached_tokens": o.n_cached,
         "timings": {
             "queue_ms": o.queue_secs * 1e3,
             "prefill_ms": o.prefill_secs * 1e3,
@@ -604,6 +605,7 @@ async fn completion(
                 stop: s.stop.clone(),
                 ignore_eos: s.ignore_eos,
             },
+            cache_prompt: s.cache_prompt,
         }
     };
     // small buffers: a worker runs at most a few tokens ahead of a client, so a disconnect
@@ -633,7 +635,7 @@ async fn completion(
         ));
     }
     let o = collect(rx).await?;
-    let usage = Usage::new(o.n_prompt, o.n_completion);
+    let usage = Usage::new(o.n_prompt, o.n_completion, o.n_cached);
     let v = match name {
         "chat" => json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
@@ -787,7 +789,7 @@ fn stream_response(
                     if include_usage {
                         let mut u = chunk(None, None, None);
                         u["choices"] = json!([]);
-                        u["usage"] = json!(Usage::new(o.n_prompt, o.n_completion));
+                        u["usage"] = json!(Usage::new(o.n_prompt, o.n_completion, o.n_cached));
                         let _ = send(&tx, sse(&u)).await;
                     }
                     let _ = send(&tx, Bytes::from_static(b"data: [DONE]\n\n")).await;

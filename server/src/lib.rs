@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod api;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod db;
@@ -190,6 +191,7 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         routers: routers.clone(),
         metrics: metrics.clone(),
         log: log.clone(),
+        cache: Arc::new(cache::PromptCache::new(config.cache_bytes, metrics.clone())),
         fault: config.fault.clone(),
     });
     let pool = Pool::start(

@@ -39,6 +39,20 @@ pub struct Metrics {
     pub workers_alive: AtomicUsize,
     /// Requests that failed with a panic inside a worker (the worker went on).
     panics: AtomicU64,
+    /// Conversation cache: requests that reused a cached prefix, those that found none,
+    /// prompt tokens not prefilled thanks to it, entries dropped to make room.
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cache_tokens_reused: AtomicU64,
+    pub cache_evictions: AtomicU64,
+    /// Bytes and entries the cache holds.
+    pub cache_bytes: AtomicUsize,
+    pub cache_entries: AtomicUsize,
+    /// Routing-log rows dropped (writer queue full) or lost to a failed write.
+    pub log_dropped: AtomicU64,
+    pub log_write_failures: AtomicU64,
+    /// Routing-log rows deleted for being older than `--log-days`.
+    pub log_pruned: AtomicU64,
     generation: Mutex<Option<String>>,
 }
 
@@ -67,6 +81,15 @@ impl Metrics {
             workers_started: AtomicUsize::new(0),
             workers_alive: AtomicUsize::new(0),
             panics: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            cache_tokens_reused: AtomicU64::new(0),
+            cache_evictions: AtomicU64::new(0),
+            cache_bytes: AtomicUsize::new(0),
+            cache_entries: AtomicUsize::new(0),
+            log_dropped: AtomicU64::new(0),
+            log_write_failures: AtomicU64::new(0),
+            log_pruned: AtomicU64::new(0),
             generation: Mutex::new(None),
         }
     }
@@ -228,6 +251,41 @@ impl Metrics {
                 "Sidecar files that failed validation (the previous generation kept serving).",
                 c(&self.reload_failures),
             ),
+            (
+                "drllm_cache_hits_total",
+                "Requests that reused a cached conversation prefix.",
+                c(&self.cache_hits),
+            ),
+            (
+                "drllm_cache_misses_total",
+                "Requests that looked for a cached prefix and found none.",
+                c(&self.cache_misses),
+            ),
+            (
+                "drllm_cache_tokens_reused_total",
+                "Prompt tokens taken from the cache instead of prefilled.",
+                c(&self.cache_tokens_reused),
+            ),
+            (
+                "drllm_cache_evictions_total",
+                "Cached conversations dropped to stay within --cache-mb.",
+                c(&self.cache_evictions),
+            ),
+            (
+                "drllm_log_rows_dropped_total",
+                "Routing-log rows dropped because the writer's queue was full.",
+                c(&self.log_dropped),
+            ),
+            (
+                "drllm_log_write_failures_total",
+                "Routing-log rows lost to failed writes.",
+                c(&self.log_write_failures),
+            ),
+            (
+                "drllm_log_rows_pruned_total",
+                "Routing-log rows deleted for being older than --log-days.",
+                c(&self.log_pruned),
+            ),
         ] {
             head(&mut s, name, "counter", help);
             let _ = writeln!(s, "{name} {v}");
@@ -291,6 +349,16 @@ impl Metrics {
                 "drllm_workers_started",
                 "Worker threads started; more than drllm_workers means some died.",
                 load(&self.workers_started),
+            ),
+            (
+                "drllm_cache_bytes",
+                "Bytes of KV cache the conversation cache holds (host memory).",
+                load(&self.cache_bytes),
+            ),
+            (
+                "drllm_cache_entries",
+                "Conversations the cache holds.",
+                load(&self.cache_entries),
             ),
         ] {
             head(&mut s, name, "gauge", help);

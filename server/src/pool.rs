@@ -3,12 +3,13 @@
 //! closes and the worker stops the job at the next token (or skips it if it was still queued).
 
 use crate::api::{ApiError, RoutingSettings};
+use crate::cache::{CacheKey, Entry, PromptCache};
 use crate::db;
 use crate::metrics::Metrics;
 use crate::reload::RouterSlot;
 use drllm_engine::{
-    generate, BlockDecision, EngineError, FinishReason, GenerateOptions, LayerPath, Logits, Model,
-    Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper, Tokenizer,
+    BlockDecision, EngineError, FinishReason, GenerateOptions, Generation, LayerPath, Logits,
+    Model, Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper, Tokenizer,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -23,6 +24,9 @@ pub enum Task {
     Generate {
         prompt: Vec<i32>,
         opts: GenerateOptions,
+        /// Reuse a cached prefix of the prompt and keep this conversation's KV cache for its
+        /// next turn (llama-server's `cache_prompt`).
+        cache_prompt: bool,
     },
     /// Only choose the path (a prefill with the routers), no generation.
     Route { prompt: Vec<i32> },
@@ -68,6 +72,8 @@ pub struct Outcome {
     /// The router generation used.
     pub generation: Option<String>,
     pub n_prompt: usize,
+    /// Prompt tokens taken from the conversation cache (not prefilled).
+    pub n_cached: usize,
     pub n_completion: usize,
     pub text: String,
     pub finish: FinishReason,
@@ -295,6 +301,8 @@ pub struct Shared {
     pub routers: Arc<RouterSlot>,
     pub metrics: Arc<Metrics>,
     pub log: Option<Arc<db::Writer>>,
+    /// The conversation cache.
+    pub cache: Arc<PromptCache>,
     /// Called at each [`FaultPoint`] (tests only).
     pub fault: Option<FaultHook>,
 }
@@ -419,16 +427,31 @@ impl Pool {
 }
 
 /// A worker with one session: one job at a time. A panicking job costs its client a 500 and
-/// the session a reset; the worker goes on.
+/// the session a reset; the worker goes on. Before the client hears the end, the lane is free
+/// again and the conversation cached (so a client that sends its next turn at once finds
+/// both).
 fn run_single(shared: &Shared, session: &mut Session, lanes: &mut Lanes) {
+    let mut resident: Option<Arc<Entry>> = None;
     while let Some(job) = lanes.take(true) {
         shared.fault(FaultPoint::Taken, &job);
         let events = job.events.clone();
-        if let Err(message) = guarded(|| run_job(shared, session, job)) {
-            panicked(shared, &events, &message);
-            session.reset();
-        }
+        let done = guarded(|| run_job(shared, session, &mut resident, &job));
         lanes.release();
+        match done {
+            Err(message) => {
+                panicked(shared, &events, &message);
+                session.reset();
+                resident = None;
+            }
+            Ok(None) => {}
+            Ok(Some((outcome, keep))) => {
+                // cached before the client hears the end, so its next turn finds it
+                if let Some(keep) = keep {
+                    keep_conversation(shared, session, &mut resident, keep);
+                }
+                report(shared, &job, outcome);
+            }
+        }
     }
 }
 
@@ -449,11 +472,232 @@ fn engine_error(e: EngineError) -> ApiError {
     }
 }
 
-fn run_job(shared: &Shared, session: &mut Session, job: Job) {
+/// A generation under way: its stepper and how its path came about.
+struct Begun {
+    stepper: Stepper,
+    origin: Origin,
+}
+
+/// How a generation's path came about.
+struct Origin {
+    decisions: Vec<BlockDecision>,
+    routers: Option<Arc<Routers>>,
+    /// Router generation that decided the path (for a cached conversation: the first turn's).
+    generation: Option<String>,
+    /// Prompt tokens taken from the cache.
+    reused: usize,
+    /// Tokens the path was decided on.
+    decided_at: usize,
+    key: CacheKey,
+    cache_prompt: bool,
+}
+
+/// What to cache once a generation is over: the session holds `tokens` (prompt and decoded
+/// tokens) along its path.
+struct Keep {
+    tokens: Vec<i32>,
+    key: CacheKey,
+    decided_at: usize,
+    prompt_len: usize,
+    decisions: Vec<BlockDecision>,
+    generation: Option<String>,
+}
+
+/// Starts a generation: along a cached prefix when the conversation cache (or the lane's own
+/// session) holds one this request may continue, else routed (or plain) from scratch.
+fn begin(
+    shared: &Shared,
+    session: &mut Session,
+    resident: &mut Option<Arc<Entry>>,
+    job: &Job,
+    routers: Option<Arc<Routers>>,
+    ropts: &RouteOptions,
+) -> Result<Begun, EngineError> {
+    let Task::Generate {
+        prompt,
+        opts,
+        cache_prompt,
+    } = &job.task
+    else {
+        return Err(EngineError::State("not a generation".into()));
+    };
+    let key = CacheKey {
+        routed: routers.is_some(),
+        depth_bias: ropts.depth_bias,
+        max_passes: ropts.max_passes,
+    };
+    // the lane's session holds its resident entry's tokens until anything else runs on it
+    let own = resident
+        .take()
+        .filter(|r| session.n_past() == r.tokens.len() && session.path() == Some(r.snap.path()));
+    let cache = &shared.cache;
+    if *cache_prompt && cache.enabled() {
+        let current = routers.as_ref().map(|r| r.generation());
+        let found = cache.lookup(&key, prompt, current);
+        let own_n = own
+            .as_ref()
+            .map_or(0, |r| r.reusable(&key, prompt, current));
+        let from = match found {
+            Some((_, n)) if own_n >= n && own_n > 0 => {
+                session.truncate(own_n)?;
+                own.map(|r| (r, own_n))
+            }
+            Some((entry, n)) => {
+                session.restore(&entry.snap, n)?;
+                Some((entry, n))
+            }
+            None if own_n > 0 => {
+                session.truncate(own_n)?;
+                own.map(|r| (r, own_n))
+            }
+            None => None,
+        };
+        if let Some((entry, n)) = from {
+            let stepper = Stepper::resume(session, prompt, n, opts)?;
+            let m = &shared.metrics;
+            m.cache_hits.fetch_add(1, Ordering::Relaxed);
+            m.cache_tokens_reused.fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(Begun {
+                stepper,
+                origin: Origin {
+                    decisions: entry.decisions.clone(),
+                    routers,
+                    generation: entry.generation.clone(),
+                    reused: n,
+                    decided_at: entry.decided_at,
+                    key,
+                    cache_prompt: true,
+                },
+            });
+        }
+        shared.metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut hook = routers.as_ref().map(|r| r.hook(ropts));
+    let full = LayerPath::full(shared.model.n_layer());
+    let route = match hook.as_mut() {
+        Some(h) => Route::Hook(h),
+        None => Route::Fixed(&full),
+    };
+    let stepper = Stepper::start(session, prompt, route, opts)?;
+    let decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
+    let generation = routers.as_ref().map(|r| r.generation().to_string());
+    // a routed path holds for requests that extend the prompt it was decided on
+    let decided_at = if routers.is_some() { prompt.len() } else { 1 };
+    Ok(Begun {
+        stepper,
+        origin: Origin {
+            decisions,
+            routers,
+            generation,
+            reused: 0,
+            decided_at,
+            key,
+            cache_prompt: *cache_prompt,
+        },
+    })
+}
+
+/// The end of a generation: its outcome, and what to cache (a generation that ran to its end,
+/// when the request allows caching).
+fn conclude(
+    shared: &Shared,
+    session: &Session,
+    job: &Job,
+    origin: Origin,
+    g: Generation,
+    queue_secs: f64,
+) -> (Outcome, Option<Keep>) {
+    let Origin {
+        decisions,
+        routers,
+        generation,
+        reused,
+        decided_at,
+        key,
+        cache_prompt,
+    } = origin;
+    let keep = match &job.task {
+        Task::Generate { prompt, .. }
+            if cache_prompt
+                && shared.cache.enabled()
+                && g.finish != FinishReason::Cancelled
+                && session.n_past() >= prompt.len() =>
+        {
+            let mut tokens = prompt.clone();
+            let decoded = (session.n_past() - prompt.len()).min(g.tokens.len());
+            tokens.extend_from_slice(&g.tokens[..decoded]);
+            Some(Keep {
+                tokens,
+                key,
+                decided_at,
+                prompt_len: prompt.len(),
+                decisions: decisions.clone(),
+                generation: generation.clone(),
+            })
+        }
+        _ => None,
+    };
+    let outcome = Outcome {
+        path: g.path,
+        decisions,
+        routed: routers.is_some(),
+        generation,
+        n_prompt: g.n_prompt,
+        n_cached: reused,
+        n_completion: g.tokens.len(),
+        text: g.text,
+        finish: g.finish,
+        queue_secs,
+        prefill_secs: g.prefill_secs,
+        decode_secs: g.decode_secs,
+    };
+    (outcome, keep)
+}
+
+/// Copies the session's sequence into the conversation cache; the lane then knows its session
+/// holds that entry. A failure only costs the cache entry.
+fn keep_conversation(
+    shared: &Shared,
+    session: &mut Session,
+    resident: &mut Option<Arc<Entry>>,
+    keep: Keep,
+) {
+    *resident = None;
+    if session.n_past() != keep.tokens.len() {
+        return;
+    }
+    match guarded(|| session.snapshot()) {
+        Ok(Ok(snap)) => {
+            *resident = shared.cache.insert(Entry {
+                tokens: keep.tokens,
+                key: keep.key,
+                decided_at: keep.decided_at,
+                prompt_len: keep.prompt_len,
+                snap,
+                decisions: keep.decisions,
+                generation: keep.generation,
+            });
+        }
+        Ok(Err(e)) => eprintln!("[drllm] could not cache a conversation: {e}"),
+        Err(message) => {
+            eprintln!("[drllm] could not cache a conversation (panic: {message})");
+            session.reset();
+        }
+    }
+}
+
+/// Runs one job on a single-session worker; gives the outcome to report and what to cache
+/// (None: the client was already answered, e.g. with an error).
+fn run_job(
+    shared: &Shared,
+    session: &mut Session,
+    resident: &mut Option<Arc<Entry>>,
+    job: &Job,
+) -> Option<(Outcome, Option<Keep>)> {
     let metrics = &shared.metrics;
     if job.events.is_closed() {
         metrics.cancelled();
-        return;
+        return None;
     }
     metrics.running.fetch_add(1, Ordering::Relaxed);
     // decrements `running` however the job ends (an early return or a panic)
@@ -464,88 +708,91 @@ fn run_job(shared: &Shared, session: &mut Session, job: Job) {
         }
     }
     let _running = Running(metrics);
-    shared.fault(FaultPoint::Prefill, &job);
+    shared.fault(FaultPoint::Prefill, job);
     let queue_secs = job.arrived.elapsed().as_secs_f64();
-    let Some((routers, opts)) = job_routing(shared, &job) else {
-        return;
-    };
-    let mut hook = routers.as_ref().map(|r| r.hook(&opts));
-    let full = LayerPath::full(shared.model.n_layer());
-    let route = match hook.as_mut() {
-        Some(h) => Route::Hook(h),
-        None => Route::Fixed(&full),
-    };
+    let (routers, ropts) = job_routing(shared, job)?;
     let events = &job.events;
     let result = match &job.task {
-        Task::Generate { prompt, opts } => {
-            let mut cancelled = false;
-            let stream_text = job.stream_text;
-            generate(session, &shared.tokenizer, prompt, route, opts, |s| {
-                shared.fault(FaultPoint::Decode, &job);
-                let gone = if stream_text {
-                    events.blocking_send(Event::Text(s.to_string())).is_err()
-                } else {
-                    events.is_closed()
+        Task::Generate { .. } => {
+            begin(shared, session, resident, job, routers, &ropts).and_then(|b| {
+                let Begun {
+                    mut stepper,
+                    origin,
+                } = b;
+                let n_ctx = session.options().n_ctx;
+                let mut cancelled = false;
+                let mut on_text = |s: &str| {
+                    let gone = if job.stream_text {
+                        events.blocking_send(Event::Text(s.to_string())).is_err()
+                    } else {
+                        events.is_closed()
+                    };
+                    cancelled |= gone;
+                    !cancelled
                 };
-                cancelled |= gone;
-                !cancelled
-            })
-            .map(|g| {
-                // a generation that ran to its end is complete even if the client left just
-                // after it
-                let finish = if cancelled {
-                    FinishReason::Cancelled
-                } else {
-                    g.finish
-                };
-                (
-                    g.path,
-                    g.n_prompt,
-                    g.tokens.len(),
-                    g.text,
-                    finish,
-                    g.prefill_secs,
-                    g.decode_secs,
-                )
+                while let Step::Token { show, decode } =
+                    stepper.step(&shared.tokenizer, session.n_past(), n_ctx)
+                {
+                    shared.fault(FaultPoint::Decode, job);
+                    if !show.is_empty() && !on_text(&show) {
+                        stepper.cancel();
+                        break;
+                    }
+                    match decode {
+                        Some(t) => {
+                            let logits = session.decode(t)?;
+                            stepper.feed(logits);
+                        }
+                        None => break,
+                    }
+                }
+                let (mut g, rest) = stepper.end();
+                if !rest.is_empty() {
+                    on_text(&rest);
+                }
+                if cancelled {
+                    g.finish = FinishReason::Cancelled;
+                }
+                Ok(conclude(shared, session, job, origin, g, queue_secs))
             })
         }
         Task::Route { prompt } => {
+            *resident = None;
             let t0 = Instant::now();
+            let mut hook = routers.as_ref().map(|r| r.hook(&ropts));
+            let full = LayerPath::full(shared.model.n_layer());
+            let route = match hook.as_mut() {
+                Some(h) => Route::Hook(h),
+                None => Route::Fixed(&full),
+            };
             session.prefill(prompt, route, Logits::Last).map(|p| {
-                (
-                    p.path,
-                    prompt.len(),
-                    0,
-                    String::new(),
-                    FinishReason::Stop,
-                    t0.elapsed().as_secs_f64(),
-                    0.0,
-                )
+                let outcome = Outcome {
+                    path: p.path,
+                    decisions: hook.map(|h| h.decisions().to_vec()).unwrap_or_default(),
+                    routed: routers.is_some(),
+                    generation: routers.as_ref().map(|r| r.generation().to_string()),
+                    n_prompt: prompt.len(),
+                    n_cached: 0,
+                    n_completion: 0,
+                    text: String::new(),
+                    finish: FinishReason::Stop,
+                    queue_secs,
+                    prefill_secs: t0.elapsed().as_secs_f64(),
+                    decode_secs: 0.0,
+                };
+                session.reset();
+                (outcome, None)
             })
         }
     };
-    session.reset();
-    let decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
     match result {
         Err(e) => {
+            session.reset();
+            *resident = None;
             let _ = events.blocking_send(Event::Failed(engine_error(e)));
+            None
         }
-        Ok((path, n_prompt, n_completion, text, finish, prefill_secs, decode_secs)) => {
-            let outcome = Outcome {
-                path,
-                decisions,
-                routed: routers.is_some(),
-                generation: routers.as_ref().map(|r| r.generation().to_string()),
-                n_prompt,
-                n_completion,
-                text,
-                finish,
-                queue_secs,
-                prefill_secs,
-                decode_secs,
-            };
-            report(shared, &job, outcome);
-        }
+        Ok(done) => Some(done),
     }
 }
 
@@ -576,8 +823,7 @@ struct Active {
     job: Job,
     lane: usize,
     stepper: Stepper,
-    routers: Option<Arc<Routers>>,
-    decisions: Vec<BlockDecision>,
+    origin: Origin,
     queue_secs: f64,
     /// The token to decode this round.
     next: Option<i32>,
@@ -594,6 +840,8 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
     let metrics = &shared.metrics;
     let mut free: Vec<usize> = (0..sessions.len()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
+    // the conversation-cache entry each lane's session still holds
+    let mut resident: Vec<Option<Arc<Entry>>> = vec![None; sessions.len()];
     loop {
         // admit: wait for work when idle, else take only what is already queued
         while let Some(&lane) = free.last() {
@@ -611,11 +859,18 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
             }
             if !matches!(job.task, Task::Generate { .. }) {
                 let events = job.events.clone();
-                if let Err(message) = guarded(|| run_job(shared, &mut sessions[lane], job)) {
-                    panicked(shared, &events, &message);
-                    sessions[lane].reset();
-                }
+                let done =
+                    guarded(|| run_job(shared, &mut sessions[lane], &mut resident[lane], &job));
                 lanes.release();
+                match done {
+                    Err(message) => {
+                        panicked(shared, &events, &message);
+                        sessions[lane].reset();
+                        resident[lane] = None;
+                    }
+                    Ok(None) => {}
+                    Ok(Some((outcome, _))) => report(shared, &job, outcome),
+                }
                 continue;
             }
             let queue_secs = job.arrived.elapsed().as_secs_f64();
@@ -624,42 +879,32 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
                 continue;
             };
             let session = &mut sessions[lane];
+            let res = &mut resident[lane];
             let started = guarded(|| {
                 shared.fault(FaultPoint::Prefill, &job);
-                let Task::Generate { prompt, opts } = &job.task else {
-                    unreachable!("route jobs run above")
-                };
-                let mut hook = routers.as_ref().map(|r| r.hook(&ropts));
-                let full = LayerPath::full(shared.model.n_layer());
-                let route = match hook.as_mut() {
-                    Some(h) => Route::Hook(h),
-                    None => Route::Fixed(&full),
-                };
-                Stepper::start(session, prompt, route, opts).map(|stepper| {
-                    let decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
-                    (stepper, decisions)
-                })
+                begin(shared, session, res, &job, routers, &ropts)
             });
             match started {
                 Err(message) => {
                     panicked(shared, &job.events, &message);
                     session.reset();
+                    resident[lane] = None;
                     lanes.release();
                 }
                 Ok(Err(e)) => {
                     session.reset();
+                    resident[lane] = None;
                     lanes.release();
                     let _ = job.events.blocking_send(Event::Failed(engine_error(e)));
                 }
-                Ok(Ok((stepper, decisions))) => {
+                Ok(Ok(Begun { stepper, origin })) => {
                     metrics.running.fetch_add(1, Ordering::Relaxed);
                     free.pop();
                     active.push(Active {
                         job,
                         lane,
                         stepper,
-                        routers,
-                        decisions,
+                        origin,
                         queue_secs,
                         next: None,
                         failed: false,
@@ -760,39 +1005,52 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
             let a = active.swap_remove(i);
             let lane = a.lane;
             metrics.running.fetch_sub(1, Ordering::Relaxed);
-            if !a.failed {
-                let events = a.job.events.clone();
-                if let Err(message) = guarded(|| finish(shared, a)) {
+            free.push(lane);
+            if a.failed {
+                sessions[lane].reset();
+                resident[lane] = None;
+                lanes.release();
+                continue;
+            }
+            let events = a.job.events.clone();
+            let session = &sessions[lane];
+            let ended = guarded(|| finish(shared, session, a));
+            lanes.release();
+            match ended {
+                Err(message) => {
                     panicked(shared, &events, &message);
+                    sessions[lane].reset();
+                    resident[lane] = None;
+                }
+                Ok((job, outcome, keep)) => {
+                    match keep {
+                        Some(keep) => keep_conversation(
+                            shared,
+                            &mut sessions[lane],
+                            &mut resident[lane],
+                            keep,
+                        ),
+                        None => {
+                            sessions[lane].reset();
+                            resident[lane] = None;
+                        }
+                    }
+                    report(shared, &job, outcome);
                 }
             }
-            sessions[lane].reset();
-            free.push(lane);
-            lanes.release();
         }
     }
 }
 
-/// Reports a finished generation of a batched worker.
-fn finish(shared: &Shared, a: Active) {
+/// Ends a generation of a batched worker: streams the held-back text; gives the job, its
+/// outcome and what to cache.
+fn finish(shared: &Shared, session: &Session, a: Active) -> (Job, Outcome, Option<Keep>) {
     let (g, rest) = a.stepper.end();
     if a.job.stream_text && !rest.is_empty() {
         let _ = a.job.events.blocking_send(Event::Text(rest));
     }
-    let outcome = Outcome {
-        path: g.path,
-        decisions: a.decisions,
-        routed: a.routers.is_some(),
-        generation: a.routers.as_ref().map(|r| r.generation().to_string()),
-        n_prompt: g.n_prompt,
-        n_completion: g.tokens.len(),
-        text: g.text,
-        finish: g.finish,
-        queue_secs: a.queue_secs,
-        prefill_secs: g.prefill_secs,
-        decode_secs: g.decode_secs,
-    };
-    report(shared, &a.job, outcome);
+    let (outcome, keep) = conclude(shared, session, &a.job, a.origin, g, a.queue_secs);
+    (a.job, outcome, keep)
 }
 
 /// The end of a job: metrics, a row of the routing log, the Done event.

@@ -326,7 +326,11 @@ fn streaming_gives_the_same_text_with_routing_and_usage() {
     assert_eq!(fin["drllm"]["path"], whole["drllm"]["path"]);
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(usage["usage"], whole["usage"]);
+    // the same prompt again: all but its last token come from the conversation cache
+    let n_prompt = whole["usage"]["prompt_tokens"].as_u64().unwrap();
+    let mut expected = whole["usage"].clone();
+    expected["prompt_tokens_details"]["cached_tokens"] = json!(n_prompt - 1);
+    assert_eq!(usage["usage"], expected);
 
     // text completions stream too
     let r = post(
@@ -1292,4 +1296,200 @@ fn a_stalled_body_is_dropped_and_a_full_queue_answers_before_the_body() {
     wait_for("the server to answer again", || {
         post(addr, "/v1/chat/completions", &chat_body(2, 2)).status == 200
     });
+}
+
+fn turn_body(messages: &[(&str, String)], routing: bool, cache: bool, max_tokens: usize) -> Value {
+    let msgs: Vec<Value> = messages
+        .iter()
+        .map(|(r, c)| json!({"role": r, "content": c}))
+        .collect();
+    json!({"model": "tiny", "messages": msgs, "max_tokens": max_tokens, "temperature": 0,
+           "ignore_eos": true, "routing": routing, "cache_prompt": cache})
+}
+
+fn cached_tokens(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cached_tokens in {v}"))
+}
+
+#[test]
+fn a_conversation_turn_reuses_its_cache_keeps_its_path_and_answers_as_uncached() {
+    conversation_turns(1);
+}
+
+#[test]
+fn a_batched_worker_continues_conversations_the_same_way() {
+    conversation_turns(2);
+}
+
+fn conversation_turns(batch: usize) {
+    let s = server(|c| c.batch = Some(batch));
+    let addr = s.addr;
+    // two conversations, one routed and one plain, interleaved so that each next turn is
+    // restored from the shared cache (the worker's session holds the other one)
+    let mut convs: Vec<(bool, Vec<(&str, String)>)> = [(true, 3u64), (false, 4)]
+        .iter()
+        .map(|&(routing, seed)| {
+            (
+                routing,
+                vec![
+                    ("system", "be brief".to_string()),
+                    ("user", prompt_text(12, seed)),
+                ],
+            )
+        })
+        .collect();
+    let mut first = Vec::new();
+    for (routing, msgs) in &convs {
+        let v = post(
+            addr,
+            "/v1/chat/completions",
+            &turn_body(msgs, *routing, true, 16),
+        )
+        .v();
+        assert_eq!(cached_tokens(&v), 0, "a first turn has nothing cached");
+        assert_eq!(v["drllm"]["routed"], *routing);
+        first.push(v);
+    }
+    // new routers decide another path; the routed conversation keeps the one it started on
+    write_routers(&s.model, &COUNTS_B, &s.sidecar);
+    let new_gen = {
+        let old = first[0]["drllm"]["router_generation"].clone();
+        wait_for("the reload", || generation(&s) != old);
+        generation(&s)
+    };
+    for ((routing, msgs), v1) in convs.iter_mut().zip(&first) {
+        msgs.push((
+            "assistant",
+            v1["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        ));
+        msgs.push(("user", prompt_text(8, 9)));
+        let v2 = post(
+            addr,
+            "/v1/chat/completions",
+            &turn_body(msgs, *routing, true, 16),
+        )
+        .v();
+        let n1 = v1["usage"]["prompt_tokens"].as_u64().unwrap();
+        let n2 = v2["usage"]["prompt_tokens"].as_u64().unwrap();
+        let cached = cached_tokens(&v2);
+        assert!(
+            cached >= n1 && cached < n2,
+            "turn 2 reused {cached} of {n2} tokens (turn 1 had {n1}): {v2}"
+        );
+        assert_eq!(v2["drllm"]["cached_tokens"], cached);
+        assert_eq!(v2["drllm"]["path"], v1["drllm"]["path"], "the path stays");
+        assert_eq!(
+            v2["drllm"]["router_generation"],
+            v1["drllm"]["router_generation"]
+        );
+        let path = if *routing {
+            path_of(&COUNTS_A)
+        } else {
+            LayerPath::full(6)
+        };
+        // the engine run directly on the whole conversation, uncached, along the same path
+        let (text, n_prompt) = direct(&s.model, msgs, &path, 16);
+        assert_eq!(n2 as usize, n_prompt);
+        assert_eq!(
+            v2["choices"][0]["message"]["content"], text,
+            "routing {routing}: cached turn differs from the uncached run"
+        );
+        // the same turn without the cache: nothing reused; a routed one is routed afresh
+        let u2 = post(
+            addr,
+            "/v1/chat/completions",
+            &turn_body(msgs, *routing, false, 16),
+        )
+        .v();
+        assert_eq!(cached_tokens(&u2), 0);
+        if *routing {
+            assert_eq!(u2["drllm"]["path"], path_of(&COUNTS_B).to_string());
+            assert_eq!(u2["drllm"]["router_generation"], new_gen);
+        } else {
+            assert_eq!(u2["choices"][0]["message"]["content"], text);
+        }
+    }
+    assert_eq!(metric(addr, "drllm_cache_hits_total"), 2);
+    assert_eq!(metric(addr, "drllm_cache_misses_total"), 2);
+    assert!(metric(addr, "drllm_cache_tokens_reused_total") > 0);
+    // turn 2 superseded turn 1 in each conversation; uncached requests are not kept
+    assert_eq!(metric(addr, "drllm_cache_entries"), 2);
+    assert!(metric(addr, "drllm_cache_bytes") > 0);
+    // a new conversation that only shares the system prompt is routed on its own
+    let other = vec![
+        ("system", "be brief".to_string()),
+        ("user", prompt_text(12, 77)),
+    ];
+    let v = post(
+        addr,
+        "/v1/chat/completions",
+        &turn_body(&other, true, true, 4),
+    )
+    .v();
+    assert_eq!(cached_tokens(&v), 0);
+    assert_eq!(v["drllm"]["path"], path_of(&COUNTS_B).to_string());
+}
+
+#[test]
+fn the_conversation_cache_stays_within_its_bytes() {
+    // room for about one conversation of the tiny model (768 bytes of KV per token)
+    let cap = 150_000;
+    let s = server_with(|c| c.no_routers = Some(true), |c| c.cache_bytes = cap);
+    let addr = s.addr;
+    let conv = |seed: u64| {
+        vec![
+            ("system", "be brief".to_string()),
+            ("user", prompt_text(40, seed)),
+        ]
+    };
+    let (mut a, mut b) = (conv(1), conv(2));
+    let a1 = post(
+        addr,
+        "/v1/chat/completions",
+        &turn_body(&a, false, true, 32),
+    )
+    .v();
+    let one = metric(addr, "drllm_cache_bytes");
+    assert!(
+        one > 0 && one as usize <= cap && 2 * one as usize > cap,
+        "{one}"
+    );
+    let b1 = post(
+        addr,
+        "/v1/chat/completions",
+        &turn_body(&b, false, true, 32),
+    )
+    .v();
+    assert_eq!(metric(addr, "drllm_cache_evictions_total"), 1);
+    assert_eq!(metric(addr, "drllm_cache_entries"), 1);
+    assert!(metric(addr, "drllm_cache_bytes") as usize <= cap);
+    // b's next turn continues it (the worker's own session: cut back, no copy)
+    for (m, v1) in [(&mut a, &a1), (&mut b, &b1)] {
+        m.push((
+            "assistant",
+            v1["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        ));
+        m.push(("user", prompt_text(5, 3)));
+    }
+    let b2 = post(addr, "/v1/chat/completions", &turn_body(&b, false, true, 8)).v();
+    assert!(cached_tokens(&b2) > 0, "{b2}");
+    let (text, _) = direct(&s.model, &b, &LayerPath::full(6), 8);
+    assert_eq!(b2["choices"][0]["message"]["content"], text);
+    // a was evicted: its next turn is prefilled again (all but the system prompt it shares
+    // with b), and still answers the same
+    let a2 = post(addr, "/v1/chat/completions", &turn_body(&a, false, true, 8)).v();
+    let shared = cached_tokens(&a2);
+    assert!(shared > 0 && shared < 40, "{a2}");
+    let (text, _) = direct(&s.model, &a, &LayerPath::full(6), 8);
+    assert_eq!(a2["choices"][0]["message"]["content"], text);
+    assert!(metric(addr, "drllm_cache_bytes") as usize <= cap);
+    assert_eq!(metric(addr, "drllm_cache_evictions_total"), 2);
 }
