@@ -1,11 +1,14 @@
 """An OpenAI-SDK request to a running `drllm serve` (pip install openai).
 
 drllm's own fields (routing, depth_bias, max_passes) travel in `extra_body`; the routing
-information of the answer is in the response's `drllm` field.
+information of the answer is in the response's `drllm` field. JSON mode and JSON schemas use
+the SDK's own `response_format`; a conversation's next turn reuses the cached KV of the earlier
+ones (`usage.prompt_tokens_details.cached_tokens`).
 
     python3 examples/openai_sdk.py [BASE_URL]     (default http://127.0.0.1:8088/v1)
 """
 
+import json
 import os
 import sys
 
@@ -37,3 +40,36 @@ for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
         print(chunk.choices[0].delta.content, end="", flush=True)
 print()
+
+# JSON mode with a schema: the answer is JSON that follows it
+schema = {
+    "type": "object",
+    "properties": {"animal": {"type": "string"}, "legs": {"type": "integer"}},
+    "required": ["animal", "legs"],
+    "additionalProperties": False,
+}
+resp = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Name an animal and how many legs it has, as JSON."}],
+    max_tokens=60,
+    temperature=0,
+    response_format={"type": "json_schema", "json_schema": {"name": "animal", "schema": schema}},
+)
+answer = json.loads(resp.choices[0].message.content)
+print(f"JSON: {answer}")
+
+# the next turn of that conversation: its history comes from the cache
+resp2 = client.chat.completions.create(
+    model=model,
+    messages=[
+        {"role": "user", "content": "Name an animal and how many legs it has, as JSON."},
+        {"role": "assistant", "content": resp.choices[0].message.content},
+        {"role": "user", "content": "And one with more legs?"},
+    ],
+    max_tokens=60,
+    temperature=0,
+    response_format={"type": "json_object"},
+)
+cached = resp2.usage.prompt_tokens_details.cached_tokens if resp2.usage.prompt_tokens_details else 0
+print(f"JSON: {json.loads(resp2.choices[0].message.content)} "
+      f"({cached} of {resp2.usage.prompt_tokens} prompt tokens from the cache)")

@@ -222,6 +222,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         sampling,
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
+        grammar: None,
     };
     let mut out = std::io::stdout().lock();
     let g = generate(&mut session, &tok, &prompt, route, &opts, |s| {

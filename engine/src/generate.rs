@@ -18,6 +18,8 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Only text this grammar allows (JSON mode, schemas, GBNF).
+    pub grammar: Option<crate::grammar::Grammar>,
 }
 
 impl Default for GenerateOptions {
@@ -27,6 +29,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            grammar: None,
         }
     }
 }
@@ -170,15 +173,25 @@ impl Stepper {
     /// Prefills `prompt` along `route` and gets ready to sample.
     pub fn start(
         session: &mut Session,
+        tokenizer: &Tokenizer,
         prompt: &[i32],
         route: Route<'_>,
         opts: &GenerateOptions,
     ) -> Result<Stepper> {
         let t0 = Instant::now();
+        let sampler = Self::sampler(tokenizer, opts)?;
         let pre = session.prefill(prompt, route, Logits::Last)?;
         let n_vocab = session.model().n_vocab();
         let last = pre.logits[pre.logits.len() - n_vocab..].to_vec();
-        Ok(Self::ready(prompt, pre.path, last, opts, t0))
+        Ok(Self::ready(prompt, pre.path, last, opts, sampler, t0))
+    }
+
+    fn sampler(tokenizer: &Tokenizer, opts: &GenerateOptions) -> Result<Sampler> {
+        let s = Sampler::new(&opts.sampling);
+        Ok(match &opts.grammar {
+            Some(g) => s.with_grammar(tokenizer.grammar_sampler(g)?),
+            None => s,
+        })
     }
 
     /// Like [`Stepper::start`] for a session that already holds the first `reused` tokens of
@@ -186,6 +199,7 @@ impl Stepper {
     /// prefilled, along the session's path. `reused` must be below `prompt.len()`.
     pub fn resume(
         session: &mut Session,
+        tokenizer: &Tokenizer,
         prompt: &[i32],
         reused: usize,
         opts: &GenerateOptions,
@@ -202,10 +216,11 @@ impl Stepper {
                 prompt.len()
             )));
         }
+        let sampler = Self::sampler(tokenizer, opts)?;
         let (logits, _) = session.append(&prompt[reused..], Logits::Last)?;
         let n_vocab = session.model().n_vocab();
         let last = logits[logits.len() - n_vocab..].to_vec();
-        Ok(Self::ready(prompt, path, last, opts, t0))
+        Ok(Self::ready(prompt, path, last, opts, sampler, t0))
     }
 
     fn ready(
@@ -213,12 +228,13 @@ impl Stepper {
         path: crate::path::LayerPath,
         logits: Vec<f32>,
         opts: &GenerateOptions,
+        sampler: Sampler,
         t0: Instant,
     ) -> Stepper {
         let prefill_secs = t0.elapsed().as_secs_f64();
         Stepper {
             opts: opts.clone(),
-            sampler: Sampler::new(&opts.sampling),
+            sampler,
             stream: TextStream::default(),
             stops: StopScanner::new(&opts.stop),
             tokens: Vec::new(),
@@ -323,7 +339,7 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let mut st = Stepper::start(session, prompt, route, opts)?;
+    let mut st = Stepper::start(session, tokenizer, prompt, route, opts)?;
     let n_ctx = session.options().n_ctx;
     while let Step::Token { show, decode } = st.step(tokenizer, session.n_past(), n_ctx) {
         if !show.is_empty() && !on_text(&show) {

@@ -11,6 +11,7 @@ mod config;
 mod error;
 mod ffi;
 mod generate;
+mod grammar;
 mod graph;
 mod kv;
 mod model;
@@ -27,6 +28,7 @@ pub use error::{EngineError, Result};
 pub use generate::{
     generate, FinishReason, GenerateOptions, Generation, Step, Stepper, StopScanner,
 };
+pub use grammar::{check_syntax as check_gbnf_syntax, json_schema_to_gbnf, Grammar, GrammarError};
 pub use model::{DeviceChoice, Model};
 pub use path::{LayerPath, Pass, PathError, MAX_PASSES_PER_BLOCK};
 pub use routing::{constant_sidecar, decide, BlockDecision, RouteOptions, RouterHook, Routers};
@@ -71,7 +73,12 @@ extern "C" fn log_filter(
     if verbose || level == llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR {
         // SAFETY: ggml passes a NUL-terminated string.
         let s = unsafe { std::ffi::CStr::from_ptr(text) };
-        eprint!("{}", s.to_string_lossy());
+        let line = s.to_string_lossy();
+        // an error while this thread compiles a grammar goes to the caller, not the log
+        if level == llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR && grammar::captured(&line) {
+            return;
+        }
+        eprint!("{line}");
     }
 }
 

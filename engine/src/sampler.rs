@@ -59,9 +59,10 @@ impl SamplingParams {
     }
 }
 
-/// A sampler chain.
+/// A sampler chain, optionally constrained by a grammar.
 pub struct Sampler {
     chain: Option<LlamaSampler>,
+    grammar: Option<LlamaSampler>,
     data: Vec<LlamaTokenData>,
 }
 
@@ -71,6 +72,7 @@ impl Sampler {
         if p.temperature <= 0.0 {
             return Sampler {
                 chain: None,
+                grammar: None,
                 data: Vec::new(),
             };
         }
@@ -88,15 +90,45 @@ impl Sampler {
         s.push(LlamaSampler::dist(p.seed));
         Sampler {
             chain: Some(LlamaSampler::chain_simple(s)),
+            grammar: None,
             data: Vec::new(),
         }
     }
 
-    /// Picks the next token from one row of logits.
+    /// Only tokens `grammar` allows are drawn (llama.cpp's grammar sampler, fresh for this
+    /// generation).
+    pub fn with_grammar(mut self, grammar: LlamaSampler) -> Sampler {
+        self.grammar = Some(grammar);
+        self
+    }
+
+    /// Picks the next token from one row of logits. With a grammar, as llama.cpp does: the
+    /// token drawn freely is kept if the grammar allows it, else the draw is repeated over the
+    /// tokens the grammar allows.
     pub fn sample(&mut self, logits: &[f32]) -> i32 {
-        let Some(chain) = self.chain.as_mut() else {
-            return argmax(logits);
+        let t = self.draw(logits, false);
+        let Some(g) = self.grammar.as_mut() else {
+            return t;
         };
+        let lone = vec![LlamaTokenData::new(LlamaToken(t), logits[t as usize], 0.0)];
+        let mut one = LlamaTokenDataArray::new(lone, false);
+        one.apply_sampler(g);
+        let t = if one.data[0].logit().is_finite() {
+            t
+        } else {
+            self.draw(logits, true)
+        };
+        if let Some(g) = self.grammar.as_mut() {
+            g.accept(LlamaToken(t));
+        }
+        t
+    }
+
+    /// One draw: greedy, or through the chain; over the grammar's tokens when `constrained`.
+    fn draw(&mut self, logits: &[f32], constrained: bool) -> i32 {
+        if self.chain.is_none() && !constrained {
+            return argmax(logits);
+        }
         self.data.clear();
         self.data.extend(
             logits
@@ -105,15 +137,37 @@ impl Sampler {
                 .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
         );
         let mut arr = LlamaTokenDataArray::new(std::mem::take(&mut self.data), false);
-        arr.apply_sampler(chain);
-        let t = arr
-            .selected_token()
-            .map(|t| t.0)
-            .unwrap_or_else(|| argmax(logits));
-        chain.accept(LlamaToken(t));
+        if constrained {
+            if let Some(g) = self.grammar.as_mut() {
+                arr.apply_sampler(g);
+            }
+        }
+        let t = match self.chain.as_mut() {
+            Some(chain) => {
+                arr.apply_sampler(chain);
+                let t = arr
+                    .selected_token()
+                    .map(|t| t.0)
+                    .unwrap_or_else(|| best(&arr.data));
+                chain.accept(LlamaToken(t));
+                t
+            }
+            None => best(&arr.data),
+        };
         self.data = arr.data;
         t
     }
+}
+
+/// The candidate with the largest logit (the first on ties); token 0 if there is none.
+fn best(data: &[LlamaTokenData]) -> i32 {
+    let mut out: Option<&LlamaTokenData> = None;
+    for d in data {
+        if out.is_none_or(|o| d.logit() > o.logit()) {
+            out = Some(d);
+        }
+    }
+    out.map_or(0, |d| d.id().0)
 }
 
 /// Index of the largest logit (the first one on ties).

@@ -1,8 +1,10 @@
 //! Tokenizer and chat template from llama.cpp (a vocab-only load of the same GGUF file).
 
 use crate::error::{EngineError, Result};
+use crate::grammar::{self, Grammar, GrammarError};
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use std::path::Path;
 
@@ -67,6 +69,26 @@ impl Tokenizer {
         self.model
             .vocab()
             .token_to_piece(LlamaToken(token), false, None)
+    }
+
+    /// Compiles a GBNF grammar (root rule `root`) for this vocabulary; the error says why
+    /// llama.cpp refused it.
+    pub fn grammar(&self, gbnf: &str) -> std::result::Result<Grammar, GrammarError> {
+        if gbnf.contains('\0') {
+            return Err(GrammarError("the grammar contains a NUL character".into()));
+        }
+        let (compiled, logged) =
+            grammar::capturing(|| LlamaSampler::grammar(&self.model, gbnf, "root"));
+        match compiled {
+            Ok(_) => Ok(Grammar::new(gbnf.to_string())),
+            Err(_) => Err(grammar::explain(gbnf, &logged)),
+        }
+    }
+
+    /// A fresh grammar sampler (one per generation: it tracks the text so far).
+    pub(crate) fn grammar_sampler(&self, g: &Grammar) -> Result<LlamaSampler> {
+        LlamaSampler::grammar(&self.model, g.gbnf(), "root")
+            .map_err(|e| EngineError::State(format!("grammar: {e}")))
     }
 
     /// Text of a token sequence (lossy for invalid UTF-8).

@@ -210,6 +210,8 @@ const COMMON_FIELDS: &[&str] = &[
     "depth_bias",
     "max_passes",
     "cache_prompt",
+    "response_format",
+    "grammar",
 ];
 
 /// Fields drllm does not implement, with the value that asks for nothing (what clients send
@@ -240,10 +242,6 @@ fn noop_value(endpoint: Endpoint, key: &str, v: &Value) -> Option<(bool, &'stati
             "\"none\" or \"auto\" without tools",
         ),
         (_, "parallel_tool_calls") => (v.is_boolean(), "a boolean, without tools"),
-        (_, "response_format") => (
-            v == &json!({"type": "text"}),
-            "{\"type\": \"text\"} (JSON mode and schemas are not supported yet)",
-        ),
         (_, "modalities") => (v == &json!(["text"]), "[\"text\"]"),
         (Endpoint::Completion, "echo") => (v == &json!(false), "false"),
         (Endpoint::Completion, "best_of") => (v == &json!(1), "1"),
@@ -416,6 +414,155 @@ pub struct CommonFields {
     /// Reuse the cached KV of a conversation's earlier turns, and cache this one
     /// (llama-server's field; default true).
     pub cache_prompt: Option<bool>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
+    pub response_format: Option<Value>,
+    /// A GBNF grammar the answer must follow (llama-server's field; root rule `root`).
+    pub grammar: Option<String>,
+}
+
+/// What the answer must follow: GBNF text, and the request field it came from (for errors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constraint {
+    pub gbnf: String,
+    pub param: &'static str,
+}
+
+/// What llama.cpp's schema converter would refuse without saying why: a `type` that is not a
+/// JSON type, a `$ref` that does not resolve inside the schema. None if nothing is found.
+fn schema_problem(schema: &Value) -> Option<String> {
+    const TYPES: &[&str] = &[
+        "string", "number", "integer", "boolean", "object", "array", "null",
+    ];
+    fn walk(root: &Value, v: &Value, at: &str) -> Option<String> {
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o {
+                    let here = format!("{at}/{k}");
+                    match (k.as_str(), x) {
+                        ("type", Value::String(t)) if !TYPES.contains(&t.as_str()) => {
+                            return Some(format!("unknown type '{t}' at {here}"));
+                        }
+                        ("type", Value::Array(ts)) => {
+                            if let Some(t) = ts
+                                .iter()
+                                .find(|t| !t.as_str().is_some_and(|t| TYPES.contains(&t)))
+                            {
+                                return Some(format!("unknown type {t} at {here}"));
+                            }
+                        }
+                        ("$ref", Value::String(r)) => match r.strip_prefix('#') {
+                            Some(ptr) if ptr.is_empty() || root.pointer(ptr).is_some() => {}
+                            Some(_) => {
+                                return Some(format!(
+                                    "{here} refers to '{r}', which the schema does not define"
+                                ))
+                            }
+                            None => {
+                                return Some(format!(
+                                    "{here} refers to '{r}': only references inside the schema (\"#/...\") are supported"
+                                ))
+                            }
+                        },
+                        // example values and constants are data, not schemas
+                        ("const" | "enum" | "examples" | "default", _) => {}
+                        _ => {
+                            if let Some(p) = walk(root, x, &here) {
+                                return Some(p);
+                            }
+                        }
+                    }
+                }
+                None
+            }
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .find_map(|(i, x)| walk(root, x, &format!("{at}/{i}"))),
+            _ => None,
+        }
+    }
+    walk(schema, schema, "")
+}
+
+/// The constraint asked for by `response_format` or `grammar`, as GBNF (schemas converted).
+fn constraint(
+    response_format: Option<&Value>,
+    grammar: Option<&String>,
+) -> Result<Option<Constraint>, ApiError> {
+    let invalid =
+        |m: String, p: &str, code: &'static str| ApiError::invalid(m, Some(p)).with_code(code);
+    let from_format = match response_format {
+        None => None,
+        Some(f) => {
+            let kind = f.get("type").and_then(Value::as_str);
+            let schema = match kind {
+                Some("text") => None,
+                Some("json_object") => Some(json!({"type": "object"})),
+                Some("json_schema") => match f.pointer("/json_schema/schema") {
+                    Some(s) if s.is_object() || s.is_boolean() => Some(s.clone()),
+                    _ => {
+                        return Err(invalid(
+                            "response_format of type json_schema needs json_schema.schema (a JSON schema object)".into(),
+                            "response_format.json_schema.schema",
+                            "invalid_schema",
+                        ))
+                    }
+                },
+                _ => {
+                    return Err(invalid(
+                        format!(
+                            "response_format.type must be text, json_object or json_schema (got {})",
+                            f.get("type").map_or("nothing".to_string(), Value::to_string)
+                        ),
+                        "response_format.type",
+                        "invalid_value",
+                    ))
+                }
+            };
+            match schema {
+                None => None,
+                Some(schema) => {
+                    if let Some(why) = schema_problem(&schema) {
+                        return Err(invalid(
+                            format!("the JSON schema cannot be used: {why}"),
+                            "response_format",
+                            "invalid_schema",
+                        ));
+                    }
+                    let gbnf =
+                        drllm_engine::json_schema_to_gbnf(&schema.to_string()).map_err(|e| {
+                            invalid(
+                                format!("the JSON schema cannot be used: {e}"),
+                                "response_format",
+                                "invalid_schema",
+                            )
+                        })?;
+                    Some(Constraint {
+                        gbnf,
+                        param: "response_format",
+                    })
+                }
+            }
+        }
+    };
+    match (from_format, grammar) {
+        (Some(_), Some(_)) => Err(invalid(
+            "give either a JSON response_format or a grammar, not both".into(),
+            "grammar",
+            "invalid_value",
+        )),
+        (Some(c), None) => Ok(Some(c)),
+        (None, Some(g)) if g.trim().is_empty() => Err(invalid(
+            "the grammar is empty".into(),
+            "grammar",
+            "invalid_grammar",
+        )),
+        (None, Some(g)) => Ok(Some(Constraint {
+            gbnf: g.clone(),
+            param: "grammar",
+        })),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Validated generation settings.
@@ -432,6 +579,9 @@ pub struct GenSettings {
     pub include_usage: bool,
     pub ignore_eos: bool,
     pub cache_prompt: bool,
+    /// The grammar the answer must follow (JSON mode, a schema, GBNF); compiled against the
+    /// vocabulary by the caller.
+    pub constraint: Option<Constraint>,
     pub routing: RoutingSettings,
 }
 
@@ -595,6 +745,7 @@ impl CommonFields {
                 .is_some_and(|o| o.include_usage),
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt.unwrap_or(true),
+            constraint: constraint(self.response_format.as_ref(), self.grammar.as_ref())?,
             routing: RoutingSettings {
                 routing: self.routing,
                 depth_bias,

@@ -571,11 +571,24 @@ async fn completion(
     // parsing, the chat template and tokenization are CPU work on bodies of up to
     // max_body_bytes: off the async threads, so /health, /metrics and streams stay responsive
     let (st, rd) = (state.clone(), r.clone());
-    let (s, prompt) = tokio::task::spawn_blocking(move || {
+    let (s, prompt, grammar) = tokio::task::spawn_blocking(move || {
         let p = parse(&st, &rd, name, &body)?;
         check_model(&st, &p.model)?;
+        // a grammar (JSON mode, a schema, GBNF) compiled against the model's vocabulary
+        let grammar = match &p.settings.constraint {
+            None => None,
+            Some(c) => Some(rd.tokenizer.grammar(&c.gbnf).map_err(|e| {
+                let (what, code) = if c.param == "grammar" {
+                    ("grammar", "invalid_grammar")
+                } else {
+                    ("grammar made from the JSON schema", "invalid_schema")
+                };
+                ApiError::invalid(format!("the {what} does not compile: {e}"), Some(c.param))
+                    .with_code(code)
+            })?),
+        };
         let prompt = prompt_tokens(&st, &rd, p.messages, p.prompt.as_ref())?;
-        Ok::<_, ApiError>((p.settings, prompt))
+        Ok::<_, ApiError>((p.settings, prompt, grammar))
     })
     .await
     .map_err(|e| ApiError::internal(format!("request parsing task: {e}")))??;
@@ -604,6 +617,7 @@ async fn completion(
                 },
                 stop: s.stop.clone(),
                 ignore_eos: s.ignore_eos,
+                grammar,
             },
             cache_prompt: s.cache_prompt,
         }

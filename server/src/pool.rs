@@ -553,7 +553,7 @@ fn begin(
             None => None,
         };
         if let Some((entry, n)) = from {
-            let stepper = Stepper::resume(session, prompt, n, opts)?;
+            let stepper = Stepper::resume(session, &shared.tokenizer, prompt, n, opts)?;
             let m = &shared.metrics;
             m.cache_hits.fetch_add(1, Ordering::Relaxed);
             m.cache_tokens_reused.fetch_add(n as u64, Ordering::Relaxed);
@@ -578,7 +578,7 @@ fn begin(
         Some(h) => Route::Hook(h),
         None => Route::Fixed(&full),
     };
-    let stepper = Stepper::start(session, prompt, route, opts)?;
+    let stepper = Stepper::start(session, &shared.tokenizer, prompt, route, opts)?;
     let decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
     let generation = routers.as_ref().map(|r| r.generation().to_string());
     // a routed path holds for requests that extend the prompt it was decided on

@@ -194,6 +194,7 @@ fn direct(
             sampling: SamplingParams::greedy(),
             stop: vec![],
             ignore_eos: true,
+            grammar: None,
         },
         |_| true,
     )
@@ -1157,15 +1158,10 @@ fn fields_drllm_does_not_implement_are_refused_by_name() {
     };
     for (extra, param) in [
         (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
-        ),
-        (
             json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
             "tools",
         ),
         (json!({"tool_choice": "required"}), "tool_choice"),
-        (json!({"grammar": "root ::= \"a\""}), "grammar"),
         (json!({"logit_bias": {"42": 5}}), "logit_bias"),
         (json!({"top_logprobs": 3}), "top_logprobs"),
         (json!({"repeat_penalty": 1.1}), "repeat_penalty"),
@@ -1492,4 +1488,185 @@ fn the_conversation_cache_stays_within_its_bytes() {
     assert_eq!(a2["choices"][0]["message"]["content"], text);
     assert!(metric(addr, "drllm_cache_bytes") as usize <= cap);
     assert_eq!(metric(addr, "drllm_cache_evictions_total"), 2);
+}
+
+#[test]
+fn bad_grammars_and_schemas_get_400s_with_the_reason() {
+    let s = server(|_| {});
+    let with = |extra: Value| {
+        let mut b = chat_body(3, 4);
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        post(s.addr, "/v1/chat/completions", &b)
+    };
+    for (extra, param, code, reason) in [
+        (
+            json!({"grammar": "root ::= (\"yes\" | \"no\""}),
+            "grammar",
+            "invalid_grammar",
+            "line 1, column 23: expected ')' (at the end)",
+        ),
+        (
+            json!({"grammar": "root ::= answer\nanswr ::= \"x\""}),
+            "grammar",
+            "invalid_grammar",
+            "rule 'answer' is used but not defined",
+        ),
+        (
+            json!({"grammar": "start ::= \"x\""}),
+            "grammar",
+            "invalid_grammar",
+            "no 'root' rule",
+        ),
+        (
+            json!({"grammar": " "}),
+            "grammar",
+            "invalid_grammar",
+            "empty",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema":
+                {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}}}}),
+            "response_format",
+            "invalid_schema",
+            "'#/$defs/nope', which the schema does not define",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema":
+                {"type": "object", "properties": {"a": {"type": "fancy"}}}}}}),
+            "response_format",
+            "invalid_schema",
+            "unknown type 'fancy' at /properties/a/type",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format.json_schema.schema",
+            "invalid_schema",
+            "needs json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format.type",
+            "invalid_value",
+            "text, json_object or json_schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "grammar": "root ::= \"x\""}),
+            "grammar",
+            "invalid_value",
+            "not both",
+        ),
+    ] {
+        let r = with(extra.clone());
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        let (_, p, c) = r.error();
+        assert_eq!(
+            (p.as_deref(), c.as_deref()),
+            (Some(param), Some(code)),
+            "{extra}"
+        );
+        let msg = r.v()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(reason), "{extra}: {msg}");
+    }
+    // the server goes on; plain text is still the default
+    let r = with(json!({"response_format": {"type": "text"}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A server on SmolLM2-135M-Instruct, if the model is present (setup fetches it; CI has it).
+fn smollm2_server() -> Option<Server> {
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model.exists() {
+        eprintln!("skipping: {} not present", model.display());
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = Settings {
+        model: Some(model.clone()),
+        no_routers: Some(true),
+        port: Some(0),
+        threads: Some(2),
+        ctx_size: Some(1024),
+        no_db: Some(true),
+        device: Some("cpu".into()),
+        ..Default::default()
+    };
+    let config = s.resolve().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut handle = rt.block_on(start(config)).unwrap();
+    rt.block_on(handle.ready()).unwrap();
+    let addr = handle.addr();
+    Some(Server {
+        rt,
+        handle: Some(handle),
+        addr,
+        model,
+        sidecar: dir.path().join("none"),
+        db: dir.path().join("none.sqlite"),
+        _dir: dir,
+    })
+}
+
+#[test]
+fn json_mode_schemas_and_grammars_shape_smollm2_answers() {
+    let Some(s) = smollm2_server() else { return };
+    let ask = |content: &str, extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": content}],
+                           "max_tokens": 120, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = post(s.addr, "/v1/chat/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.v();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // a schema: the answer parses and has the required fields with their types
+    let schema = json!({"type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                       "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["name", "age", "hobbies"], "additionalProperties": false});
+    let text = ask(
+        "Describe a person named Anna who is 31 years old and likes chess, as JSON.",
+        json!({"response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "person", "schema": schema}}}),
+    );
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let o = v.as_object().unwrap();
+    assert_eq!(o.len(), 3, "{text}");
+    assert!(o["name"].is_string() && o["age"].is_i64(), "{text}");
+    let hobbies = o["hobbies"].as_array().unwrap();
+    assert!(
+        hobbies.len() <= 3 && hobbies.iter().all(Value::is_string),
+        "{text}"
+    );
+    // JSON mode: an object
+    let text = ask(
+        "List three colours as JSON.",
+        json!({"response_format": {"type": "json_object"}}),
+    );
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(v.is_object(), "{text}");
+    // a GBNF grammar
+    let text = ask(
+        "Is water wet? Answer yes or no.",
+        json!({"grammar": "root ::= (\"yes\" | \"no\") \".\""}),
+    );
+    assert!(text == "yes." || text == "no.", "{text}");
+    // without one the same question gets prose
+    let mut b = json!({"messages": [{"role": "user", "content": "Is water wet? Answer yes or no."}],
+                       "max_tokens": 40, "temperature": 0});
+    b["stream"] = json!(false);
+    let free = post(s.addr, "/v1/chat/completions", &b).v();
+    assert_ne!(free["choices"][0]["message"]["content"], "yes.");
 }
