@@ -42,7 +42,7 @@ enum Cmd {
     /// Write a sidecar with constant (untrained) routers, for testing and measuring.
     RoutersInit(routing_cli::RoutersInitArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with router hot reload.
-    Serve(serve_cli::ServeArgs),
+    Serve(Box<serve_cli::ServeArgs>),
     /// Routing decisions per block over a time window of the daemon's log (table, JSON, PNG).
     Stats(serve_cli::StatsArgs),
     /// A bounded load test of a running `drllm serve`: latency, throughput, memory.
@@ -144,7 +144,7 @@ fn main() {
         Cmd::Route(a) => routing_cli::run_route(a),
         Cmd::Inspect(a) => routing_cli::run_inspect(a),
         Cmd::RoutersInit(a) => routing_cli::run_routers_init(a),
-        Cmd::Serve(a) => serve_cli::run_serve(a),
+        Cmd::Serve(a) => serve_cli::run_serve(*a),
         Cmd::Stats(a) => serve_cli::run_stats(a),
         Cmd::Loadtest(a) => loadtest::run_loadtest(a),
     };

@@ -99,6 +99,14 @@ pub struct ServeArgs {
     /// conversation's next turn prefills only what is new), MiB; 0 turns it off [default: 512].
     #[arg(long, env = "DRLLM_CACHE_MB", value_name = "MIB")]
     cache_mb: Option<usize>,
+    /// Days the routing log keeps its rows; older ones are deleted at start and hourly
+    /// (0 keeps them forever) [default: 30].
+    #[arg(long, env = "DRLLM_LOG_DAYS", value_name = "DAYS")]
+    log_days: Option<u64>,
+    /// File holding the bearer token (first line), e.g. a systemd credential; it must not be
+    /// readable by other users.
+    #[arg(long, env = "DRLLM_API_KEY_FILE", value_name = "PATH")]
+    api_key_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -127,6 +135,8 @@ impl ServeArgs {
             allowed_origins: self.allowed_origins.clone(),
             body_timeout_secs: self.body_timeout_secs,
             cache_mb: self.cache_mb,
+            log_days: self.log_days,
+            api_key_file: self.api_key_file.clone(),
         }
     }
 }

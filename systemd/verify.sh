@@ -11,6 +11,13 @@ trap 'rm -rf "$tmp"' EXIT
 sed "s|/usr/local/bin/drllm|$bin|" drllm.service > "$tmp/drllm.service"
 SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$tmp/drllm.service"
 echo "systemd-analyze verify: ok"
+# what the unit must keep: readiness once loaded, resource bounds, loopback-only traffic, the
+# API key from a root-only file
+for line in "Type=notify" "NotifyAccess=main" "MemoryMax=" "TasksMax=" \
+            "IPAddressAllow=localhost" "IPAddressDeny=any" "EnvironmentFile=-/etc/drllm/drllm.env"; do
+  grep -q "^$line" drllm.service || { echo "drllm.service lacks $line" >&2; exit 1; }
+done
+echo "drllm.service settings: ok"
 python3 - <<'PY'
 import plistlib
 p = plistlib.load(open("dev.drllm.serve.plist", "rb"))

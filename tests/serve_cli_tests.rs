@@ -212,3 +212,82 @@ fn serve_rejects_bad_settings_clearly() {
     let e = run(&["--model", junk.to_str().unwrap(), "--port", "0"], &[]);
     assert!(e.contains("junk.gguf"), "{e}");
 }
+
+#[cfg(unix)]
+#[test]
+fn serve_tells_systemd_it_is_ready_only_once_the_model_is_loaded() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), Family::Llama, |s| s.with_chat_template = true);
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_drllm"))
+        .args([
+            "serve",
+            "--no-db",
+            "--no-routers",
+            "--threads",
+            "1",
+            "--port",
+        ])
+        .arg(port.to_string())
+        .arg("--model")
+        .arg(&model)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon(child);
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("no readiness notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.starts_with("READY=1\n"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    // ready means loaded: the model answers at once, without any wait for health
+    let r = client::request(
+        ("127.0.0.1", port),
+        "GET",
+        "/health",
+        None,
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // stopping is announced too
+    // SAFETY: plain signal to our own child.
+    unsafe {
+        libc_kill(d.0.id() as i32, 15);
+    }
+    let n = sock.recv(&mut buf).expect("no stopping notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("STOPPING=1"));
+    let st = d.0.wait().unwrap();
+    assert!(st.success(), "{st}");
+
+    // a model that fails to load never reports ready
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_drllm"))
+        .args(["serve", "--no-db", "--port", "0", "--model"])
+        .arg(&junk)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        sock.recv(&mut buf).is_err(),
+        "readiness sent for a failed load"
+    );
+}
+
+#[cfg(unix)]
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}

@@ -88,6 +88,10 @@ pub struct Settings {
     pub body_timeout_secs: Option<u64>,
     /// Host memory for the conversation cache, MiB (default 512; 0 turns it off).
     pub cache_mb: Option<usize>,
+    /// Days the routing log keeps its rows (default 30; 0 keeps them forever).
+    pub log_days: Option<u64>,
+    /// File holding the bearer token (e.g. a systemd credential); instead of `api_key`.
+    pub api_key_file: Option<PathBuf>,
 }
 
 macro_rules! overlay {
@@ -138,7 +142,9 @@ impl Settings {
             allowed_hosts,
             allowed_origins,
             body_timeout_secs,
-            cache_mb
+            cache_mb,
+            log_days,
+            api_key_file
         )
     }
 
@@ -221,7 +227,18 @@ impl Settings {
                 ))
             }
         };
-        if let Some(k) = &self.api_key {
+        let api_key = match (self.api_key, &self.api_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "api_key_file",
+                    "give api_key or api_key_file, not both".into(),
+                ))
+            }
+            (Some(k), None) => Some(k),
+            (None, Some(f)) => Some(read_key_file(f).map_err(|m| invalid("api_key_file", m))?),
+            (None, None) => None,
+        };
+        if let Some(k) = &api_key {
             if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(invalid(
                     "api_key",
@@ -273,6 +290,13 @@ impl Settings {
             }
         }
         let cache_mb = in_range("cache_mb", self.cache_mb.unwrap_or(512), 0, 1 << 20)?;
+        let log_days = self.log_days.unwrap_or(30);
+        if log_days > 36_500 {
+            return Err(invalid(
+                "log_days",
+                format!("must be at most 36500, got {log_days}"),
+            ));
+        }
         Ok(ServeConfig {
             model,
             routers,
@@ -284,7 +308,7 @@ impl Settings {
             queue,
             batch,
             db,
-            api_key: self.api_key,
+            api_key,
             model_alias,
             default_max_tokens,
             max_body_bytes,
@@ -297,9 +321,37 @@ impl Settings {
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             body_timeout: std::time::Duration::from_secs(body_timeout_secs),
             cache_bytes: cache_mb << 20,
+            log_keep: (log_days > 0).then(|| std::time::Duration::from_secs(log_days * 86_400)),
             fault: None,
         })
     }
+}
+
+/// The bearer token in a file (first line, surrounding whitespace dropped). The file must
+/// not be readable by other users: a token anyone on the machine can read protects nothing.
+fn read_key_file(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode();
+        if mode & 0o004 != 0 {
+            return Err(format!(
+                "{} is readable by every user (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    if meta.len() > 4096 {
+        return Err(format!("{} is not a key (over 4 KiB)", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let key = text.lines().next().unwrap_or("").trim().to_string();
+    if key.is_empty() {
+        return Err(format!("{} holds no key", path.display()));
+    }
+    Ok(key)
 }
 
 /// `value` if it lies in `lo..=hi`, else the error naming `key`.
@@ -349,6 +401,8 @@ pub struct ServeConfig {
     pub body_timeout: std::time::Duration,
     /// Bytes the conversation cache may hold (0: off).
     pub cache_bytes: usize,
+    /// How long the routing log keeps rows (None: forever).
+    pub log_keep: Option<std::time::Duration>,
     /// Called by the workers at each fault point (tests inject panics with it).
     #[doc(hidden)]
     pub fault: Option<crate::pool::FaultHook>,
@@ -390,6 +444,61 @@ mod tests {
         .resolve()
         .unwrap();
         assert_eq!((c.routers, c.db), (None, None));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_api_key_comes_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key");
+        std::fs::write(&f, "s3cret-key \n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |s: Settings| {
+            Settings {
+                model: Some("/m/a.gguf".into()),
+                no_db: Some(true),
+                ..s
+            }
+            .resolve()
+        };
+        let c = with(Settings {
+            api_key_file: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.api_key.as_deref(), Some("s3cret-key"));
+        // both: refused
+        let e = with(Settings {
+            api_key_file: Some(f.clone()),
+            api_key: Some("x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        // readable by every user: refused
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = with(Settings {
+            api_key_file: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        // empty or missing
+        std::fs::write(&f, "\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = with(Settings {
+            api_key_file: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("holds no key"), "{e}");
+        let e = with(Settings {
+            api_key_file: Some(dir.path().join("none")),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("api_key_file"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! The routing log: one SQLite row per finished request (WAL mode, written by one thread so
 //! requests never wait on the disk), and the summaries `drllm stats` reads back.
 
+use crate::metrics::Metrics;
 use rusqlite::{params, Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 /// A log failure.
 #[derive(Debug)]
@@ -149,12 +152,17 @@ pub fn insert(c: &mut Connection, path: &Path, rows: &[Row]) -> Result<(), DbErr
     tx.commit().map_err(sql(path))
 }
 
+/// Rows that may wait for the writer thread; more are dropped (and counted), so a slow or
+/// full disk never holds requests or memory.
+pub const LOG_QUEUE: usize = 4096;
+
 /// The writer thread's handle: rows sent here are written in batches; dropping it flushes
 /// and ends the thread.
 #[derive(Debug)]
 pub struct Writer {
-    tx: Option<mpsc::Sender<Msg>>,
+    tx: Option<mpsc::SyncSender<Msg>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug)]
@@ -164,17 +172,50 @@ enum Msg {
     Flush(mpsc::Sender<()>),
 }
 
+/// Deletes the rows older than `keep` before now; gives how many.
+pub fn prune(c: &Connection, path: &Path, keep: Duration) -> Result<usize, DbError> {
+    let cutoff = crate::pool::unix_now() - keep.as_secs_f64();
+    c.execute("DELETE FROM requests WHERE time < ?1", params![cutoff])
+        .map_err(sql(path))
+}
+
+/// How often the writer prunes old rows (and once at start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 impl Writer {
-    /// Opens the log and starts the writer thread. Write failures are logged to stderr and
-    /// the server keeps serving.
-    pub fn start(path: &Path) -> Result<Writer, DbError> {
+    /// Opens the log and starts the writer thread. Rows older than `keep` are deleted at
+    /// start and every hour (None: kept forever). Write failures are logged to stderr and
+    /// counted in the metrics; the server keeps serving.
+    pub fn start(
+        path: &Path,
+        keep: Option<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Writer, DbError> {
         let mut conn = open_for_writing(path)?;
         let path = path.to_path_buf();
-        let (tx, rx) = mpsc::channel::<Msg>();
+        let (tx, rx) = mpsc::sync_channel::<Msg>(LOG_QUEUE);
+        let m = metrics.clone();
         let thread = std::thread::Builder::new()
             .name("drllm-db".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                let mut pruned_at: Option<Instant> = None;
+                loop {
+                    if let Some(keep) = keep {
+                        if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                            match prune(&conn, &path, keep) {
+                                Ok(n) => {
+                                    m.log_pruned.fetch_add(n as u64, Ordering::Relaxed);
+                                }
+                                Err(e) => eprintln!("[drllm] routing log: pruning: {e}"),
+                            }
+                            pruned_at = Some(Instant::now());
+                        }
+                    }
+                    let first = match rx.recv_timeout(PRUNE_EVERY) {
+                        Ok(m) => m,
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
                     let mut batch = Vec::new();
                     let mut flushes = Vec::new();
                     let mut take = |m: Msg| match m {
@@ -187,6 +228,8 @@ impl Writer {
                     }
                     if !batch.is_empty() {
                         if let Err(e) = insert(&mut conn, &path, &batch) {
+                            m.log_write_failures
+                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
                             eprintln!("[drllm] routing log: {e} ({} rows lost)", batch.len());
                         }
                     }
@@ -202,13 +245,16 @@ impl Writer {
         Ok(Writer {
             tx: Some(tx),
             thread: Some(thread),
+            metrics,
         })
     }
 
-    /// Queues a row.
+    /// Queues a row; drops it (counted) when the writer is that far behind.
     pub fn log(&self, row: Row) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Row(Box::new(row)));
+            if let Err(mpsc::TrySendError::Full(_)) = tx.try_send(Msg::Row(Box::new(row))) {
+                self.metrics.log_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -216,9 +262,20 @@ impl Writer {
     pub fn flush(&self, timeout: std::time::Duration) {
         if let Some(tx) = &self.tx {
             let (done, wait) = mpsc::channel();
-            if tx.send(Msg::Flush(done)).is_ok() {
-                let _ = wait.recv_timeout(timeout);
+            let t0 = Instant::now();
+            let mut msg = Msg::Flush(done);
+            // a full queue: wait for room, within the timeout
+            loop {
+                match tx.try_send(msg) {
+                    Ok(()) => break,
+                    Err(mpsc::TrySendError::Full(m)) if t0.elapsed() < timeout => {
+                        msg = m;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => return,
+                }
             }
+            let _ = wait.recv_timeout(timeout.saturating_sub(t0.elapsed()));
         }
     }
 }
@@ -379,7 +436,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/log.sqlite");
         {
-            let w = Writer::start(&p).unwrap();
+            let w = Writer::start(&p, None, Arc::new(Metrics::new(4))).unwrap();
             w.log(row(100.0, "1111", false));
             w.log(row(200.0, "0112", true));
             w.log(row(300.0, "1012", true));
@@ -395,6 +452,49 @@ mod tests {
         let all = summarise(&p, 0.0, 1e12, 1).unwrap();
         assert_eq!((all.requests, all.routed), (4, 3));
         assert_eq!(all.decisions, vec![vec![1, 1, 1, 1]]);
+    }
+
+    #[test]
+    fn old_rows_are_pruned_and_a_full_queue_drops_rows_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log.sqlite");
+        let now = crate::pool::unix_now();
+        let m = Arc::new(Metrics::new(4));
+        {
+            let w = Writer::start(&p, None, m.clone()).unwrap();
+            for (i, age_days) in [40.0, 31.0, 29.0, 1.0].iter().enumerate() {
+                w.log(row(now - age_days * 86_400.0 - i as f64, "1111", true));
+            }
+        }
+        assert_eq!(summarise(&p, 0.0, 1e12, 10).unwrap().requests, 4);
+        // a writer keeping 30 days deletes the two older rows when it starts
+        {
+            let w = Writer::start(&p, Some(Duration::from_secs(30 * 86_400)), m.clone()).unwrap();
+            w.flush(Duration::from_secs(10));
+        }
+        assert_eq!(summarise(&p, 0.0, 1e12, 10).unwrap().requests, 2);
+        assert_eq!(m.log_pruned.load(Ordering::Relaxed), 2);
+        // a writer that cannot keep up drops rows past its queue, and counts them
+        let c = open_for_writing(&p).unwrap();
+        c.execute_batch("BEGIN EXCLUSIVE").unwrap(); // the writer's inserts now wait
+        let w = Writer::start(&p, None, m.clone()).unwrap();
+        // the writer takes this row and waits on the lock (up to its 5 s busy timeout) ...
+        w.log(row(now, "1111", true));
+        std::thread::sleep(Duration::from_millis(1000));
+        // ... while these fill its queue
+        for _ in 0..LOG_QUEUE + 10 {
+            w.log(row(now, "1111", true));
+        }
+        assert_eq!(m.log_dropped.load(Ordering::Relaxed), 10);
+        c.execute_batch("COMMIT").unwrap();
+        drop(w);
+        let kept = summarise(&p, 0.0, 1e12, 10).unwrap().requests - 2;
+        assert_eq!(
+            kept as u64
+                + m.log_dropped.load(Ordering::Relaxed)
+                + m.log_write_failures.load(Ordering::Relaxed),
+            (LOG_QUEUE + 11) as u64
+        );
     }
 
     #[test]

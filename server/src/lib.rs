@@ -19,6 +19,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod pool;
 pub mod reload;
 
@@ -182,7 +183,9 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         None => None,
     };
     let log = match &config.db {
-        Some(p) => Some(Arc::new(db::Writer::start(p).map_err(ServeError::Db)?)),
+        Some(p) => Some(Arc::new(
+            db::Writer::start(p, config.log_keep, metrics.clone()).map_err(ServeError::Db)?,
+        )),
         None => None,
     };
     let shared = Arc::new(Shared {
@@ -341,17 +344,29 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         .enable_all()
         .build()
         .map_err(|e| ServeError::Load(format!("cannot start the async runtime: {e}")))?;
+    let model = config.model.clone();
     rt.block_on(async move {
         let mut handle = start(config).await?;
         tokio::select! {
             r = handle.ready() => r?,
             _ = shutdown_signal() => {
+                let _ = notify::notify("STOPPING=1");
                 handle.shutdown().await;
                 return Ok(());
             }
         }
+        // systemd (Type=notify): started means loaded and serving
+        let status = format!(
+            "READY=1\nSTATUS=serving {} on http://{}",
+            model.display(),
+            handle.addr()
+        );
+        if let Err(e) = notify::notify(&status) {
+            eprintln!("[drllm] could not notify the service manager: {e}");
+        }
         shutdown_signal().await;
         eprintln!("[drllm] shutting down");
+        let _ = notify::notify("STOPPING=1\nSTATUS=shutting down");
         handle.shutdown().await;
         Ok(())
     })
