@@ -601,8 +601,25 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     let r = get(s.addr, chat);
     assert_eq!((r.status, r.header("allow")), (405, Some("POST, OPTIONS")));
     let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
-    let r = request(s.addr, "POST", "/v1/completions", Some(&big), None);
-    assert_eq!(r.status, 413);
+    // the server answers 413 from the headers and closes; a client still writing the body
+    // may see the connection reset before it reads the answer (a loaded machine writes slowly)
+    match client::request(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&big),
+        None,
+        Duration::from_secs(120),
+    ) {
+        Ok(r) => assert_eq!(r.status, 413),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ),
+            "{e}"
+        ),
+    }
     // still serving
     let r = post(s.addr, chat, &chat_body(2, 2));
     assert_eq!(r.status, 200, "{}", r.body);
