@@ -358,6 +358,69 @@ fn snapshot_and_restore_continue_a_conversation() {
     }
 }
 
+/// `src` rewritten with another data alignment and/or one more tensor.
+fn rewritten(src: &Path, dst: &Path, alignment: u64, extra: Option<&str>) {
+    let f = drllm_gguf::GgufFile::open(src).unwrap();
+    let mut w = drllm_gguf::GgufWriter::from_file(&f, src);
+    w.set_alignment(alignment);
+    if let Some(name) = extra {
+        w.add_tensor(
+            name,
+            GgmlType::F32,
+            &[64],
+            drllm_gguf::TensorSource::Bytes(vec![0u8; 256]),
+        )
+        .unwrap();
+    }
+    w.write_to_path(dst).unwrap();
+}
+
+#[test]
+fn every_tensor_is_used_and_any_alignment_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(dir.path(), Family::Llama, |s| {
+        s.weight_type = GgmlType::Q8_0
+    });
+    let m = load(&p);
+    let prompt = prompt_for(&p, 40);
+    let full = LayerPath::full(m.n_layer());
+    let reference = engine_trace(&m, &full, &prompt, 4);
+    // a tensor the llama graph does not use: refused by name (llama.cpp refuses it too)
+    let extra = dir.path().join("extra.gguf");
+    rewritten(&p, &extra, 32, Some("blk.0.attn_q_scale.weight"));
+    let e = drllm_engine::Model::load(&extra, drllm_engine::DeviceChoice::Cpu)
+        .err()
+        .expect("a file with an unused tensor loaded");
+    assert!(
+        matches!(&e, EngineError::UnusedTensors { names, .. } if names == &["blk.0.attn_q_scale.weight"]),
+        "{e}"
+    );
+    assert!(e.to_string().contains("blk.0.attn_q_scale.weight"), "{e}");
+    assert!(
+        drllm_engine::stock::StockModel::load(&extra, drllm_engine::DeviceChoice::Cpu).is_err(),
+        "llama.cpp loads it"
+    );
+    // data aligned to 8 or 16 bytes: copied out of the mapping, same logits as the file
+    // aligned to 32, and as llama.cpp on the same file
+    for a in [8u64, 16] {
+        let q = dir.path().join(format!("align{a}.gguf"));
+        rewritten(&p, &q, a, None);
+        let g = drllm_gguf::GgufFile::open(&q).unwrap();
+        assert_eq!(g.alignment, a);
+        assert!(
+            g.tensors
+                .iter()
+                .any(|t| (g.data_offset + t.offset) % 32 != 0),
+            "alignment {a}: every tensor happens to be 32-aligned"
+        );
+        let mq = load(&q);
+        let got = engine_trace(&mq, &full, &prompt, 4);
+        assert_traces(&format!("alignment {a}"), &got, &reference, 0.0);
+        let s = stock_trace(&q, &prompt, 4);
+        assert_traces(&format!("alignment {a} vs llama.cpp"), &got, &s, TOL);
+    }
+}
+
 #[test]
 fn empty_path_and_hook_limits() {
     let dir = tempfile::tempdir().unwrap();

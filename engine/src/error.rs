@@ -27,6 +27,8 @@ pub enum EngineError {
     MissingTensor { name: String },
     /// A tensor has another shape or type than the architecture needs.
     BadTensor { name: String, reason: String },
+    /// The file has tensors the architecture's graph does not use.
+    UnusedTensors { arch: String, names: Vec<String> },
     /// ggml or one of its backends failed.
     Ggml(String),
     /// A layer path is invalid for this model.
@@ -68,6 +70,21 @@ impl fmt::Display for EngineError {
             }
             EngineError::MissingTensor { name } => write!(f, "missing tensor '{name}'"),
             EngineError::BadTensor { name, reason } => write!(f, "tensor '{name}': {reason}"),
+            EngineError::UnusedTensors { arch, names } => {
+                let shown: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
+                write!(
+                    f,
+                    "the file has {} tensor(s) a {arch} model does not use ({}{}): it would \
+                     not run as llama.cpp runs it",
+                    names.len(),
+                    shown.join(", "),
+                    if names.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                )
+            }
             EngineError::Ggml(msg) => write!(f, "ggml: {msg}"),
             EngineError::Path(e) => write!(f, "layer path: {e}"),
             EngineError::ContextFull { needed, n_ctx } => write!(

@@ -59,6 +59,10 @@ pub(crate) struct BlockWeights {
 
 /// A loaded model: configuration and weights in backend buffers. Immutable once loaded and
 /// shared between sessions (`Arc<Model>`).
+/// Alignment of tensor data that can be used in place from the file mapping (ggml's
+/// `TENSOR_ALIGNMENT`); data aligned less is copied.
+const MAP_ALIGNMENT: u64 = 32;
+
 pub struct Model {
     pub(crate) cfg: ModelConfig,
     path: PathBuf,
@@ -281,6 +285,22 @@ impl Model {
             want(n("ffn_down.weight"), vec![ff, e], MM, r, true);
         }
 
+        // every tensor of the file is used (llama.cpp refuses a tensor-count mismatch): a file
+        // carrying tensors this graph would ignore (biases, scales, another family's extras)
+        // would give other logits than llama.cpp, so it is refused, naming them
+        let leftovers: Vec<String> = gguf
+            .tensors
+            .iter()
+            .map(|t| t.name.clone())
+            .filter(|n| !wanted.iter().any(|w| &w.name == n))
+            .collect();
+        if !leftovers.is_empty() {
+            return Err(EngineError::UnusedTensors {
+                arch: cfg.family.arch_name().to_string(),
+                names: leftovers,
+            });
+        }
+
         // check presence/shape, pick a buffer type for each
         let mut chosen: Vec<(usize, Tensor, sys::ggml_backend_buffer_type_t)> = Vec::new();
         for (wi, w) in wanted.iter().enumerate() {
@@ -405,7 +425,13 @@ impl Model {
                 tensors.insert(name.clone(), t);
                 made.push((t, src_name(name)));
             }
-            if *buft == cpu_plain {
+            // ggml's CPU kernels and buffers want 32-byte aligned data: a file with a smaller
+            // general.alignment has its tensors copied into an allocated buffer instead
+            let aligned = made.iter().all(|(_, src)| {
+                gguf.tensor(src)
+                    .is_some_and(|i| gguf.tensor_data_range(i).start % MAP_ALIGNMENT == 0)
+            });
+            if *buft == cpu_plain && aligned {
                 // one buffer over the file's span of these tensors' data
                 let mut lo = u64::MAX;
                 let mut hi = 0u64;
