@@ -410,7 +410,7 @@ fn every_tensor_is_used_and_any_alignment_loads() {
         assert!(
             g.tensors
                 .iter()
-                .any(|t| (g.data_offset + t.offset) % 32 != 0),
+                .any(|t| !(g.data_offset + t.offset).is_multiple_of(32)),
             "alignment {a}: every tensor happens to be 32-aligned"
         );
         let mq = load(&q);
