@@ -422,6 +422,81 @@ fn every_tensor_is_used_and_any_alignment_loads() {
 }
 
 #[test]
+fn a_session_holds_the_kv_slots_of_its_path_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(dir.path(), Family::Llama, |_| {});
+    let m = load(&p);
+    let n = m.n_layer();
+    let prompt = prompt_for(&p, 40);
+    let mut s = session(&m);
+    let slot = s.kv_bytes() / n;
+    assert_eq!(
+        s.kv_bytes(),
+        slot * n,
+        "a new session holds the full-depth slots"
+    );
+    let mut counts = vec![1usize; n];
+    counts[1] = 0;
+    counts[2] = 0;
+    counts[3] = 2;
+    let routed = LayerPath::from_counts(&counts).unwrap();
+    let full = LayerPath::full(n);
+    let reference = |path: &LayerPath| engine_trace(&m, path, &prompt, 3);
+    let run = |s: &mut drllm_engine::Session, path: &LayerPath| {
+        let pre = s
+            .prefill(&prompt, Route::Fixed(path), Logits::Last)
+            .unwrap();
+        let mut rows = vec![pre.logits];
+        for _ in 0..3 {
+            let t = argmax(rows.last().unwrap()) as i32;
+            rows.push(s.decode(t).unwrap().to_vec());
+        }
+        rows
+    };
+    // skipped blocks have no slot, a repeated one two; results as on a fresh session
+    let got = run(&mut s, &routed);
+    assert_eq!(s.kv_bytes(), slot * routed.len());
+    assert_traces(
+        "routed after full",
+        &got[1..],
+        &reference(&routed)[prompt.len()..],
+        0.0,
+    );
+    // back to full depth: the extra pass released, the skipped blocks' slots back
+    let got = run(&mut s, &full);
+    assert_eq!(s.kv_bytes(), slot * n);
+    assert_traces(
+        "full after routed",
+        &got[1..],
+        &reference(&full)[prompt.len()..],
+        0.0,
+    );
+    // a hook-driven prefill ends with the slots of the path it chose
+    struct Replay(Vec<usize>);
+    impl PrefillHook for Replay {
+        fn passes(&mut self, block: usize, _: &mut Hidden<'_>) -> Result<usize, String> {
+            Ok(self.0[block])
+        }
+    }
+    let pre = s
+        .prefill(
+            &prompt,
+            Route::Hook(&mut Replay(counts.clone())),
+            Logits::Last,
+        )
+        .unwrap();
+    assert_eq!(pre.path, routed);
+    assert_eq!(s.kv_bytes(), slot * routed.len());
+    let t = argmax(&pre.logits) as i32;
+    assert_close(
+        "decode after hooked prefill",
+        s.decode(t).unwrap(),
+        &reference(&routed)[prompt.len()],
+        TOL,
+    );
+}
+
+#[test]
 fn empty_path_and_hook_limits() {
     let dir = tempfile::tempdir().unwrap();
     let p = tiny(dir.path(), Family::Llama, |_| {});

@@ -1,9 +1,9 @@
 //! KV cache with one slot per (block, pass).
 //!
-//! Slot (b, 0) exists for every block from the start; slots for further passes of a block are
-//! allocated the first time a path repeats that block. All slots of a session share the cell
-//! layout: the token at position p lives in cell p of every slot, so every pass sees the same
-//! mask.
+//! A session holds the slots of its sequence's path: one per pass (none for a skipped block,
+//! two for a repeated one); starting a sequence on another path allocates the missing slots and
+//! releases the others. All slots of a session share the cell layout: the token at position p
+//! lives in cell p of every slot, so every pass sees the same mask.
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -23,15 +23,24 @@ pub(crate) struct KvCache {
     n_embd_k: usize,
     n_embd_v: usize,
     buft: sys::ggml_backend_buffer_type_t,
-    /// slots[block][pass]
-    slots: Vec<Vec<KvSlot>>,
-    storage: Vec<(GgmlCtx, Buffer)>,
+    /// slots[block][pass], each with its own storage so that it can be released alone
+    slots: Vec<Vec<OwnedSlot>>,
+    /// Bumped whenever a slot is allocated or released (graphs holding slot tensors are then
+    /// stale).
+    generation: u64,
+}
+
+struct OwnedSlot {
+    slot: KvSlot,
+    _store: (GgmlCtx, Buffer),
+    bytes: usize,
 }
 
 // SAFETY: the cache owns its contexts and buffers; it is only used through &mut Session.
 unsafe impl Send for KvCache {}
 
 impl KvCache {
+    /// A cache with one slot for every block (the full-depth path).
     pub(crate) fn new(
         cfg: &ModelConfig,
         n_ctx: usize,
@@ -42,82 +51,74 @@ impl KvCache {
             n_embd_k: cfg.n_embd_k_gqa(),
             n_embd_v: cfg.n_embd_v_gqa(),
             buft,
-            slots: vec![Vec::new(); cfg.n_layer],
-            storage: Vec::new(),
+            slots: (0..cfg.n_layer).map(|_| Vec::new()).collect(),
+            generation: 0,
         };
-        let first: Vec<usize> = (0..cfg.n_layer).collect();
-        kv.alloc(&first)?;
+        kv.fit(&LayerPath::full(cfg.n_layer))?;
         Ok(kv)
     }
 
-    /// Allocates one more pass slot for each listed block.
-    fn alloc(&mut self, blocks: &[usize]) -> Result<()> {
-        if blocks.is_empty() {
-            return Ok(());
-        }
-        let ctx = GgmlCtx::new(2 * blocks.len(), 0)?;
-        let mut made = Vec::new();
-        for &b in blocks {
-            let pass = self.slots[b].len();
-            // SAFETY: new tensors in our own no_alloc context.
-            let (k, v) = unsafe {
-                (
-                    sys::ggml_new_tensor_2d(
-                        ctx.ptr(),
-                        sys::GGML_TYPE_F16,
-                        self.n_embd_k as i64,
-                        self.n_ctx as i64,
-                    ),
-                    sys::ggml_new_tensor_2d(
-                        ctx.ptr(),
-                        sys::GGML_TYPE_F16,
-                        self.n_embd_v as i64,
-                        self.n_ctx as i64,
-                    ),
-                )
-            };
-            ffi::set_name(k, &format!("cache_k_b{b}_p{pass}"));
-            ffi::set_name(v, &format!("cache_v_b{b}_p{pass}"));
-            made.push((b, KvSlot { k, v }));
-        }
+    /// Allocates the next pass slot of block `b`.
+    fn alloc(&mut self, b: usize) -> Result<()> {
+        let ctx = GgmlCtx::new(2, 0)?;
+        let pass = self.slots[b].len();
+        // SAFETY: new tensors in our own no_alloc context.
+        let (k, v) = unsafe {
+            (
+                sys::ggml_new_tensor_2d(
+                    ctx.ptr(),
+                    sys::GGML_TYPE_F16,
+                    self.n_embd_k as i64,
+                    self.n_ctx as i64,
+                ),
+                sys::ggml_new_tensor_2d(
+                    ctx.ptr(),
+                    sys::GGML_TYPE_F16,
+                    self.n_embd_v as i64,
+                    self.n_ctx as i64,
+                ),
+            )
+        };
+        ffi::set_name(k, &format!("cache_k_b{b}_p{pass}"));
+        ffi::set_name(v, &format!("cache_v_b{b}_p{pass}"));
         let buf = Buffer::alloc_ctx_tensors(&ctx, self.buft).map_err(|_| {
             EngineError::Ggml(format!(
-                "out of memory for the KV cache ({} slots of {} tokens)",
-                blocks.len(),
+                "out of memory for the KV cache (block {b} pass {pass}, {} tokens)",
                 self.n_ctx
             ))
         })?;
         // cells never written are masked, but keep them finite anyway (as llama.cpp does)
         buf.clear(0);
-        for (b, s) in made {
-            self.slots[b].push(s);
-        }
-        self.storage.push((ctx, buf));
+        let bytes = buf.size();
+        self.slots[b].push(OwnedSlot {
+            slot: KvSlot { k, v },
+            _store: (ctx, buf),
+            bytes,
+        });
+        self.generation += 1;
         Ok(())
     }
 
-    /// Makes sure every pass of `path` has a slot.
-    pub(crate) fn ensure(&mut self, path: &LayerPath) -> Result<()> {
+    /// Makes the slots exactly those of `path`: allocates the missing ones, releases the
+    /// others (a skipped block has none; a block run once has one).
+    pub(crate) fn fit(&mut self, path: &LayerPath) -> Result<()> {
         let counts = path.counts();
-        let mut need = Vec::new();
         for (b, &c) in counts.iter().enumerate() {
-            for _ in self.slots[b].len()..c {
-                need.push(b);
+            if self.slots[b].len() > c {
+                self.slots[b].truncate(c);
+                self.generation += 1;
+            }
+            while self.slots[b].len() < c {
+                self.alloc(b)?;
             }
         }
-        // allocate in rounds so one block needing several extra passes gets them all
-        while !need.is_empty() {
-            let mut round = Vec::new();
-            let mut rest = Vec::new();
-            for b in need {
-                if round.contains(&b) {
-                    rest.push(b);
-                } else {
-                    round.push(b);
-                }
-            }
-            self.alloc(&round)?;
-            need = rest;
+        Ok(())
+    }
+
+    /// Allocates the slots of `path` that are missing; releases nothing.
+    pub(crate) fn ensure(&mut self, path: &LayerPath) -> Result<()> {
+        for (b, c) in path.counts().into_iter().enumerate() {
+            self.ensure_block(b, c)?;
         }
         Ok(())
     }
@@ -125,7 +126,7 @@ impl KvCache {
     /// Makes sure block `b` has at least `passes` slots.
     pub(crate) fn ensure_block(&mut self, b: usize, passes: usize) -> Result<()> {
         while self.slots[b].len() < passes {
-            self.alloc(&[b])?;
+            self.alloc(b)?;
         }
         Ok(())
     }
@@ -134,12 +135,17 @@ impl KvCache {
         self.slots
             .get(block)
             .and_then(|s| s.get(pass))
-            .copied()
+            .map(|o| o.slot)
             .ok_or_else(|| EngineError::State(format!("no KV slot for block {block} pass {pass}")))
     }
 
     /// Bytes of KV storage allocated.
     pub(crate) fn bytes(&self) -> usize {
-        self.storage.iter().map(|(_, b)| b.size()).sum()
+        self.slots.iter().flatten().map(|o| o.bytes).sum()
+    }
+
+    /// Changes whenever slots are allocated or released.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 }

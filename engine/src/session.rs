@@ -203,6 +203,8 @@ struct CachedGraph {
     path: LayerPath,
     n_kv: usize,
     alloc_gen: u64,
+    /// The KV cache's slot generation the graph was built on.
+    kv_gen: u64,
 }
 
 /// One sequence on a model.
@@ -419,7 +421,7 @@ impl Session {
                         self.model.cfg.n_layer
                     )));
                 }
-                self.kv.ensure(path)?;
+                self.kv.fit(path)?;
                 self.path = Some(path.clone());
                 let (logits, rows) = self.run_tokens(tokens, logits)?;
                 Ok(Prefill {
@@ -552,8 +554,10 @@ impl Session {
             .ok_or_else(|| EngineError::State("decode before prefill".into()))?;
         self.check_tokens(&[token])?;
         let n_kv = graph::n_kv_for(self.n_past + 1, self.opts.n_ctx);
+        let kv_gen = self.kv.generation();
         let reuse = matches!(&self.decode_graph, Some(g)
-            if g.path == path && g.n_kv == n_kv && g.alloc_gen == self.alloc_gen);
+            if g.path == path && g.n_kv == n_kv && g.alloc_gen == self.alloc_gen
+                && g.kv_gen == kv_gen);
         if !reuse {
             self.decode_graph = None;
             let model = self.model.clone();
@@ -577,6 +581,7 @@ impl Session {
                 path,
                 n_kv,
                 alloc_gen: self.alloc_gen,
+                kv_gen,
             });
         }
         let g = self
@@ -835,6 +840,8 @@ impl Session {
             None => self.lm_head(t_total, mode)?,
         };
         let path = LayerPath::new(&blocks, n_layer)?;
+        // release the slots the hook's path does not use (skipped blocks, passes from before)
+        self.kv.fit(&path)?;
         self.finish_prefill(&path, t_total, &logits);
         let rows = logits.len() / self.model.cfg.n_vocab;
         Ok(Prefill { path, logits, rows })
@@ -865,6 +872,8 @@ impl Session {
         let t_total = tokens.len();
         let d = self.model.cfg.n_embd;
         let passes = path.passes();
+        // grow only: a search tries many paths on one session, and releasing slots between
+        // them would only allocate (and clear) them again
         self.kv.ensure(path)?;
         let kv_bytes = |t: Tensor| -> usize {
             // SAFETY: plain size query on a live tensor.
@@ -989,7 +998,7 @@ impl Session {
                 "the snapshot is of another model".into(),
             ));
         }
-        self.kv.ensure(path)?;
+        self.kv.fit(path)?;
         for (p, (k, v)) in path.passes().iter().zip(&snap.rows) {
             let slot = self.kv.slot(p.block, p.pass)?;
             let (kr, vr) = (ffi::row_bytes(slot.k), ffi::row_bytes(slot.v));
