@@ -52,6 +52,54 @@ pub fn load(p: &Path) -> Arc<Model> {
     Arc::new(Model::load(p, DeviceChoice::Cpu).expect("load model"))
 }
 
+/// A session with prefill graphs of at most `n_ubatch` tokens.
+pub fn session_ub(m: &Arc<Model>, n_ubatch: usize) -> Session {
+    Session::new(
+        m.clone(),
+        SessionOptions {
+            n_ctx: 512,
+            n_threads: 2,
+            n_ubatch,
+        },
+    )
+    .expect("session")
+}
+
+/// [`engine_trace`] with prefill chunks of `n_ubatch` tokens.
+pub fn engine_trace_ub(
+    m: &Arc<Model>,
+    path: &LayerPath,
+    prompt: &[i32],
+    steps: usize,
+    n_ubatch: usize,
+) -> Vec<Vec<f32>> {
+    let v = m.n_vocab();
+    let mut s = session_ub(m, n_ubatch);
+    let pre = s
+        .prefill(prompt, Route::Fixed(path), Logits::All)
+        .expect("prefill");
+    let mut rows: Vec<Vec<f32>> = pre.logits.chunks(v).map(|c| c.to_vec()).collect();
+    for _ in 0..steps {
+        let t = argmax(rows.last().expect("row")) as i32;
+        rows.push(s.decode(t).expect("decode").to_vec());
+    }
+    rows
+}
+
+/// [`stock_trace`] with llama.cpp batches of `n_ubatch` tokens.
+pub fn stock_trace_ub(p: &Path, prompt: &[i32], steps: usize, n_ubatch: usize) -> Vec<Vec<f32>> {
+    let sm = StockModel::load(p, DeviceChoice::Cpu).expect("stock load");
+    let mut c = sm.context(512, 2, n_ubatch).expect("stock context");
+    let v = c.n_vocab();
+    let all = c.eval(prompt, true).expect("stock eval");
+    let mut rows: Vec<Vec<f32>> = all.chunks(v).map(|c| c.to_vec()).collect();
+    for _ in 0..steps {
+        let t = argmax(rows.last().expect("row")) as i32;
+        rows.push(c.decode(t).expect("stock decode").to_vec());
+    }
+    rows
+}
+
 pub fn session(m: &Arc<Model>) -> Session {
     Session::new(
         m.clone(),
