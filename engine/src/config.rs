@@ -69,6 +69,8 @@ pub struct RopeConfig {
 pub struct ModelConfig {
     /// Family.
     pub family: Family,
+    /// What the family adds to the shared block (`crate::arch`).
+    pub arch: &'static crate::arch::Arch,
     /// Number of transformer blocks.
     pub n_layer: usize,
     /// Hidden size.
@@ -123,38 +125,16 @@ impl ModelConfig {
                 key: "general.architecture".into(),
             })?
             .to_string();
-        let family = match arch.as_str() {
-            "llama" => Family::Llama,
-            "qwen2" => Family::Qwen2,
-            "qwen3" => Family::Qwen3,
-            "gemma3" => Family::Gemma3,
-            _ => return Err(EngineError::UnsupportedArchitecture { found: arch }),
-        };
-        let k = |s: &str| format!("{arch}.{s}");
-        let req_u = |key: String| -> Result<usize> {
-            let v = g
-                .get(&key)
-                .ok_or_else(|| EngineError::MissingMetadata { key: key.clone() })?;
-            scalar_or_uniform_array(&key, v)
-        };
-        let opt_u = |key: String| -> Result<Option<usize>> {
-            match g.get(&key) {
-                None => Ok(None),
-                Some(v) => scalar_or_uniform_array(&key, v).map(Some),
-            }
-        };
-        let opt_f = |key: String| -> Result<Option<f32>> {
-            match g.get(&key) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_f32()
-                    .map(Some)
-                    .ok_or_else(|| EngineError::BadMetadata {
-                        key,
-                        reason: "expected a float".into(),
-                    }),
-            }
-        };
+        let desc =
+            crate::arch::by_name(&arch).ok_or_else(|| EngineError::UnsupportedArchitecture {
+                found: arch.clone(),
+            })?;
+        let family = desc.family;
+        let keys = Keys { g, arch: &arch };
+        let k = |s: &str| keys.key(s);
+        let req_u = |key: String| -> Result<usize> { keys.req_u_full(&key) };
+        let opt_u = |key: String| -> Result<Option<usize>> { keys.opt_u_full(&key) };
+        let opt_f = |key: String| -> Result<Option<f32>> { keys.opt_f_full(&key) };
 
         let n_layer = req_u(k("block_count"))?;
         let n_embd = req_u(k("embedding_length"))?;
@@ -279,41 +259,30 @@ impl ModelConfig {
             ));
         }
 
-        let mode = match family {
-            Family::Llama => ROPE_TYPE_NORM,
-            Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => ROPE_TYPE_NEOX,
+        let mode = desc.rope_mode;
+        let mut extras = crate::arch::Extras {
+            n_swa: 0,
+            is_swa: vec![false; n_layer],
+            freq_base_swa: freq_base,
+            kq_scale: 1.0 / (head_dim_k as f32).sqrt(),
+            q_scale: None,
+            embd_scale: None,
+            final_logit_softcap: 0.0,
         };
-
-        let mut n_swa = 0usize;
-        let mut is_swa = vec![false; n_layer];
-        let mut freq_base_swa = freq_base;
-        let mut kq_scale = 1.0 / (head_dim_k as f32).sqrt();
-        let mut q_scale = None;
-        let mut embd_scale = None;
-        let mut final_logit_softcap = 0.0;
-        if family == Family::Gemma3 {
-            n_swa = opt_u(k("attention.sliding_window"))?.unwrap_or(0);
-            if n_swa > 0 {
-                is_swa = swa_pattern(g, &k("attention.sliding_window_pattern"), n_layer, 6)?;
-                freq_base_swa = opt_f(k("rope.freq_base_swa"))?.unwrap_or(10000.0);
-            }
-            final_logit_softcap = opt_f(k("final_logit_softcapping"))?.unwrap_or(0.0);
-            // llama.cpp: 27B uses n_embd / n_head, the others the key head size
-            q_scale = Some(if n_layer == 62 {
-                1.0 / ((n_embd / n_head) as f32).sqrt()
-            } else {
-                1.0 / (head_dim_k as f32).sqrt()
-            });
-            kq_scale = 1.0;
-            embd_scale = Some((n_embd as f32).sqrt());
-        } else if let Some(s) = opt_f(k("attention.scale"))? {
-            if s != 0.0 {
-                kq_scale = s;
-            }
-        }
+        (desc.extras)(&keys, n_layer, &mut extras)?;
+        let crate::arch::Extras {
+            n_swa,
+            is_swa,
+            freq_base_swa,
+            kq_scale,
+            q_scale,
+            embd_scale,
+            final_logit_softcap,
+        } = extras;
 
         Ok(ModelConfig {
             family,
+            arch: desc,
             n_layer,
             n_embd,
             n_head,
@@ -344,6 +313,69 @@ impl ModelConfig {
             is_swa,
             final_logit_softcap,
         })
+    }
+}
+
+/// Metadata keys of one architecture (`<arch>.<name>`), read as llama.cpp reads them.
+pub struct Keys<'a> {
+    g: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl Keys<'_> {
+    /// The file.
+    pub fn file(&self) -> &GgufFile {
+        self.g
+    }
+
+    /// `<arch>.<name>`.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}.{name}", self.arch)
+    }
+
+    /// A required unsigned value (a scalar, or a per-block array of equal values).
+    pub fn req_u(&self, name: &str) -> Result<usize> {
+        self.req_u_full(&self.key(name))
+    }
+
+    /// An optional unsigned value.
+    pub fn opt_u(&self, name: &str) -> Result<Option<usize>> {
+        self.opt_u_full(&self.key(name))
+    }
+
+    /// An optional float.
+    pub fn opt_f(&self, name: &str) -> Result<Option<f32>> {
+        self.opt_f_full(&self.key(name))
+    }
+
+    fn req_u_full(&self, key: &str) -> Result<usize> {
+        let v = self
+            .g
+            .get(key)
+            .ok_or_else(|| EngineError::MissingMetadata {
+                key: key.to_string(),
+            })?;
+        scalar_or_uniform_array(key, v)
+    }
+
+    fn opt_u_full(&self, key: &str) -> Result<Option<usize>> {
+        match self.g.get(key) {
+            None => Ok(None),
+            Some(v) => scalar_or_uniform_array(key, v).map(Some),
+        }
+    }
+
+    fn opt_f_full(&self, key: &str) -> Result<Option<f32>> {
+        match self.g.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f32()
+                .map(Some)
+                .ok_or_else(|| EngineError::BadMetadata {
+                    key: key.to_string(),
+                    reason: "expected a float".into(),
+                }),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! gemma3}.cpp and src/llama-graph.cpp), but for one block pass at a time so a request can
 //! take any path through the blocks.
 
-use crate::config::Family;
+use crate::arch::Ffn;
 use crate::error::{EngineError, Result};
 use crate::ffi::{self, GgmlCtx, Tensor};
 use crate::kv::KvSlot;
@@ -222,7 +222,7 @@ impl<'m> GraphBuilder<'m> {
             k = sys::ggml_reshape_3d(c, k, hd, cfg.n_head_kv as i64, n);
             v = sys::ggml_reshape_3d(c, v, cfg.head_dim_v as i64, cfg.n_head_kv as i64, n);
 
-            let rope_factors = if cfg.family == Family::Llama {
+            let rope_factors = if cfg.arch.rope_freqs {
                 m.rope_freqs.unwrap_or(std::ptr::null_mut())
             } else {
                 std::ptr::null_mut()
@@ -307,10 +307,9 @@ impl<'m> GraphBuilder<'m> {
             cur = self.rms_norm(ffn_inp, w.ffn_norm);
             let up = sys::ggml_mul_mat(c, w.ffn_up, cur);
             let gate = sys::ggml_mul_mat(c, w.ffn_gate, cur);
-            cur = if cfg.family == Family::Gemma3 {
-                sys::ggml_geglu_split(c, gate, up)
-            } else {
-                sys::ggml_swiglu_split(c, gate, up)
+            cur = match cfg.arch.ffn {
+                Ffn::GeGlu => sys::ggml_geglu_split(c, gate, up),
+                Ffn::SwiGlu => sys::ggml_swiglu_split(c, gate, up),
             };
             cur = sys::ggml_mul_mat(c, w.ffn_down, cur);
             if let Some(pn) = w.ffn_post_norm {

@@ -7,6 +7,7 @@
 //! - [`Tokenizer`] and [`Sampler`] come from llama.cpp (through `llama-cpp-2`).
 //! - [`stock`] runs stock llama.cpp on the same file, the reference for parity and speed.
 
+pub mod arch;
 mod config;
 mod error;
 mod ffi;
@@ -22,7 +23,7 @@ mod session;
 pub mod stock;
 mod tokenizer;
 
-pub use config::{Family, ModelConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
+pub use config::{Family, Keys, ModelConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use drllm_router_format as router_format;
 pub use error::{EngineError, Result};
 pub use generate::{

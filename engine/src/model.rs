@@ -5,7 +5,7 @@
 //! preference list whose device supports the op that weight is used in (so on CPU, quantized
 //! matrices land in the repacked "extra" buffer types and run llama.cpp's fastest kernels).
 
-use crate::config::{Family, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::ffi::{self, Buffer, GgmlCtx, Tensor};
 use drllm_gguf::GgufFile;
@@ -247,7 +247,8 @@ impl Model {
             Layer::Output,
             false,
         );
-        if cfg.family == Family::Llama {
+        let arch = cfg.arch;
+        if arch.rope_freqs {
             want(
                 "rope_freqs.weight".into(),
                 vec![(cfg.rope.n_rot / 2) as i64],
@@ -256,9 +257,7 @@ impl Model {
                 false,
             );
         }
-        let gemma = cfg.family == Family::Gemma3;
-        let qk_norm = matches!(cfg.family, Family::Qwen3 | Family::Gemma3);
-        let qkv_bias = cfg.family == Family::Qwen2;
+        let (qk_norm, qkv_bias, post_norms) = (arch.qk_norm, arch.qkv_bias, arch.post_norms);
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             let r = Layer::Repeating;
@@ -275,7 +274,7 @@ impl Model {
                 want(n("attn_q_norm.weight"), vec![hd], MUL, r, true);
                 want(n("attn_k_norm.weight"), vec![hd], MUL, r, true);
             }
-            if gemma {
+            if post_norms {
                 want(n("post_attention_norm.weight"), vec![e], MUL, r, true);
                 want(n("post_ffw_norm.weight"), vec![e], MUL, r, true);
             }
@@ -296,7 +295,7 @@ impl Model {
             .collect();
         if !leftovers.is_empty() {
             return Err(EngineError::UnusedTensors {
-                arch: cfg.family.arch_name().to_string(),
+                arch: arch.name.to_string(),
                 names: leftovers,
             });
         }

@@ -1,0 +1,17 @@
+//! `llama`: Llama 2/3.x, SmolLM2, and other files of that architecture
+//! (llama.cpp `src/models/llama.cpp`).
+
+use super::{attention_scale, Arch, Ffn};
+use crate::config::{Family, ROPE_TYPE_NORM};
+
+pub const ARCH: Arch = Arch {
+    name: "llama",
+    family: Family::Llama,
+    rope_mode: ROPE_TYPE_NORM,
+    qkv_bias: false,
+    qk_norm: false,
+    post_norms: false,
+    rope_freqs: true,
+    ffn: Ffn::SwiGlu,
+    extras: attention_scale,
+};

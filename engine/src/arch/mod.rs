@@ -1,0 +1,104 @@
+//! One description per architecture: what a family's GGUF file and block graph add to the
+//! llama-style block every family shares (RMS norm, attention with RoPE and grouped KV heads,
+//! a gated FFN). A new family is one file here (plus its tiny-model builder in testkit);
+//! `config.rs`, `model.rs` and `graph.rs` read these descriptions and never name a family.
+
+use crate::config::{Family, Keys};
+use crate::error::Result;
+
+mod gemma3;
+mod llama;
+mod qwen2;
+mod qwen3;
+
+/// The FFN's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ffn {
+    /// SiLU(gate) * up (llama, qwen).
+    SwiGlu,
+    /// GELU-tanh(gate) * up (gemma).
+    GeGlu,
+}
+
+/// Hyperparameters some families set beyond the generic ones, with their llama.cpp defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extras {
+    /// Sliding window (0: none) and, per block, whether it slides.
+    pub n_swa: usize,
+    pub is_swa: Vec<bool>,
+    /// RoPE base of sliding-window blocks.
+    pub freq_base_swa: f32,
+    /// Scale of KQ inside attention.
+    pub kq_scale: f32,
+    /// Scale applied to Q before attention instead (then kq_scale is 1).
+    pub q_scale: Option<f32>,
+    /// Multiplier of the token embeddings.
+    pub embd_scale: Option<f32>,
+    /// Final logit soft-capping (0: off).
+    pub final_logit_softcap: f32,
+}
+
+/// What a family adds to the shared block.
+#[derive(Debug)]
+pub struct Arch {
+    /// `general.architecture`.
+    pub name: &'static str,
+    pub family: Family,
+    /// ggml RoPE mode.
+    pub rope_mode: i32,
+    /// `attn_{q,k,v}.bias` (required).
+    pub qkv_bias: bool,
+    /// `attn_{q,k}_norm.weight`: per-head RMS norms of Q and K before RoPE.
+    pub qk_norm: bool,
+    /// `post_attention_norm.weight` and `post_ffw_norm.weight`: RMS norms of the attention and
+    /// FFN outputs before their residual adds.
+    pub post_norms: bool,
+    /// An optional `rope_freqs.weight` (llama 3's long-context frequency factors).
+    pub rope_freqs: bool,
+    pub ffn: Ffn,
+    /// Reads the family's own hyperparameters (`keys` are prefixed with the architecture).
+    pub extras: fn(keys: &Keys<'_>, n_layer: usize, extras: &mut Extras) -> Result<()>,
+}
+
+/// Every architecture the engine implements.
+pub const ARCHES: &[&Arch] = &[&llama::ARCH, &qwen2::ARCH, &qwen3::ARCH, &gemma3::ARCH];
+
+/// The description of `general.architecture` = `name`.
+pub fn by_name(name: &str) -> Option<&'static Arch> {
+    ARCHES.iter().copied().find(|a| a.name == name)
+}
+
+/// The description of a family.
+pub fn of(family: Family) -> &'static Arch {
+    ARCHES
+        .iter()
+        .copied()
+        .find(|a| a.family == family)
+        .unwrap_or(&llama::ARCH)
+}
+
+/// The generic `attention.scale` override (llama, qwen).
+fn attention_scale(keys: &Keys<'_>, _: usize, x: &mut Extras) -> Result<()> {
+    if let Some(s) = keys.opt_f("attention.scale")? {
+        if s != 0.0 {
+            x.kq_scale = s;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_one_description_named_as_its_files_are() {
+        for a in ARCHES {
+            assert_eq!(by_name(a.name).map(|b| b.family), Some(a.family));
+            assert_eq!(of(a.family).name, a.name);
+            assert_eq!(a.family.arch_name(), a.name);
+        }
+        let names: Vec<&str> = ARCHES.iter().map(|a| a.name).collect();
+        assert_eq!(names, crate::SUPPORTED_ARCHITECTURES);
+    }
+}

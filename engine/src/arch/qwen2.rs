@@ -1,0 +1,16 @@
+//! `qwen2`: Qwen2 / Qwen2.5 (llama.cpp `src/models/qwen2.cpp`): biases on Q, K and V.
+
+use super::{attention_scale, Arch, Ffn};
+use crate::config::{Family, ROPE_TYPE_NEOX};
+
+pub const ARCH: Arch = Arch {
+    name: "qwen2",
+    family: Family::Qwen2,
+    rope_mode: ROPE_TYPE_NEOX,
+    qkv_bias: true,
+    qk_norm: false,
+    post_norms: false,
+    rope_freqs: false,
+    ffn: Ffn::SwiGlu,
+    extras: attention_scale,
+};

@@ -1,0 +1,16 @@
+//! `qwen3`: Qwen3 dense (llama.cpp `src/models/qwen3.cpp`): per-head RMS norms of Q and K.
+
+use super::{attention_scale, Arch, Ffn};
+use crate::config::{Family, ROPE_TYPE_NEOX};
+
+pub const ARCH: Arch = Arch {
+    name: "qwen3",
+    family: Family::Qwen3,
+    rope_mode: ROPE_TYPE_NEOX,
+    qkv_bias: false,
+    qk_norm: true,
+    post_norms: false,
+    rope_freqs: false,
+    ffn: Ffn::SwiGlu,
+    extras: attention_scale,
+};
