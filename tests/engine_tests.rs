@@ -65,6 +65,11 @@ fn parity_tiny_qwen3() {
 }
 
 #[test]
+fn parity_tiny_gemma2() {
+    parity_tiny(Family::Gemma2);
+}
+
+#[test]
 fn parity_tiny_gemma3() {
     parity_tiny(Family::Gemma3);
 }
@@ -151,10 +156,17 @@ fn skip_repeat(p: &Path, prompt: &[i32], skip: usize, repeat: usize, steps: usiz
 #[test]
 fn skip_and_repeat_tiny_families() {
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma2,
+        Family::Gemma3,
+    ] {
         let p = tiny(dir.path(), family, |_| {});
         let prompt = prompt_for(&p, 40);
         // gemma3: skipping a sliding block shifts the later ones; repeating the global block 5
+        // (gemma2: skipping sliding block 2, repeating block 5)
         skip_repeat(&p, &prompt, 2, 5, STEPS);
     }
 }
@@ -248,7 +260,7 @@ fn cached_equals_recompute(p: &Path, path: &LayerPath, prompt: &[i32]) {
 #[test]
 fn cached_decoding_equals_recompute_tiny() {
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Qwen3, Family::Gemma3] {
+    for family in [Family::Llama, Family::Qwen3, Family::Gemma2, Family::Gemma3] {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();
@@ -507,7 +519,13 @@ fn long_prompts_run_in_chunks_for_every_family() {
     // 1.1e-3 of the largest logit (qwen3; 3.3e-4 to 5.2e-4 for the others)
     const CHUNK_REL_TOL: f32 = 2e-3;
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma2,
+        Family::Gemma3,
+    ] {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();

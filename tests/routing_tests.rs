@@ -385,3 +385,30 @@ fn cli_route_inspect_and_discovery() {
     // unused import guard
     let _ = BlockRouter::zeros(4, 2);
 }
+
+#[test]
+fn generate_prints_text_for_a_tiny_file_of_every_family() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in Family::ALL {
+        let p = tiny(dir.path(), family, |_| {});
+        let o = drllm(&[
+            "generate",
+            "-m",
+            p.to_str().unwrap(),
+            "-p",
+            "the cat",
+            "-n",
+            "6",
+            "--temp",
+            "0",
+            "--ignore-eos",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{}: {err}", family.arch());
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).trim().is_empty(),
+            "{}: no text ({err})",
+            family.arch()
+        );
+    }
+}

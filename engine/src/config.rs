@@ -5,7 +5,7 @@ use crate::error::{EngineError, Result};
 use drllm_gguf::{GgufFile, Value};
 
 /// Architectures the engine implements (GGUF `general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
 
 /// A supported model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +16,9 @@ pub enum Family {
     Qwen2,
     /// Qwen3 dense (q/k norms).
     Qwen3,
+    /// Gemma 2 (alternating sliding-window layers, attention and final logit soft-capping,
+    /// pre and post norms, embedding scale).
+    Gemma2,
     /// Gemma 3 (sliding-window layers, q/k norms, pre and post norms, embedding scale).
     Gemma3,
 }
@@ -27,6 +30,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
         }
     }
@@ -105,6 +109,8 @@ pub struct ModelConfig {
     pub is_swa: Vec<bool>,
     /// Final logit soft-capping (Gemma; 0 = off).
     pub final_logit_softcap: f32,
+    /// Soft-capping of the attention logits inside attention (Gemma 2; 0 = off).
+    pub attn_softcap: f32,
 }
 
 impl ModelConfig {
@@ -268,6 +274,7 @@ impl ModelConfig {
             q_scale: None,
             embd_scale: None,
             final_logit_softcap: 0.0,
+            attn_softcap: 0.0,
         };
         (desc.extras)(&keys, n_layer, &mut extras)?;
         let crate::arch::Extras {
@@ -278,6 +285,7 @@ impl ModelConfig {
             q_scale,
             embd_scale,
             final_logit_softcap,
+            attn_softcap,
         } = extras;
 
         Ok(ModelConfig {
@@ -312,6 +320,7 @@ impl ModelConfig {
             n_swa,
             is_swa,
             final_logit_softcap,
+            attn_softcap,
         })
     }
 }

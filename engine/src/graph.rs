@@ -381,7 +381,8 @@ impl<'m> GraphBuilder<'m> {
             } else {
                 inp.mask
             };
-            cur = sys::ggml_flash_attn_ext(c, qp, kp, vp, mask, cfg.kq_scale, 0.0, 0.0);
+            cur =
+                sys::ggml_flash_attn_ext(c, qp, kp, vp, mask, cfg.kq_scale, 0.0, cfg.attn_softcap);
             sys::ggml_flash_attn_ext_set_n_kv_max(cur, 0);
             sys::ggml_prec_set_acc(cur, sys::GGML_PREC_F32);
             cur = sys::ggml_reshape_2d(

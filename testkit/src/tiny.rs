@@ -18,13 +18,22 @@ pub enum Family {
     Qwen2,
     /// `qwen3` architecture (q/k RMS norms, head_dim independent of n_embd).
     Qwen3,
+    /// `gemma2` architecture (post norms, every other block sliding, soft-capped attention and
+    /// final logits).
+    Gemma2,
     /// `gemma3` architecture (post norms, q/k norms, interleaved sliding-window attention).
     Gemma3,
 }
 
 impl Family {
     /// All families.
-    pub const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3];
+    pub const ALL: [Family; 5] = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma2,
+        Family::Gemma3,
+    ];
 
     /// The `general.architecture` string.
     pub fn arch(self) -> &'static str {
@@ -32,6 +41,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
         }
     }
@@ -68,6 +78,11 @@ pub struct TinySpec {
 
 /// Context length written to every tiny model.
 pub const TINY_CONTEXT_LENGTH: u32 = 512;
+/// Gemma2's sliding-window period in llama.cpp (every other layer is global).
+pub const GEMMA2_SWA_PERIOD: u32 = 2;
+/// Soft-capping of the tiny gemma2's attention and final logits (small, so that tanh bends the
+/// tiny model's logits; the real models use 50 and 30).
+pub const GEMMA2_TINY_SOFTCAPS: (f32, f32) = (5.0, 10.0);
 /// Gemma3's default sliding-window period in llama.cpp (every 6th layer is global).
 pub const GEMMA3_SWA_PERIOD: u32 = 6;
 
@@ -87,7 +102,11 @@ impl TinySpec {
             weight_type: GgmlType::F16,
             tied_embeddings: family != Family::Llama,
             seed: 0x00d1_11a0 + family as u64,
-            sliding_window: if family == Family::Gemma3 { 8 } else { 0 },
+            sliding_window: if matches!(family, Family::Gemma2 | Family::Gemma3) {
+                8
+            } else {
+                0
+            },
             with_chat_template: false,
         }
     }
@@ -99,9 +118,14 @@ impl TinySpec {
 
     /// Whether block `il` uses sliding-window attention in llama.cpp.
     pub fn is_swa_layer(&self, il: u32) -> bool {
-        self.family == Family::Gemma3
-            && self.sliding_window > 0
-            && il % GEMMA3_SWA_PERIOD < GEMMA3_SWA_PERIOD - 1
+        match self.family {
+            Family::Gemma3 => {
+                self.sliding_window > 0 && il % GEMMA3_SWA_PERIOD < GEMMA3_SWA_PERIOD - 1
+            }
+            // llama.cpp: period 2, and a window of 4096 when the file gives none
+            Family::Gemma2 => il % GEMMA2_SWA_PERIOD < GEMMA2_SWA_PERIOD - 1,
+            _ => false,
+        }
     }
 
     fn q_dim(&self) -> u32 {
@@ -128,6 +152,9 @@ impl TinySpec {
         }
         if self.family == Family::Qwen2 && self.q_dim() != self.n_embd {
             return bad("qwen2 requires n_head * head_dim == n_embd");
+        }
+        if self.family == Family::Gemma2 && !self.tied_embeddings {
+            return bad("gemma2 files have no output.weight (llama.cpp uses the embeddings)");
         }
         let wt = self.weight_type;
         if ![GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0].contains(&wt) {
@@ -250,6 +277,17 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         );
         w.set(k("rope.freq_base_swa"), Value::F32(10_000.0));
     }
+    if spec.family == Family::Gemma2 {
+        if spec.sliding_window > 0 {
+            w.set(
+                k("attention.sliding_window"),
+                Value::U32(spec.sliding_window),
+            );
+        }
+        let (attn, last) = GEMMA2_TINY_SOFTCAPS;
+        w.set(k("attn_logit_softcapping"), Value::F32(attn));
+        w.set(k("final_logit_softcapping"), Value::F32(last));
+    }
 
     // tokenizer (SentencePiece / "llama")
     w.set("tokenizer.ggml.model", Value::string("llama"));
@@ -305,14 +343,15 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
             b.norm(&t("attn_k_norm.weight"), spec.head_dim)?;
         }
         b.matrix(&t("attn_output.weight"), q, e, inv(q))?;
-        if spec.family == Family::Gemma3 {
+        let gemma = matches!(spec.family, Family::Gemma2 | Family::Gemma3);
+        if gemma {
             b.norm(&t("post_attention_norm.weight"), e)?;
         }
         b.norm(&t("ffn_norm.weight"), e)?;
         b.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
         b.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
         b.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
-        if spec.family == Family::Gemma3 {
+        if gemma {
             b.norm(&t("post_ffw_norm.weight"), e)?;
         }
     }
@@ -322,7 +361,7 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
 /// Writes a tiny random model that stock llama.cpp loads and runs.
 ///
 /// Tensor names, shapes and metadata follow llama.cpp's loaders for the family
-/// (`src/models/{llama,qwen2,qwen3,gemma3}.cpp`); the tokenizer is a small
+/// (`src/models/{llama,qwen2,qwen3,gemma2,gemma3}.cpp`); the tokenizer is a small
 /// SentencePiece vocabulary (see [`crate::tiny_vocab`]).
 pub fn write_tiny_model(spec: &TinySpec, path: &Path) -> Result<(), TestkitError> {
     tiny_model_writer(spec)?.write_to_path(path)?;

@@ -6,6 +6,7 @@
 use crate::config::{Family, Keys};
 use crate::error::Result;
 
+mod gemma2;
 mod gemma3;
 mod llama;
 mod qwen2;
@@ -36,6 +37,8 @@ pub struct Extras {
     pub embd_scale: Option<f32>,
     /// Final logit soft-capping (0: off).
     pub final_logit_softcap: f32,
+    /// Soft-capping of the attention logits (0: off).
+    pub attn_softcap: f32,
 }
 
 /// What a family adds to the shared block.
@@ -61,7 +64,13 @@ pub struct Arch {
 }
 
 /// Every architecture the engine implements.
-pub const ARCHES: &[&Arch] = &[&llama::ARCH, &qwen2::ARCH, &qwen3::ARCH, &gemma3::ARCH];
+pub const ARCHES: &[&Arch] = &[
+    &llama::ARCH,
+    &qwen2::ARCH,
+    &qwen3::ARCH,
+    &gemma2::ARCH,
+    &gemma3::ARCH,
+];
 
 /// The description of `general.architecture` = `name`.
 pub fn by_name(name: &str) -> Option<&'static Arch> {
