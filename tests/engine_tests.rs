@@ -75,6 +75,11 @@ fn parity_tiny_gemma3() {
 }
 
 #[test]
+fn parity_tiny_olmo2() {
+    parity_tiny(Family::Olmo2);
+}
+
+#[test]
 fn parity_tiny_llama_untied_and_long_prompt() {
     // prompts longer than one ubatch take several graphs (n_ubatch 512 -> use a small context
     // of tiny models: 512 cells, a 300-token prompt and 8 steps)
@@ -156,13 +161,7 @@ fn skip_repeat(p: &Path, prompt: &[i32], skip: usize, repeat: usize, steps: usiz
 #[test]
 fn skip_and_repeat_tiny_families() {
     let dir = tempfile::tempdir().unwrap();
-    for family in [
-        Family::Llama,
-        Family::Qwen2,
-        Family::Qwen3,
-        Family::Gemma2,
-        Family::Gemma3,
-    ] {
+    for family in Family::ALL {
         let p = tiny(dir.path(), family, |_| {});
         let prompt = prompt_for(&p, 40);
         // gemma3: skipping a sliding block shifts the later ones; repeating the global block 5
@@ -260,7 +259,13 @@ fn cached_equals_recompute(p: &Path, path: &LayerPath, prompt: &[i32]) {
 #[test]
 fn cached_decoding_equals_recompute_tiny() {
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Qwen3, Family::Gemma2, Family::Gemma3] {
+    for family in [
+        Family::Llama,
+        Family::Qwen3,
+        Family::Gemma2,
+        Family::Gemma3,
+        Family::Olmo2,
+    ] {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();
@@ -519,13 +524,7 @@ fn long_prompts_run_in_chunks_for_every_family() {
     // 1.1e-3 of the largest logit (qwen3; 3.3e-4 to 5.2e-4 for the others)
     const CHUNK_REL_TOL: f32 = 2e-3;
     let dir = tempfile::tempdir().unwrap();
-    for family in [
-        Family::Llama,
-        Family::Qwen2,
-        Family::Qwen3,
-        Family::Gemma2,
-        Family::Gemma3,
-    ] {
+    for family in Family::ALL {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();

@@ -5,7 +5,8 @@ use crate::error::{EngineError, Result};
 use drllm_gguf::{GgufFile, Value};
 
 /// Architectures the engine implements (GGUF `general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"];
 
 /// A supported model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub enum Family {
     Gemma2,
     /// Gemma 3 (sliding-window layers, q/k norms, pre and post norms, embedding scale).
     Gemma3,
+    /// OLMo 2 (post norms only, q/k norms over the whole projections).
+    Olmo2,
 }
 
 impl Family {
@@ -32,6 +35,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
+            Family::Olmo2 => "olmo2",
         }
     }
 }

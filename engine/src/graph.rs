@@ -2,7 +2,7 @@
 //! gemma3}.cpp and src/llama-graph.cpp), but for one block pass at a time so a request can
 //! take any path through the blocks.
 
-use crate::arch::Ffn;
+use crate::arch::{Ffn, QkNorm};
 use crate::error::{EngineError, Result};
 use crate::ffi::{self, GgmlCtx, Tensor};
 use crate::kv::KvSlot;
@@ -204,7 +204,10 @@ impl<'m> GraphBuilder<'m> {
         // SAFETY: every op takes live tensors of this graph, the model or the KV cache, with
         // shapes checked at load time.
         unsafe {
-            let mut cur = self.rms_norm(x, w.attn_norm);
+            let mut cur = match w.attn_norm {
+                Some(nw) => self.rms_norm(x, nw),
+                None => x,
+            };
 
             let mut q = sys::ggml_mul_mat(c, w.wq, cur);
             if let Some(b) = w.bq {
@@ -217,6 +220,12 @@ impl<'m> GraphBuilder<'m> {
             let mut v = sys::ggml_mul_mat(c, w.wv, cur);
             if let Some(b) = w.bv {
                 v = sys::ggml_add(c, v, b);
+            }
+            if cfg.arch.qk_norm == QkNorm::Full {
+                if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
+                    q = self.rms_norm(q, qn);
+                    k = self.rms_norm(k, kn);
+                }
             }
             q = sys::ggml_reshape_3d(c, q, hd, cfg.n_head as i64, n);
             k = sys::ggml_reshape_3d(c, k, hd, cfg.n_head_kv as i64, n);
@@ -244,11 +253,12 @@ impl<'m> GraphBuilder<'m> {
                     r.beta_slow,
                 )
             };
-            if let Some(qn) = w.q_norm {
+            let per_head = cfg.arch.qk_norm == QkNorm::PerHead;
+            if let (Some(qn), true) = (w.q_norm, per_head) {
                 q = self.rms_norm(q, qn);
             }
             q = rope(q);
-            if let Some(kn) = w.k_norm {
+            if let (Some(kn), true) = (w.k_norm, per_head) {
                 k = self.rms_norm(k, kn);
             }
             k = rope(k);
@@ -304,7 +314,10 @@ impl<'m> GraphBuilder<'m> {
             }
             let ffn_inp = sys::ggml_add(c, cur, res);
 
-            cur = self.rms_norm(ffn_inp, w.ffn_norm);
+            cur = match w.ffn_norm {
+                Some(nw) => self.rms_norm(ffn_inp, nw),
+                None => ffn_inp,
+            };
             let up = sys::ggml_mul_mat(c, w.ffn_up, cur);
             let gate = sys::ggml_mul_mat(c, w.ffn_gate, cur);
             cur = match cfg.arch.ffn {

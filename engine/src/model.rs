@@ -5,6 +5,7 @@
 //! preference list whose device supports the op that weight is used in (so on CPU, quantized
 //! matrices land in the repacked "extra" buffer types and run llama.cpp's fastest kernels).
 
+use crate::arch::QkNorm;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::ffi::{self, Buffer, GgmlCtx, Tensor};
@@ -38,7 +39,7 @@ impl FromStr for DeviceChoice {
 
 /// Weights of one transformer block.
 pub(crate) struct BlockWeights {
-    pub attn_norm: Tensor,
+    pub attn_norm: Option<Tensor>,
     pub wq: Tensor,
     pub wk: Tensor,
     pub wv: Tensor,
@@ -50,7 +51,7 @@ pub(crate) struct BlockWeights {
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
     pub attn_post_norm: Option<Tensor>,
-    pub ffn_norm: Tensor,
+    pub ffn_norm: Option<Tensor>,
     pub ffn_gate: Tensor,
     pub ffn_up: Tensor,
     pub ffn_down: Tensor,
@@ -257,11 +258,13 @@ impl Model {
                 false,
             );
         }
-        let (qk_norm, qkv_bias, post_norms) = (arch.qk_norm, arch.qkv_bias, arch.post_norms);
+        let (qkv_bias, post_norms, pre_norms) = (arch.qkv_bias, arch.post_norms, arch.pre_norms);
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             let r = Layer::Repeating;
-            want(n("attn_norm.weight"), vec![e], MUL, r, true);
+            if pre_norms {
+                want(n("attn_norm.weight"), vec![e], MUL, r, true);
+            }
             want(n("attn_q.weight"), vec![e, nh * hd], MM, r, true);
             want(n("attn_k.weight"), vec![e, nkv * hd], MM, r, true);
             want(n("attn_v.weight"), vec![e, nkv * hd], MM, r, true);
@@ -270,15 +273,24 @@ impl Model {
             want(n("attn_k.bias"), vec![nkv * hd], ADD, r, qkv_bias);
             want(n("attn_v.bias"), vec![nkv * hd], ADD, r, qkv_bias);
             want(n("attn_output.bias"), vec![e], ADD, r, false);
-            if qk_norm {
-                want(n("attn_q_norm.weight"), vec![hd], MUL, r, true);
-                want(n("attn_k_norm.weight"), vec![hd], MUL, r, true);
+            match arch.qk_norm {
+                QkNorm::None => {}
+                QkNorm::PerHead => {
+                    want(n("attn_q_norm.weight"), vec![hd], MUL, r, true);
+                    want(n("attn_k_norm.weight"), vec![hd], MUL, r, true);
+                }
+                QkNorm::Full => {
+                    want(n("attn_q_norm.weight"), vec![nh * hd], MUL, r, true);
+                    want(n("attn_k_norm.weight"), vec![nkv * hd], MUL, r, true);
+                }
             }
             if post_norms {
                 want(n("post_attention_norm.weight"), vec![e], MUL, r, true);
                 want(n("post_ffw_norm.weight"), vec![e], MUL, r, true);
             }
-            want(n("ffn_norm.weight"), vec![e], MUL, r, true);
+            if pre_norms {
+                want(n("ffn_norm.weight"), vec![e], MUL, r, true);
+            }
             want(n("ffn_gate.weight"), vec![e, ff], MM, r, true);
             want(n("ffn_up.weight"), vec![e, ff], MM, r, true);
             want(n("ffn_down.weight"), vec![ff, e], MM, r, true);
@@ -526,7 +538,7 @@ impl Model {
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             blocks.push(BlockWeights {
-                attn_norm: need(n("attn_norm.weight"))?,
+                attn_norm: get(&n("attn_norm.weight")),
                 wq: need(n("attn_q.weight"))?,
                 wk: need(n("attn_k.weight"))?,
                 wv: need(n("attn_v.weight"))?,
@@ -538,7 +550,7 @@ impl Model {
                 q_norm: get(&n("attn_q_norm.weight")),
                 k_norm: get(&n("attn_k_norm.weight")),
                 attn_post_norm: get(&n("post_attention_norm.weight")),
-                ffn_norm: need(n("ffn_norm.weight"))?,
+                ffn_norm: get(&n("ffn_norm.weight")),
                 ffn_gate: need(n("ffn_gate.weight"))?,
                 ffn_up: need(n("ffn_up.weight"))?,
                 ffn_down: need(n("ffn_down.weight"))?,

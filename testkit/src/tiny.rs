@@ -23,16 +23,19 @@ pub enum Family {
     Gemma2,
     /// `gemma3` architecture (post norms, q/k norms, interleaved sliding-window attention).
     Gemma3,
+    /// `olmo2` architecture (post norms only, q/k norms over the whole projections).
+    Olmo2,
 }
 
 impl Family {
     /// All families.
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
         Family::Gemma2,
         Family::Gemma3,
+        Family::Olmo2,
     ];
 
     /// The `general.architecture` string.
@@ -43,6 +46,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
+            Family::Olmo2 => "olmo2",
         }
     }
 }
@@ -100,7 +104,7 @@ impl TinySpec {
             head_dim: if family == Family::Qwen3 { 32 } else { 16 },
             n_ff: 128,
             weight_type: GgmlType::F16,
-            tied_embeddings: family != Family::Llama,
+            tied_embeddings: !matches!(family, Family::Llama | Family::Olmo2),
             seed: 0x00d1_11a0 + family as u64,
             sliding_window: if matches!(family, Family::Gemma2 | Family::Gemma3) {
                 8
@@ -152,6 +156,9 @@ impl TinySpec {
         }
         if self.family == Family::Qwen2 && self.q_dim() != self.n_embd {
             return bad("qwen2 requires n_head * head_dim == n_embd");
+        }
+        if self.family == Family::Olmo2 && (self.tied_embeddings || self.q_dim() != self.n_embd) {
+            return bad("olmo2 needs output.weight and n_head * head_dim == n_embd");
         }
         if self.family == Family::Gemma2 && !self.tied_embeddings {
             return bad("gemma2 files have no output.weight (llama.cpp uses the embeddings)");
@@ -329,7 +336,10 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
     let inv = |fan_in: u32| 1.0 / (fan_in as f32).sqrt();
     for il in 0..spec.n_layer {
         let t = |s: &str| format!("blk.{il}.{s}");
-        b.norm(&t("attn_norm.weight"), e)?;
+        let olmo = spec.family == Family::Olmo2;
+        if !olmo {
+            b.norm(&t("attn_norm.weight"), e)?;
+        }
         b.matrix(&t("attn_q.weight"), e, q, inv(e))?;
         b.matrix(&t("attn_k.weight"), e, kv, inv(e))?;
         b.matrix(&t("attn_v.weight"), e, kv, inv(e))?;
@@ -342,16 +352,22 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
             b.norm(&t("attn_q_norm.weight"), spec.head_dim)?;
             b.norm(&t("attn_k_norm.weight"), spec.head_dim)?;
         }
+        if olmo {
+            b.norm(&t("attn_q_norm.weight"), q)?;
+            b.norm(&t("attn_k_norm.weight"), kv)?;
+        }
         b.matrix(&t("attn_output.weight"), q, e, inv(q))?;
-        let gemma = matches!(spec.family, Family::Gemma2 | Family::Gemma3);
-        if gemma {
+        let post_norms = matches!(spec.family, Family::Gemma2 | Family::Gemma3 | Family::Olmo2);
+        if post_norms {
             b.norm(&t("post_attention_norm.weight"), e)?;
         }
-        b.norm(&t("ffn_norm.weight"), e)?;
+        if !olmo {
+            b.norm(&t("ffn_norm.weight"), e)?;
+        }
         b.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
         b.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
         b.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
-        if gemma {
+        if post_norms {
             b.norm(&t("post_ffw_norm.weight"), e)?;
         }
     }
@@ -361,7 +377,7 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
 /// Writes a tiny random model that stock llama.cpp loads and runs.
 ///
 /// Tensor names, shapes and metadata follow llama.cpp's loaders for the family
-/// (`src/models/{llama,qwen2,qwen3,gemma2,gemma3}.cpp`); the tokenizer is a small
+/// (`src/models/{llama,qwen2,qwen3,gemma2,gemma3,olmo2}.cpp`); the tokenizer is a small
 /// SentencePiece vocabulary (see [`crate::tiny_vocab`]).
 pub fn write_tiny_model(spec: &TinySpec, path: &Path) -> Result<(), TestkitError> {
     tiny_model_writer(spec)?.write_to_path(path)?;

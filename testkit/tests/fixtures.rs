@@ -46,6 +46,13 @@ fn expected_block_tensors(spec: &TinySpec) -> Vec<(&'static str, Vec<u64>)> {
             v.push(("attn_q_norm.weight", vec![hd]));
             v.push(("attn_k_norm.weight", vec![hd]));
         }
+        Family::Olmo2 => {
+            v.retain(|(n, _)| !matches!(*n, "attn_norm.weight" | "ffn_norm.weight"));
+            v.push(("attn_q_norm.weight", vec![q]));
+            v.push(("attn_k_norm.weight", vec![kv]));
+            v.push(("post_attention_norm.weight", vec![e]));
+            v.push(("post_ffw_norm.weight", vec![e]));
+        }
         Family::Gemma2 => {
             v.push(("post_attention_norm.weight", vec![e]));
             v.push(("post_ffw_norm.weight", vec![e]));

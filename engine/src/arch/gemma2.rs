@@ -2,7 +2,7 @@
 //! 4096 unless the file says), soft-capped attention logits (50) and final logits (30), norms
 //! after attention and FFN, GELU gate, scaled embeddings, Q scaled before attention.
 
-use super::{Arch, Extras, Ffn};
+use super::{Arch, Extras, Ffn, QkNorm};
 use crate::config::{swa_pattern, Family, Keys, ROPE_TYPE_NEOX};
 use crate::error::Result;
 
@@ -11,7 +11,8 @@ pub const ARCH: Arch = Arch {
     family: Family::Gemma2,
     rope_mode: ROPE_TYPE_NEOX,
     qkv_bias: false,
-    qk_norm: false,
+    qk_norm: QkNorm::None,
+    pre_norms: true,
     post_norms: true,
     rope_freqs: false,
     ffn: Ffn::GeGlu,

@@ -2,7 +2,7 @@
 //! own RoPE base, Q/K norms, norms after attention and FFN, GELU gate, scaled embeddings, Q
 //! scaled before attention, optional final soft-capping.
 
-use super::{Arch, Extras, Ffn};
+use super::{Arch, Extras, Ffn, QkNorm};
 use crate::config::{swa_pattern, Family, Keys, ROPE_TYPE_NEOX};
 use crate::error::Result;
 
@@ -11,7 +11,8 @@ pub const ARCH: Arch = Arch {
     family: Family::Gemma3,
     rope_mode: ROPE_TYPE_NEOX,
     qkv_bias: false,
-    qk_norm: true,
+    qk_norm: QkNorm::PerHead,
+    pre_norms: true,
     post_norms: true,
     rope_freqs: false,
     ffn: Ffn::GeGlu,

@@ -1,7 +1,7 @@
 //! `llama`: Llama 2/3.x, SmolLM2, and other files of that architecture
 //! (llama.cpp `src/models/llama.cpp`).
 
-use super::{attention_scale, Arch, Ffn};
+use super::{attention_scale, Arch, Ffn, QkNorm};
 use crate::config::{Family, ROPE_TYPE_NORM};
 
 pub const ARCH: Arch = Arch {
@@ -9,7 +9,8 @@ pub const ARCH: Arch = Arch {
     family: Family::Llama,
     rope_mode: ROPE_TYPE_NORM,
     qkv_bias: false,
-    qk_norm: false,
+    qk_norm: QkNorm::None,
+    pre_norms: true,
     post_norms: false,
     rope_freqs: true,
     ffn: Ffn::SwiGlu,

@@ -9,6 +9,7 @@ use crate::error::Result;
 mod gemma2;
 mod gemma3;
 mod llama;
+mod olmo2;
 mod qwen2;
 mod qwen3;
 
@@ -19,6 +20,17 @@ pub enum Ffn {
     SwiGlu,
     /// GELU-tanh(gate) * up (gemma).
     GeGlu,
+}
+
+/// RMS norms of Q and K before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Per head: `attn_{q,k}_norm.weight` of the head size (qwen3, gemma3).
+    PerHead,
+    /// Over the whole projection, before it is split into heads: `attn_q_norm.weight` of
+    /// heads x head size, `attn_k_norm.weight` of KV heads x head size (olmo2).
+    Full,
 }
 
 /// Hyperparameters some families set beyond the generic ones, with their llama.cpp defaults.
@@ -51,8 +63,11 @@ pub struct Arch {
     pub rope_mode: i32,
     /// `attn_{q,k,v}.bias` (required).
     pub qkv_bias: bool,
-    /// `attn_{q,k}_norm.weight`: per-head RMS norms of Q and K before RoPE.
-    pub qk_norm: bool,
+    /// RMS norms of Q and K before RoPE (`attn_{q,k}_norm.weight`).
+    pub qk_norm: QkNorm,
+    /// `attn_norm.weight` and `ffn_norm.weight`: RMS norms of the attention and FFN inputs
+    /// (every family but olmo2, which only norms their outputs).
+    pub pre_norms: bool,
     /// `post_attention_norm.weight` and `post_ffw_norm.weight`: RMS norms of the attention and
     /// FFN outputs before their residual adds.
     pub post_norms: bool,
@@ -70,6 +85,7 @@ pub const ARCHES: &[&Arch] = &[
     &qwen3::ARCH,
     &gemma2::ARCH,
     &gemma3::ARCH,
+    &olmo2::ARCH,
 ];
 
 /// The description of `general.architecture` = `name`.

@@ -1,6 +1,6 @@
 //! `qwen2`: Qwen2 / Qwen2.5 (llama.cpp `src/models/qwen2.cpp`): biases on Q, K and V.
 
-use super::{attention_scale, Arch, Ffn};
+use super::{attention_scale, Arch, Ffn, QkNorm};
 use crate::config::{Family, ROPE_TYPE_NEOX};
 
 pub const ARCH: Arch = Arch {
@@ -8,7 +8,8 @@ pub const ARCH: Arch = Arch {
     family: Family::Qwen2,
     rope_mode: ROPE_TYPE_NEOX,
     qkv_bias: true,
-    qk_norm: false,
+    qk_norm: QkNorm::None,
+    pre_norms: true,
     post_norms: false,
     rope_freqs: false,
     ffn: Ffn::SwiGlu,

@@ -1,6 +1,6 @@
 //! `qwen3`: Qwen3 dense (llama.cpp `src/models/qwen3.cpp`): per-head RMS norms of Q and K.
 
-use super::{attention_scale, Arch, Ffn};
+use super::{attention_scale, Arch, Ffn, QkNorm};
 use crate::config::{Family, ROPE_TYPE_NEOX};
 
 pub const ARCH: Arch = Arch {
@@ -8,7 +8,8 @@ pub const ARCH: Arch = Arch {
     family: Family::Qwen3,
     rope_mode: ROPE_TYPE_NEOX,
     qkv_bias: false,
-    qk_norm: true,
+    qk_norm: QkNorm::PerHead,
+    pre_norms: true,
     post_norms: false,
     rope_freqs: false,
     ffn: Ffn::SwiGlu,
