@@ -80,6 +80,11 @@ fn parity_tiny_olmo2() {
 }
 
 #[test]
+fn parity_tiny_phi3() {
+    parity_tiny(Family::Phi3);
+}
+
+#[test]
 fn parity_tiny_llama_untied_and_long_prompt() {
     // prompts longer than one ubatch take several graphs (n_ubatch 512 -> use a small context
     // of tiny models: 512 cells, a 300-token prompt and 8 steps)
@@ -265,6 +270,7 @@ fn cached_decoding_equals_recompute_tiny() {
         Family::Gemma2,
         Family::Gemma3,
         Family::Olmo2,
+        Family::Phi3,
     ] {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);

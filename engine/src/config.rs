@@ -5,8 +5,9 @@ use crate::error::{EngineError, Result};
 use drllm_gguf::{GgufFile, Value};
 
 /// Architectures the engine implements (GGUF `general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "phi3",
+];
 
 /// A supported model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub enum Family {
     Gemma3,
     /// OLMo 2 (post norms only, q/k norms over the whole projections).
     Olmo2,
+    /// Phi-3 (fused QKV and gate/up matrices).
+    Phi3,
 }
 
 impl Family {
@@ -36,6 +39,7 @@ impl Family {
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
             Family::Olmo2 => "olmo2",
+            Family::Phi3 => "phi3",
         }
     }
 }

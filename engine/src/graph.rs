@@ -209,27 +209,63 @@ impl<'m> GraphBuilder<'m> {
                 None => x,
             };
 
-            let mut q = sys::ggml_mul_mat(c, w.wq, cur);
-            if let Some(b) = w.bq {
-                q = sys::ggml_add(c, q, b);
-            }
-            let mut k = sys::ggml_mul_mat(c, w.wk, cur);
-            if let Some(b) = w.bk {
-                k = sys::ggml_add(c, k, b);
-            }
-            let mut v = sys::ggml_mul_mat(c, w.wv, cur);
-            if let Some(b) = w.bv {
-                v = sys::ggml_add(c, v, b);
-            }
-            if cfg.arch.qk_norm == QkNorm::Full {
+            let full_norm = cfg.arch.qk_norm == QkNorm::Full;
+            let (n_q, n_k) = (hd * cfg.n_head as i64, hd * cfg.n_head_kv as i64);
+            let hdv = cfg.head_dim_v as i64;
+            let (mut q, mut k, mut v, reshaped) = match (w.wqkv, w.wq, w.wk, w.wv) {
+                (Some(wqkv), _, _, _) => {
+                    // llama.cpp's build_qkv on a fused matrix: views of one product
+                    let mut qkv = sys::ggml_mul_mat(c, wqkv, cur);
+                    if let Some(b) = w.bqkv {
+                        qkv = sys::ggml_add(c, qkv, b);
+                    }
+                    let es = |n: i64| sys::ggml_row_size((*qkv).type_, n);
+                    let nb1 = (*qkv).nb[1];
+                    if full_norm {
+                        let view = |rows: i64, off: i64| {
+                            sys::ggml_cont(c, sys::ggml_view_2d(c, qkv, rows, n, nb1, es(off)))
+                        };
+                        (view(n_q, 0), view(n_k, n_q), view(n_k, n_q + n_k), false)
+                    } else {
+                        let view = |dim: i64, heads: i64, off: i64| {
+                            sys::ggml_view_3d(c, qkv, dim, heads, n, es(dim), nb1, es(off))
+                        };
+                        (
+                            view(hd, cfg.n_head as i64, 0),
+                            view(hd, cfg.n_head_kv as i64, n_q),
+                            view(hdv, cfg.n_head_kv as i64, n_q + n_k),
+                            true,
+                        )
+                    }
+                }
+                (None, Some(wq), Some(wk), Some(wv)) => {
+                    let mut q = sys::ggml_mul_mat(c, wq, cur);
+                    if let Some(b) = w.bq {
+                        q = sys::ggml_add(c, q, b);
+                    }
+                    let mut k = sys::ggml_mul_mat(c, wk, cur);
+                    if let Some(b) = w.bk {
+                        k = sys::ggml_add(c, k, b);
+                    }
+                    let mut v = sys::ggml_mul_mat(c, wv, cur);
+                    if let Some(b) = w.bv {
+                        v = sys::ggml_add(c, v, b);
+                    }
+                    (q, k, v, false)
+                }
+                _ => unreachable!("the loader requires attn_qkv or attn_q/k/v"),
+            };
+            if full_norm {
                 if let (Some(qn), Some(kn)) = (w.q_norm, w.k_norm) {
                     q = self.rms_norm(q, qn);
                     k = self.rms_norm(k, kn);
                 }
             }
-            q = sys::ggml_reshape_3d(c, q, hd, cfg.n_head as i64, n);
-            k = sys::ggml_reshape_3d(c, k, hd, cfg.n_head_kv as i64, n);
-            v = sys::ggml_reshape_3d(c, v, cfg.head_dim_v as i64, cfg.n_head_kv as i64, n);
+            if !reshaped {
+                q = sys::ggml_reshape_3d(c, q, hd, cfg.n_head as i64, n);
+                k = sys::ggml_reshape_3d(c, k, hd, cfg.n_head_kv as i64, n);
+                v = sys::ggml_reshape_3d(c, v, hdv, cfg.n_head_kv as i64, n);
+            }
 
             let rope_factors = if cfg.arch.rope_freqs {
                 m.rope_freqs.unwrap_or(std::ptr::null_mut())
@@ -319,10 +355,12 @@ impl<'m> GraphBuilder<'m> {
                 None => ffn_inp,
             };
             let up = sys::ggml_mul_mat(c, w.ffn_up, cur);
-            let gate = sys::ggml_mul_mat(c, w.ffn_gate, cur);
-            cur = match cfg.arch.ffn {
-                Ffn::GeGlu => sys::ggml_geglu_split(c, gate, up),
-                Ffn::SwiGlu => sys::ggml_swiglu_split(c, gate, up),
+            cur = match (cfg.arch.ffn, w.ffn_gate) {
+                (Ffn::SwiGluFused, _) | (_, None) => sys::ggml_swiglu(c, up),
+                (Ffn::GeGlu, Some(g)) => sys::ggml_geglu_split(c, sys::ggml_mul_mat(c, g, cur), up),
+                (Ffn::SwiGlu, Some(g)) => {
+                    sys::ggml_swiglu_split(c, sys::ggml_mul_mat(c, g, cur), up)
+                }
             };
             cur = sys::ggml_mul_mat(c, w.ffn_down, cur);
             if let Some(pn) = w.ffn_post_norm {

@@ -5,7 +5,7 @@
 //! preference list whose device supports the op that weight is used in (so on CPU, quantized
 //! matrices land in the repacked "extra" buffer types and run llama.cpp's fastest kernels).
 
-use crate::arch::QkNorm;
+use crate::arch::{Ffn, QkNorm};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::ffi::{self, Buffer, GgmlCtx, Tensor};
@@ -40,9 +40,12 @@ impl FromStr for DeviceChoice {
 /// Weights of one transformer block.
 pub(crate) struct BlockWeights {
     pub attn_norm: Option<Tensor>,
-    pub wq: Tensor,
-    pub wk: Tensor,
-    pub wv: Tensor,
+    /// Q, K and V: one fused matrix (and bias), or three.
+    pub wqkv: Option<Tensor>,
+    pub bqkv: Option<Tensor>,
+    pub wq: Option<Tensor>,
+    pub wk: Option<Tensor>,
+    pub wv: Option<Tensor>,
     pub wo: Tensor,
     pub bq: Option<Tensor>,
     pub bk: Option<Tensor>,
@@ -52,7 +55,8 @@ pub(crate) struct BlockWeights {
     pub k_norm: Option<Tensor>,
     pub attn_post_norm: Option<Tensor>,
     pub ffn_norm: Option<Tensor>,
-    pub ffn_gate: Tensor,
+    /// None when `ffn_up` holds gate and up together (phi3).
+    pub ffn_gate: Option<Tensor>,
     pub ffn_up: Tensor,
     pub ffn_down: Tensor,
     pub ffn_post_norm: Option<Tensor>,
@@ -265,13 +269,21 @@ impl Model {
             if pre_norms {
                 want(n("attn_norm.weight"), vec![e], MUL, r, true);
             }
-            want(n("attn_q.weight"), vec![e, nh * hd], MM, r, true);
-            want(n("attn_k.weight"), vec![e, nkv * hd], MM, r, true);
-            want(n("attn_v.weight"), vec![e, nkv * hd], MM, r, true);
+            // Q, K and V in one matrix when the file has it (llama.cpp's create_tensor_qkv
+            // accepts that layout for every family), else three
+            if meta_tensor(&meta, &n("attn_qkv.weight")).is_some() {
+                let qkv = (nh + 2 * nkv) * hd;
+                want(n("attn_qkv.weight"), vec![e, qkv], MM, r, true);
+                want(n("attn_qkv.bias"), vec![qkv], ADD, r, qkv_bias);
+            } else {
+                want(n("attn_q.weight"), vec![e, nh * hd], MM, r, true);
+                want(n("attn_k.weight"), vec![e, nkv * hd], MM, r, true);
+                want(n("attn_v.weight"), vec![e, nkv * hd], MM, r, true);
+                want(n("attn_q.bias"), vec![nh * hd], ADD, r, qkv_bias);
+                want(n("attn_k.bias"), vec![nkv * hd], ADD, r, qkv_bias);
+                want(n("attn_v.bias"), vec![nkv * hd], ADD, r, qkv_bias);
+            }
             want(n("attn_output.weight"), vec![nh * hd, e], MM, r, true);
-            want(n("attn_q.bias"), vec![nh * hd], ADD, r, qkv_bias);
-            want(n("attn_k.bias"), vec![nkv * hd], ADD, r, qkv_bias);
-            want(n("attn_v.bias"), vec![nkv * hd], ADD, r, qkv_bias);
             want(n("attn_output.bias"), vec![e], ADD, r, false);
             match arch.qk_norm {
                 QkNorm::None => {}
@@ -291,8 +303,13 @@ impl Model {
             if pre_norms {
                 want(n("ffn_norm.weight"), vec![e], MUL, r, true);
             }
-            want(n("ffn_gate.weight"), vec![e, ff], MM, r, true);
-            want(n("ffn_up.weight"), vec![e, ff], MM, r, true);
+            if arch.ffn == Ffn::SwiGluFused {
+                // gate and up in one matrix (phi3)
+                want(n("ffn_up.weight"), vec![e, 2 * ff], MM, r, true);
+            } else {
+                want(n("ffn_gate.weight"), vec![e, ff], MM, r, true);
+                want(n("ffn_up.weight"), vec![e, ff], MM, r, true);
+            }
             want(n("ffn_down.weight"), vec![ff, e], MM, r, true);
         }
 
@@ -539,9 +556,11 @@ impl Model {
             let n = |s: &str| format!("blk.{i}.{s}");
             blocks.push(BlockWeights {
                 attn_norm: get(&n("attn_norm.weight")),
-                wq: need(n("attn_q.weight"))?,
-                wk: need(n("attn_k.weight"))?,
-                wv: need(n("attn_v.weight"))?,
+                wqkv: get(&n("attn_qkv.weight")),
+                bqkv: get(&n("attn_qkv.bias")),
+                wq: get(&n("attn_q.weight")),
+                wk: get(&n("attn_k.weight")),
+                wv: get(&n("attn_v.weight")),
                 wo: need(n("attn_output.weight"))?,
                 bq: get(&n("attn_q.bias")),
                 bk: get(&n("attn_k.bias")),
@@ -551,7 +570,7 @@ impl Model {
                 k_norm: get(&n("attn_k_norm.weight")),
                 attn_post_norm: get(&n("post_attention_norm.weight")),
                 ffn_norm: get(&n("ffn_norm.weight")),
-                ffn_gate: need(n("ffn_gate.weight"))?,
+                ffn_gate: get(&n("ffn_gate.weight")),
                 ffn_up: need(n("ffn_up.weight"))?,
                 ffn_down: need(n("ffn_down.weight"))?,
                 ffn_post_norm: get(&n("post_ffw_norm.weight")),

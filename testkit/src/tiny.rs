@@ -25,17 +25,20 @@ pub enum Family {
     Gemma3,
     /// `olmo2` architecture (post norms only, q/k norms over the whole projections).
     Olmo2,
+    /// `phi3` architecture (fused QKV matrix, fused gate/up matrix).
+    Phi3,
 }
 
 impl Family {
     /// All families.
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
         Family::Gemma2,
         Family::Gemma3,
         Family::Olmo2,
+        Family::Phi3,
     ];
 
     /// The `general.architecture` string.
@@ -47,6 +50,7 @@ impl Family {
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
             Family::Olmo2 => "olmo2",
+            Family::Phi3 => "phi3",
         }
     }
 }
@@ -104,7 +108,7 @@ impl TinySpec {
             head_dim: if family == Family::Qwen3 { 32 } else { 16 },
             n_ff: 128,
             weight_type: GgmlType::F16,
-            tied_embeddings: !matches!(family, Family::Llama | Family::Olmo2),
+            tied_embeddings: !matches!(family, Family::Llama | Family::Olmo2 | Family::Phi3),
             seed: 0x00d1_11a0 + family as u64,
             sliding_window: if matches!(family, Family::Gemma2 | Family::Gemma3) {
                 8
@@ -250,7 +254,14 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
 
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::string(arch));
-    w.set("general.name", Value::string(format!("drllm tiny {arch}")));
+    // llama.cpp's vocabulary loader looks up "<|endoftext|>" when the name says phi3 (real
+    // Phi-3 vocabularies have it; the tiny one does not)
+    let name = if spec.family == Family::Phi3 {
+        "drllm tiny model".to_string()
+    } else {
+        format!("drllm tiny {arch}")
+    };
+    w.set("general.name", Value::string(name));
     w.set("general.file_type", Value::U32(file_type(spec.weight_type)));
     w.set("general.quantization_version", Value::U32(2));
     // llama.cpp reads these with strict types: u32 for integers, f32 for floats
@@ -340,9 +351,14 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         if !olmo {
             b.norm(&t("attn_norm.weight"), e)?;
         }
-        b.matrix(&t("attn_q.weight"), e, q, inv(e))?;
-        b.matrix(&t("attn_k.weight"), e, kv, inv(e))?;
-        b.matrix(&t("attn_v.weight"), e, kv, inv(e))?;
+        let phi = spec.family == Family::Phi3;
+        if phi {
+            b.matrix(&t("attn_qkv.weight"), e, q + 2 * kv, inv(e))?;
+        } else {
+            b.matrix(&t("attn_q.weight"), e, q, inv(e))?;
+            b.matrix(&t("attn_k.weight"), e, kv, inv(e))?;
+            b.matrix(&t("attn_v.weight"), e, kv, inv(e))?;
+        }
         if spec.family == Family::Qwen2 {
             b.vector(&t("attn_q.bias"), q, 0.0, 0.1)?;
             b.vector(&t("attn_k.bias"), kv, 0.0, 0.1)?;
@@ -364,8 +380,12 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         if !olmo {
             b.norm(&t("ffn_norm.weight"), e)?;
         }
-        b.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
-        b.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
+        if phi {
+            b.matrix(&t("ffn_up.weight"), e, 2 * ff, inv(e))?;
+        } else {
+            b.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
+            b.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
+        }
         b.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
         if post_norms {
             b.norm(&t("post_ffw_norm.weight"), e)?;
@@ -377,7 +397,7 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
 /// Writes a tiny random model that stock llama.cpp loads and runs.
 ///
 /// Tensor names, shapes and metadata follow llama.cpp's loaders for the family
-/// (`src/models/{llama,qwen2,qwen3,gemma2,gemma3,olmo2}.cpp`); the tokenizer is a small
+/// (`src/models/{llama,qwen2,qwen3,gemma2,gemma3,olmo2,phi3}.cpp`); the tokenizer is a small
 /// SentencePiece vocabulary (see [`crate::tiny_vocab`]).
 pub fn write_tiny_model(spec: &TinySpec, path: &Path) -> Result<(), TestkitError> {
     tiny_model_writer(spec)?.write_to_path(path)?;

@@ -46,6 +46,20 @@ fn expected_block_tensors(spec: &TinySpec) -> Vec<(&'static str, Vec<u64>)> {
             v.push(("attn_q_norm.weight", vec![hd]));
             v.push(("attn_k_norm.weight", vec![hd]));
         }
+        Family::Phi3 => {
+            v.retain(|(n, _)| {
+                !matches!(
+                    *n,
+                    "attn_q.weight"
+                        | "attn_k.weight"
+                        | "attn_v.weight"
+                        | "ffn_gate.weight"
+                        | "ffn_up.weight"
+                )
+            });
+            v.push(("attn_qkv.weight", vec![e, q + 2 * kv]));
+            v.push(("ffn_up.weight", vec![e, 2 * ff]));
+        }
         Family::Olmo2 => {
             v.retain(|(n, _)| !matches!(*n, "attn_norm.weight" | "ffn_norm.weight"));
             v.push(("attn_q_norm.weight", vec![q]));

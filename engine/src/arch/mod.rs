@@ -10,6 +10,7 @@ mod gemma2;
 mod gemma3;
 mod llama;
 mod olmo2;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -20,6 +21,9 @@ pub enum Ffn {
     SwiGlu,
     /// GELU-tanh(gate) * up (gemma).
     GeGlu,
+    /// SiLU(gate) * up with gate and up in one matrix, `ffn_up.weight` of twice the FFN size
+    /// (phi3).
+    SwiGluFused,
 }
 
 /// RMS norms of Q and K before RoPE.
@@ -86,6 +90,7 @@ pub const ARCHES: &[&Arch] = &[
     &gemma2::ARCH,
     &gemma3::ARCH,
     &olmo2::ARCH,
+    &phi3::ARCH,
 ];
 
 /// The description of `general.architecture` = `name`.
