@@ -284,7 +284,13 @@ impl ModelConfig {
             final_logit_softcap: 0.0,
             attn_softcap: 0.0,
         };
-        (desc.extras)(&keys, n_layer, &mut extras)?;
+        let base = crate::arch::Base {
+            n_layer,
+            n_embd,
+            n_head,
+            head_dim: head_dim_k,
+        };
+        (desc.extras)(&keys, &base, &mut extras)?;
         let crate::arch::Extras {
             n_swa,
             is_swa,

@@ -337,9 +337,21 @@ pub fn generate(
     prompt: &[i32],
     route: Route<'_>,
     opts: &GenerateOptions,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let st = Stepper::start(session, tokenizer, prompt, route, opts)?;
+    run_to_end(st, session, tokenizer, on_text)
+}
+
+/// Runs a started generation ([`Stepper::start`] or [`Stepper::resume`]) to its end, decoding
+/// one token at a time. `on_text` receives text as it becomes final and returns false to stop
+/// (the generation then ends as cancelled); the held-back rest is given to it at the end.
+pub fn run_to_end(
+    mut st: Stepper,
+    session: &mut Session,
+    tokenizer: &Tokenizer,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let mut st = Stepper::start(session, tokenizer, prompt, route, opts)?;
     let n_ctx = session.options().n_ctx;
     while let Step::Token { show, decode } = st.step(tokenizer, session.n_past(), n_ctx) {
         if !show.is_empty() && !on_text(&show) {

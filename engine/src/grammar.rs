@@ -94,7 +94,7 @@ pub(crate) fn explain(gbnf: &str, logged: &[String]) -> GrammarError {
 /// `[class]`, `.`, rule names, `( ... )`, `<token>`, each optionally followed by `*`, `+`, `?`
 /// or `{m}`, `{m,}`, `{m,n}`; comments from `#` to the end of the line. Then: every referenced
 /// rule defined, a `root` rule present. Errors give line and column.
-pub fn check_syntax(src: &str) -> Result<(), String> {
+pub(crate) fn check_syntax(src: &str) -> Result<(), String> {
     let mut p = Parser {
         s: src.as_bytes(),
         i: 0,

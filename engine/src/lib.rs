@@ -27,9 +27,9 @@ pub use config::{Family, Keys, ModelConfig, RopeConfig, SUPPORTED_ARCHITECTURES}
 pub use drllm_router_format as router_format;
 pub use error::{EngineError, Result};
 pub use generate::{
-    generate, FinishReason, GenerateOptions, Generation, Step, Stepper, StopScanner,
+    generate, run_to_end, FinishReason, GenerateOptions, Generation, Step, Stepper, StopScanner,
 };
-pub use grammar::{check_syntax as check_gbnf_syntax, json_schema_to_gbnf, Grammar, GrammarError};
+pub use grammar::{json_schema_to_gbnf, Grammar, GrammarError};
 pub use model::{DeviceChoice, Model};
 pub use path::{LayerPath, Pass, PathError, MAX_PASSES_PER_BLOCK};
 pub use routing::{constant_sidecar, decide, BlockDecision, RouteOptions, RouterHook, Routers};

@@ -875,10 +875,7 @@ impl Session {
         // grow only: a search tries many paths on one session, and releasing slots between
         // them would only allocate (and clear) them again
         self.kv.ensure(path)?;
-        let kv_bytes = |t: Tensor| -> usize {
-            // SAFETY: plain size query on a live tensor.
-            unsafe { sys::ggml_row_size((*t).type_, (*t).ne[0]) * t_total }
-        };
+        let kv_bytes = |t: Tensor| ffi::row_bytes(t) * t_total;
         let first = match start {
             None | Some([]) => {
                 self.lm_embed(tokens)?;

@@ -83,7 +83,6 @@ struct Slot {
 struct Inner {
     slots: Vec<Slot>,
     clock: u64,
-    bytes: usize,
 }
 
 /// The cache shared by the workers.
@@ -100,7 +99,6 @@ impl PromptCache {
             inner: Mutex::new(Inner {
                 slots: Vec::new(),
                 clock: 0,
-                bytes: 0,
             }),
             capacity,
             metrics,
@@ -163,8 +161,9 @@ impl PromptCache {
             !(s.entry.key == entry.key
                 && common_prefix(&s.entry.tokens, &entry.tokens) >= s.entry.prompt_len)
         });
+        let mut held: usize = g.slots.iter().map(|s| s.entry.bytes()).sum();
         let mut evicted = 0u64;
-        while g.slots.iter().map(|s| s.entry.bytes()).sum::<usize>() + size > self.capacity {
+        while held + size > self.capacity {
             let Some(oldest) = g
                 .slots
                 .iter()
@@ -174,33 +173,17 @@ impl PromptCache {
             else {
                 break;
             };
-            g.slots.swap_remove(oldest);
+            held -= g.slots.swap_remove(oldest).entry.bytes();
             evicted += 1;
         }
         g.slots.push(Slot {
             entry: entry.clone(),
             used: now,
         });
-        g.bytes = g.slots.iter().map(|s| s.entry.bytes()).sum();
         let m = &self.metrics;
         m.cache_evictions.fetch_add(evicted, Ordering::Relaxed);
-        m.cache_bytes.store(g.bytes, Ordering::Relaxed);
+        m.cache_bytes.store(held + size, Ordering::Relaxed);
         m.cache_entries.store(g.slots.len(), Ordering::Relaxed);
         Some(entry)
-    }
-
-    /// Bytes held now.
-    pub fn bytes(&self) -> usize {
-        self.lock().bytes
-    }
-
-    /// Entries held now.
-    pub fn len(&self) -> usize {
-        self.lock().slots.len()
-    }
-
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

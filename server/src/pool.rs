@@ -8,8 +8,8 @@ use crate::db;
 use crate::metrics::Metrics;
 use crate::reload::RouterSlot;
 use drllm_engine::{
-    BlockDecision, EngineError, FinishReason, GenerateOptions, Generation, LayerPath, Logits,
-    Model, Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper, Tokenizer,
+    run_to_end, BlockDecision, EngineError, FinishReason, GenerateOptions, Generation, LayerPath,
+    Logits, Model, Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper, Tokenizer,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -537,20 +537,16 @@ fn begin(
         let own_n = own
             .as_ref()
             .map_or(0, |r| r.reusable(&key, prompt, current));
-        let from = match found {
-            Some((_, n)) if own_n >= n && own_n > 0 => {
-                session.truncate(own_n)?;
-                own.map(|r| (r, own_n))
-            }
-            Some((entry, n)) => {
-                session.restore(&entry.snap, n)?;
-                Some((entry, n))
-            }
-            None if own_n > 0 => {
-                session.truncate(own_n)?;
-                own.map(|r| (r, own_n))
-            }
-            None => None,
+        // the session's own sequence when it gives as much (cut back, no copy), else a copy
+        let found_n = found.as_ref().map_or(0, |(_, n)| *n);
+        let from = if own_n > 0 && own_n >= found_n {
+            session.truncate(own_n)?;
+            own.map(|r| (r, own_n))
+        } else if let Some((entry, n)) = found {
+            session.restore(&entry.snap, n)?;
+            Some((entry, n))
+        } else {
+            None
         };
         if let Some((entry, n)) = from {
             let stepper = Stepper::resume(session, &shared.tokenizer, prompt, n, opts)?;
@@ -715,13 +711,10 @@ fn run_job(
     let result = match &job.task {
         Task::Generate { .. } => {
             begin(shared, session, resident, job, routers, &ropts).and_then(|b| {
-                let Begun {
-                    mut stepper,
-                    origin,
-                } = b;
-                let n_ctx = session.options().n_ctx;
+                let Begun { stepper, origin } = b;
                 let mut cancelled = false;
-                let mut on_text = |s: &str| {
+                let on_text = |s: &str| {
+                    shared.fault(FaultPoint::Decode, job);
                     let gone = if job.stream_text {
                         events.blocking_send(Event::Text(s.to_string())).is_err()
                     } else {
@@ -730,26 +723,8 @@ fn run_job(
                     cancelled |= gone;
                     !cancelled
                 };
-                while let Step::Token { show, decode } =
-                    stepper.step(&shared.tokenizer, session.n_past(), n_ctx)
-                {
-                    shared.fault(FaultPoint::Decode, job);
-                    if !show.is_empty() && !on_text(&show) {
-                        stepper.cancel();
-                        break;
-                    }
-                    match decode {
-                        Some(t) => {
-                            let logits = session.decode(t)?;
-                            stepper.feed(logits);
-                        }
-                        None => break,
-                    }
-                }
-                let (mut g, rest) = stepper.end();
-                if !rest.is_empty() {
-                    on_text(&rest);
-                }
+                let mut g = run_to_end(stepper, session, &shared.tokenizer, on_text)?;
+                // the client went away before it had all the text
                 if cancelled {
                     g.finish = FinishReason::Cancelled;
                 }

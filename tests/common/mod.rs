@@ -101,15 +101,7 @@ pub fn stock_trace_ub(p: &Path, prompt: &[i32], steps: usize, n_ubatch: usize) -
 }
 
 pub fn session(m: &Arc<Model>) -> Session {
-    Session::new(
-        m.clone(),
-        SessionOptions {
-            n_ctx: 512,
-            n_threads: 2,
-            n_ubatch: 512,
-        },
-    )
-    .expect("session")
+    session_ub(m, 512)
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -145,31 +137,12 @@ pub fn engine_trace(
     prompt: &[i32],
     steps: usize,
 ) -> Vec<Vec<f32>> {
-    let v = m.n_vocab();
-    let mut s = session(m);
-    let pre = s
-        .prefill(prompt, Route::Fixed(path), Logits::All)
-        .expect("prefill");
-    let mut rows: Vec<Vec<f32>> = pre.logits.chunks(v).map(|c| c.to_vec()).collect();
-    for _ in 0..steps {
-        let t = argmax(rows.last().expect("row")) as i32;
-        rows.push(s.decode(t).expect("decode").to_vec());
-    }
-    rows
+    engine_trace_ub(m, path, prompt, steps, 512)
 }
 
 /// The same from stock llama.cpp (full depth of whatever file it loads).
 pub fn stock_trace(p: &Path, prompt: &[i32], steps: usize) -> Vec<Vec<f32>> {
-    let sm = StockModel::load(p, DeviceChoice::Cpu).expect("stock load");
-    let mut c = sm.context(512, 2, 512).expect("stock context");
-    let v = c.n_vocab();
-    let all = c.eval(prompt, true).expect("stock eval");
-    let mut rows: Vec<Vec<f32>> = all.chunks(v).map(|c| c.to_vec()).collect();
-    for _ in 0..steps {
-        let t = argmax(rows.last().expect("row")) as i32;
-        rows.push(c.decode(t).expect("stock decode").to_vec());
-    }
-    rows
+    stock_trace_ub(p, prompt, steps, 512)
 }
 
 /// Like [`assert_traces`] with a tolerance relative to each reference row's largest |logit|.

@@ -2,7 +2,7 @@
 //! 4096 unless the file says), soft-capped attention logits (50) and final logits (30), norms
 //! after attention and FFN, GELU gate, scaled embeddings, Q scaled before attention.
 
-use super::{Arch, Extras, Ffn, QkNorm};
+use super::{scale_q_first, Arch, Base, Extras, Ffn, QkNorm};
 use crate::config::{swa_pattern, Family, Keys, ROPE_TYPE_NEOX};
 use crate::error::Result;
 
@@ -22,12 +22,12 @@ pub const ARCH: Arch = Arch {
 /// llama.cpp's sliding-window period for gemma2 (blocks 0, 2, 4, ... slide).
 const SWA_PERIOD: usize = 2;
 
-fn extras(keys: &Keys<'_>, n_layer: usize, x: &mut Extras) -> Result<()> {
+fn extras(keys: &Keys<'_>, b: &Base, x: &mut Extras) -> Result<()> {
     x.n_swa = keys.opt_u("attention.sliding_window")?.unwrap_or(4096);
     x.is_swa = swa_pattern(
         keys.file(),
         &keys.key("attention.sliding_window_pattern"),
-        n_layer,
+        b.n_layer,
         SWA_PERIOD,
     )?;
     if let Some(b) = keys.opt_f("rope.freq_base_swa")? {
@@ -35,19 +35,8 @@ fn extras(keys: &Keys<'_>, n_layer: usize, x: &mut Extras) -> Result<()> {
     }
     x.attn_softcap = keys.opt_f("attn_logit_softcapping")?.unwrap_or(50.0);
     x.final_logit_softcap = keys.opt_f("final_logit_softcapping")?.unwrap_or(30.0);
-    let n_embd = keys.req_u("embedding_length")?;
-    let n_head = keys.req_u("attention.head_count")?.max(1);
-    let head_dim = keys
-        .opt_u("attention.key_length")?
-        .unwrap_or(n_embd / n_head);
-    // llama.cpp: the 27B model (46 blocks) scales by n_embd / n_head, the others by the key
-    // head size
-    x.q_scale = Some(if n_layer == 46 {
-        1.0 / ((n_embd / n_head) as f32).sqrt()
-    } else {
-        1.0 / (head_dim as f32).sqrt()
-    });
-    x.kq_scale = 1.0;
-    x.embd_scale = Some((n_embd as f32).sqrt());
+    // llama.cpp: the 27B model (46 blocks) scales Q by n_embd / n_head
+    scale_q_first(b, Some(46), x);
+    x.embd_scale = Some((b.n_embd as f32).sqrt());
     Ok(())
 }

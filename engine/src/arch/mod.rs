@@ -57,6 +57,16 @@ pub struct Extras {
     pub attn_softcap: f32,
 }
 
+/// The generic hyperparameters, already read and checked, that a family's rules build on.
+#[derive(Debug, Clone, Copy)]
+pub struct Base {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    /// Key head size (`attention.key_length`, else n_embd / n_head).
+    pub head_dim: usize,
+}
+
 /// What a family adds to the shared block.
 #[derive(Debug)]
 pub struct Arch {
@@ -79,7 +89,7 @@ pub struct Arch {
     pub rope_freqs: bool,
     pub ffn: Ffn,
     /// Reads the family's own hyperparameters (`keys` are prefixed with the architecture).
-    pub extras: fn(keys: &Keys<'_>, n_layer: usize, extras: &mut Extras) -> Result<()>,
+    pub extras: fn(keys: &Keys<'_>, base: &Base, extras: &mut Extras) -> Result<()>,
 }
 
 /// Every architecture the engine implements.
@@ -98,23 +108,27 @@ pub fn by_name(name: &str) -> Option<&'static Arch> {
     ARCHES.iter().copied().find(|a| a.name == name)
 }
 
-/// The description of a family.
-pub fn of(family: Family) -> &'static Arch {
-    ARCHES
-        .iter()
-        .copied()
-        .find(|a| a.family == family)
-        .unwrap_or(&llama::ARCH)
-}
-
 /// The generic `attention.scale` override (llama, qwen).
-fn attention_scale(keys: &Keys<'_>, _: usize, x: &mut Extras) -> Result<()> {
+fn attention_scale(keys: &Keys<'_>, _: &Base, x: &mut Extras) -> Result<()> {
     if let Some(s) = keys.opt_f("attention.scale")? {
         if s != 0.0 {
             x.kq_scale = s;
         }
     }
     Ok(())
+}
+
+/// Q scaled before attention instead of KQ inside it (gemma, phi3): by 1/sqrt(head size), or
+/// by 1/sqrt(n_embd / n_head) for the model `n_embd_rule_at` blocks deep (llama.cpp's rule for
+/// Gemma's 27B sizes).
+fn scale_q_first(b: &Base, n_embd_rule_at: Option<usize>, x: &mut Extras) {
+    let dim = if n_embd_rule_at == Some(b.n_layer) {
+        b.n_embd / b.n_head
+    } else {
+        b.head_dim
+    };
+    x.q_scale = Some(1.0 / (dim as f32).sqrt());
+    x.kq_scale = 1.0;
 }
 
 #[cfg(test)]
@@ -125,7 +139,6 @@ mod tests {
     fn every_family_has_one_description_named_as_its_files_are() {
         for a in ARCHES {
             assert_eq!(by_name(a.name).map(|b| b.family), Some(a.family));
-            assert_eq!(of(a.family).name, a.name);
             assert_eq!(a.family.arch_name(), a.name);
         }
         let names: Vec<&str> = ARCHES.iter().map(|a| a.name).collect();

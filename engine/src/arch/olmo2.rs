@@ -2,7 +2,7 @@
 //! inputs, RMS norms on their outputs instead, and Q/K norms over the whole projections.
 //! Files with sliding-window blocks (the OLMo 3 layout) are refused.
 
-use super::{Arch, Extras, Ffn, QkNorm};
+use super::{Arch, Base, Extras, Ffn, QkNorm};
 use crate::config::{Family, Keys, ROPE_TYPE_NEOX};
 use crate::error::{EngineError, Result};
 
@@ -19,7 +19,7 @@ pub const ARCH: Arch = Arch {
     extras,
 };
 
-fn extras(keys: &Keys<'_>, _: usize, _: &mut Extras) -> Result<()> {
+fn extras(keys: &Keys<'_>, _: &Base, _: &mut Extras) -> Result<()> {
     if keys.opt_u("attention.sliding_window")?.unwrap_or(0) > 0 {
         return Err(EngineError::BadMetadata {
             key: keys.key("attention.sliding_window"),

@@ -3,7 +3,7 @@
 //! without sliding windows (it disables Phi's window), and so does drllm. Files with
 //! long/short RoPE factors (the 128k-context variants) are refused (their tensors are not used).
 
-use super::{Arch, Extras, Ffn, QkNorm};
+use super::{scale_q_first, Arch, Base, Extras, Ffn, QkNorm};
 use crate::config::{Family, Keys, ROPE_TYPE_NEOX};
 use crate::error::Result;
 
@@ -20,13 +20,7 @@ pub const ARCH: Arch = Arch {
     extras,
 };
 
-fn extras(keys: &Keys<'_>, _: usize, x: &mut Extras) -> Result<()> {
-    let n_embd = keys.req_u("embedding_length")?;
-    let n_head = keys.req_u("attention.head_count")?.max(1);
-    let head_dim = keys
-        .opt_u("attention.key_length")?
-        .unwrap_or(n_embd / n_head);
-    x.q_scale = Some(1.0 / (head_dim as f32).sqrt());
-    x.kq_scale = 1.0;
+fn extras(_: &Keys<'_>, b: &Base, x: &mut Extras) -> Result<()> {
+    scale_q_first(b, None, x);
     Ok(())
 }
