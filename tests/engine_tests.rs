@@ -85,6 +85,35 @@ fn parity_tiny_phi3() {
 }
 
 #[test]
+fn parity_tiny_granite() {
+    parity_tiny(Family::Granite);
+    // and a file that turns RoPE off (rope.scaling.finetuned = false)
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(dir.path(), Family::Granite, |s| s.rope = false);
+    let m = load(&p);
+    let prompt = prompt_for(&p, 40);
+    let full = LayerPath::full(m.n_layer());
+    let e = engine_trace(&m, &full, &prompt, STEPS);
+    assert_traces(
+        "granite without RoPE",
+        &e,
+        &stock_trace(&p, &prompt, STEPS),
+        TOL,
+    );
+    let with_rope = tiny(dir.path(), Family::Granite, |_| {});
+    let r = engine_trace(&load(&with_rope), &full, &prompt, 0);
+    assert!(
+        max_abs_diff(&r[prompt.len() - 1], &e[prompt.len() - 1]) > 1e-3,
+        "turning RoPE off changed nothing"
+    );
+}
+
+#[test]
+fn parity_tiny_qwen3moe() {
+    parity_tiny(Family::Qwen3Moe);
+}
+
+#[test]
 fn parity_tiny_llama_untied_and_long_prompt() {
     // prompts longer than one ubatch take several graphs (n_ubatch 512 -> use a small context
     // of tiny models: 512 cells, a 300-token prompt and 8 steps)
@@ -271,6 +300,8 @@ fn cached_decoding_equals_recompute_tiny() {
         Family::Gemma3,
         Family::Olmo2,
         Family::Phi3,
+        Family::Granite,
+        Family::Qwen3Moe,
     ] {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
@@ -741,6 +772,62 @@ fn malformed_model_files_are_errors() {
     assert!(matches!(e, EngineError::Io { .. }), "{e}");
 }
 
+/// Files of a supported architecture using something drllm does not implement are refused
+/// with the key that says so; nothing loads silently different.
+#[test]
+fn unsupported_variants_of_a_family_are_refused_by_key() {
+    use drllm_gguf::{GgufFile, GgufWriter, Value, ValueType};
+    let dir = tempfile::tempdir().unwrap();
+    let edit = |family: Family, name: &str, f: &dyn Fn(&mut GgufWriter)| {
+        let src = tiny(dir.path(), family, |_| {});
+        let g = GgufFile::open(&src).unwrap();
+        let mut w = GgufWriter::from_file(&g, &src);
+        f(&mut w);
+        let p = dir.path().join(name);
+        w.write_to_path(&p).unwrap();
+        drllm_engine::Model::load(&p, drllm_engine::DeviceChoice::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{name} loaded"))
+    };
+    // experts in a family whose FFN drllm runs dense (Mixtral-style llama)
+    let e = edit(Family::Llama, "llama-moe.gguf", &|w| {
+        w.set("llama.expert_count", Value::U32(8));
+        w.set("llama.expert_used_count", Value::U32(2));
+    });
+    assert!(
+        matches!(&e, EngineError::BadMetadata { key, .. } if key == "llama.expert_count"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("mixture-of-experts"), "{e}");
+    // a qwen3moe file without experts, or using more than it has
+    let e = edit(Family::Qwen3Moe, "moe-0.gguf", &|w| {
+        w.set("qwen3moe.expert_count", Value::U32(0));
+    });
+    assert!(e.to_string().contains("qwen3moe.expert_count"), "{e}");
+    let e = edit(Family::Qwen3Moe, "moe-used.gguf", &|w| {
+        w.set("qwen3moe.expert_used_count", Value::U32(5));
+    });
+    assert!(e.to_string().contains("qwen3moe.expert_used_count"), "{e}");
+    // granite: the logit scale is required, vision deepstack inputs are refused
+    let e = edit(Family::Granite, "granite-nologit.gguf", &|w| {
+        w.remove("granite.logit_scale");
+    });
+    assert!(
+        matches!(&e, EngineError::MissingMetadata { key } if key == "granite.logit_scale"),
+        "{e}"
+    );
+    let e = edit(Family::Granite, "granite-deepstack.gguf", &|w| {
+        w.set(
+            "granite.deepstack_mapping",
+            Value::array(
+                ValueType::I32,
+                [-1, 0, -1, -1, -1, -1].map(Value::I32).to_vec(),
+            ),
+        );
+    });
+    assert!(e.to_string().contains("deepstack"), "{e}");
+}
+
 #[test]
 fn bad_requests_are_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -909,8 +996,13 @@ fn one_session_many_paths_equals_fresh_sessions() {
 #[test]
 fn batched_decode_matches_each_sequence_decoded_alone() {
     use drllm_engine::Session;
+    // three columns take other matmul kernels than one (summation order): over 12 steps the
+    // largest gap measured is 8.5e-4 of the largest logit (phi3; llama 8.3e-4) and 1.2e-3 for
+    // olmo2, whose residual stream has no norm in front of its blocks; a wrong column or
+    // K/V slot differs by the logits' own size
+    const BATCH_REL_TOL: f32 = 2e-3;
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+    for family in Family::ALL {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n_layer = m.n_layer();
@@ -939,7 +1031,7 @@ fn batched_decode_matches_each_sequence_decoded_alone() {
                     &format!("{family:?} sequence {i} step {step}"),
                     &got[i..=i],
                     &[want],
-                    CACHE_REL_TOL,
+                    BATCH_REL_TOL,
                 );
                 assert_eq!(batched[i].n_past(), a.n_past());
             }

@@ -6,7 +6,7 @@ use drllm_gguf::{GgufFile, Value};
 
 /// Architectures the engine implements (GGUF `general.architecture`).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "phi3",
+    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "phi3", "granite", "qwen3moe",
 ];
 
 /// A supported model family.
@@ -27,6 +27,10 @@ pub enum Family {
     Olmo2,
     /// Phi-3 (fused QKV and gate/up matrices).
     Phi3,
+    /// IBM Granite 3.x dense (embedding, residual, attention and logit multipliers).
+    Granite,
+    /// Qwen3 mixture of experts (q/k norms, expert FFN).
+    Qwen3Moe,
 }
 
 impl Family {
@@ -40,6 +44,8 @@ impl Family {
             Family::Gemma3 => "gemma3",
             Family::Olmo2 => "olmo2",
             Family::Phi3 => "phi3",
+            Family::Granite => "granite",
+            Family::Qwen3Moe => "qwen3moe",
         }
     }
 }
@@ -119,7 +125,30 @@ pub struct ModelConfig {
     pub final_logit_softcap: f32,
     /// Soft-capping of the attention logits inside attention (Gemma 2; 0 = off).
     pub attn_softcap: f32,
+    /// Multiplier of the final logits (Granite: 1 / logit_scale).
+    pub logit_scale: Option<f32>,
+    /// Multiplier of attention and FFN outputs before the residual adds (Granite).
+    pub residual_scale: Option<f32>,
+    /// Whether Q and K are rotated (Granite can turn RoPE off).
+    pub use_rope: bool,
+    /// The mixture-of-experts FFN's sizes, for families whose FFN is one.
+    pub moe: Option<MoeConfig>,
 }
+
+/// Sizes of a mixture-of-experts FFN (llama.cpp's generic expert keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Experts per block (`expert_count`).
+    pub n_expert: usize,
+    /// Experts run per token (`expert_used_count`).
+    pub n_expert_used: usize,
+    /// Hidden size of one expert (`expert_feed_forward_length`, else the FFN size divided by
+    /// the experts used).
+    pub n_ff_exp: usize,
+}
+
+/// llama.cpp's `LLAMA_MAX_EXPERTS`.
+const MAX_EXPERTS: usize = 1024;
 
 impl ModelConfig {
     /// K/V row size of one token in one block.
@@ -283,6 +312,9 @@ impl ModelConfig {
             embd_scale: None,
             final_logit_softcap: 0.0,
             attn_softcap: 0.0,
+            logit_scale: None,
+            residual_scale: None,
+            rope: true,
         };
         let base = crate::arch::Base {
             n_layer,
@@ -300,7 +332,54 @@ impl ModelConfig {
             embd_scale,
             final_logit_softcap,
             attn_softcap,
+            logit_scale,
+            residual_scale,
+            rope: use_rope,
         } = extras;
+
+        // experts (llama.cpp reads these keys for every architecture and asserts their bounds)
+        let n_expert = opt_u(k("expert_count"))?.unwrap_or(0);
+        let n_expert_used = opt_u(k("expert_used_count"))?.unwrap_or(0);
+        let moe = if desc.moe {
+            if n_expert == 0 || n_expert > MAX_EXPERTS {
+                return Err(bad(
+                    k("expert_count"),
+                    &format!("must be in 1..={MAX_EXPERTS} for {arch}"),
+                ));
+            }
+            if n_expert_used == 0 || n_expert_used > n_expert {
+                return Err(bad(k("expert_used_count"), "must be in 1..=expert_count"));
+            }
+            if opt_u(k("expert_group_count"))?.unwrap_or(0) > 1 {
+                return Err(bad(
+                    k("expert_group_count"),
+                    "grouped expert selection is not supported",
+                ));
+            }
+            let n_ff_exp = match opt_u(k("expert_feed_forward_length"))? {
+                Some(0) | None => n_ff / n_expert_used,
+                Some(n) => n,
+            };
+            if n_ff_exp == 0 || n_ff_exp > 1 << 20 {
+                return Err(bad(
+                    k("expert_feed_forward_length"),
+                    "must be in 1..=1048576",
+                ));
+            }
+            Some(MoeConfig {
+                n_expert,
+                n_expert_used,
+                n_ff_exp,
+            })
+        } else {
+            if n_expert > 0 || n_expert_used > 0 {
+                return Err(bad(
+                    k("expert_count"),
+                    &format!("mixture-of-experts {arch} files are not supported"),
+                ));
+            }
+            None
+        };
 
         Ok(ModelConfig {
             family,
@@ -335,6 +414,10 @@ impl ModelConfig {
             is_swa,
             final_logit_softcap,
             attn_softcap,
+            logit_scale,
+            residual_scale,
+            use_rope,
+            moe,
         })
     }
 }

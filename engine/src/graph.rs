@@ -6,7 +6,7 @@ use crate::arch::{Ffn, QkNorm};
 use crate::error::{EngineError, Result};
 use crate::ffi::{self, GgmlCtx, Tensor};
 use crate::kv::KvSlot;
-use crate::model::Model;
+use crate::model::{FfnWeights, Model};
 use crate::path::Pass;
 use llama_cpp_sys_2 as sys;
 
@@ -40,7 +40,7 @@ pub(crate) struct GraphBuilder<'m> {
 
 impl<'m> GraphBuilder<'m> {
     pub(crate) fn new(m: &'m Model, n_passes: usize, n_tokens: usize) -> Result<Self> {
-        let size = graph_size(n_passes);
+        let size = graph_size(&m.cfg, n_passes);
         let ctx = GgmlCtx::new(size, size)?;
         // SAFETY: the context has room for one graph of this size.
         let gf = unsafe { sys::ggml_new_graph_custom(ctx.ptr(), size, false) };
@@ -293,11 +293,15 @@ impl<'m> GraphBuilder<'m> {
             if let (Some(qn), true) = (w.q_norm, per_head) {
                 q = self.rms_norm(q, qn);
             }
-            q = rope(q);
+            if cfg.use_rope {
+                q = rope(q);
+            }
             if let (Some(kn), true) = (w.k_norm, per_head) {
                 k = self.rms_norm(k, kn);
             }
-            k = rope(k);
+            if cfg.use_rope {
+                k = rope(k);
+            }
             ffi::set_name(q, &format!("Qcur-{il}"));
             ffi::set_name(k, &format!("Kcur-{il}"));
             if let Some(s) = cfg.q_scale {
@@ -348,26 +352,120 @@ impl<'m> GraphBuilder<'m> {
             if let Some(pn) = w.attn_post_norm {
                 cur = self.rms_norm(cur, pn);
             }
+            if let Some(s) = cfg.residual_scale {
+                cur = sys::ggml_scale(c, cur, s);
+            }
             let ffn_inp = sys::ggml_add(c, cur, res);
 
             cur = match w.ffn_norm {
                 Some(nw) => self.rms_norm(ffn_inp, nw),
                 None => ffn_inp,
             };
-            let up = sys::ggml_mul_mat(c, w.ffn_up, cur);
-            cur = match (cfg.arch.ffn, w.ffn_gate) {
-                (Ffn::SwiGluFused, _) | (_, None) => sys::ggml_swiglu(c, up),
-                (Ffn::GeGlu, Some(g)) => sys::ggml_geglu_split(c, sys::ggml_mul_mat(c, g, cur), up),
-                (Ffn::SwiGlu, Some(g)) => {
-                    sys::ggml_swiglu_split(c, sys::ggml_mul_mat(c, g, cur), up)
+            cur = match &w.ffn {
+                FfnWeights::Dense {
+                    gate,
+                    up,
+                    down,
+                    gate_b,
+                    up_b,
+                    down_b,
+                } => {
+                    let bias = |t: Tensor, b: Option<Tensor>| match b {
+                        Some(b) => sys::ggml_add(c, t, b),
+                        None => t,
+                    };
+                    let up = bias(sys::ggml_mul_mat(c, *up, cur), *up_b);
+                    let gated = match (cfg.arch.ffn, gate) {
+                        (Ffn::SwiGluFused, _) | (_, None) => sys::ggml_swiglu(c, up),
+                        (Ffn::GeGlu, Some(g)) => {
+                            let g = bias(sys::ggml_mul_mat(c, *g, cur), *gate_b);
+                            sys::ggml_geglu_split(c, g, up)
+                        }
+                        (Ffn::SwiGlu, Some(g)) => {
+                            let g = bias(sys::ggml_mul_mat(c, *g, cur), *gate_b);
+                            sys::ggml_swiglu_split(c, g, up)
+                        }
+                    };
+                    bias(sys::ggml_mul_mat(c, *down, gated), *down_b)
                 }
+                FfnWeights::Experts {
+                    gate_inp,
+                    gate,
+                    up,
+                    down,
+                } => self.experts(cur, *gate_inp, *gate, *up, *down),
             };
-            cur = sys::ggml_mul_mat(c, w.ffn_down, cur);
             if let Some(pn) = w.ffn_post_norm {
                 cur = self.rms_norm(cur, pn);
             }
+            if let Some(s) = cfg.residual_scale {
+                cur = sys::ggml_scale(c, cur, s);
+            }
             let out = sys::ggml_add(c, cur, ffn_inp);
             ffi::set_name(out, &format!("l_out-{il}.{}", pass.pass));
+            out
+        }
+    }
+
+    /// llama.cpp's `build_moe_ffn` as qwen3moe calls it: softmax router, the top
+    /// `n_expert_used` experts per token, their weights renormalised to sum to one, SwiGLU
+    /// experts, outputs weighted and summed.
+    fn experts(
+        &self,
+        x: Tensor,
+        gate_inp: Tensor,
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+    ) -> Tensor {
+        let c = self.c();
+        let used = self.m.cfg.moe.map_or(1, |m| m.n_expert_used) as i64;
+        // SAFETY: ops on live tensors of this graph and the model, shapes checked at load.
+        unsafe {
+            let (n_embd, n) = ((*x).ne[0], (*x).ne[1]);
+            let n_expert = (*gate_inp).ne[1];
+            let logits = sys::ggml_mul_mat(c, gate_inp, x);
+            let probs = sys::ggml_soft_max(c, logits);
+            let selected = sys::ggml_argsort_top_k(c, probs, used as i32);
+            let probs = sys::ggml_reshape_3d(c, probs, 1, n_expert, n);
+            let mut weights = sys::ggml_get_rows(c, probs, selected);
+            weights = sys::ggml_reshape_2d(c, weights, used, n);
+            let sum = sys::ggml_sum_rows(c, weights);
+            // llama.cpp clamps the sum to the smallest normal F16
+            let sum = sys::ggml_clamp(c, sum, 6.103_515_6e-5, f32::INFINITY);
+            weights = sys::ggml_div(c, weights, sum);
+            weights = sys::ggml_reshape_3d(c, weights, 1, used, n);
+            self.expand(weights);
+
+            let cur = sys::ggml_reshape_3d(c, x, n_embd, 1, n);
+            let u = sys::ggml_mul_mat_id(c, up, cur, selected);
+            let g = sys::ggml_mul_mat_id(c, gate, cur, selected);
+            let act = sys::ggml_swiglu_split(c, g, u);
+            let mut experts = sys::ggml_mul_mat_id(c, down, act, selected);
+            experts = sys::ggml_mul(c, experts, weights);
+            self.expand(experts);
+            let view = |i: i64| {
+                sys::ggml_view_2d(
+                    c,
+                    experts,
+                    n_embd,
+                    n,
+                    (*experts).nb[2],
+                    i as usize * (*experts).nb[1],
+                )
+            };
+            let views: Vec<Tensor> = (0..used).map(view).collect();
+            for &v in &views {
+                self.expand(v);
+            }
+            let mut out = views[0];
+            for &v in &views[1..] {
+                out = sys::ggml_add(c, out, v);
+                self.expand(out);
+            }
+            if used == 1 {
+                out = sys::ggml_cont(c, out);
+            }
             out
         }
     }
@@ -456,6 +554,9 @@ impl<'m> GraphBuilder<'m> {
         unsafe {
             let cur = self.rms_norm(x, m.output_norm);
             let mut cur = sys::ggml_mul_mat(c, m.output, cur);
+            if let Some(s) = m.cfg.logit_scale {
+                cur = sys::ggml_scale(c, cur, s);
+            }
             let cap = m.cfg.final_logit_softcap;
             if cap != 0.0 {
                 cur = sys::ggml_scale(c, cur, 1.0 / cap);
@@ -489,8 +590,10 @@ impl<'m> GraphBuilder<'m> {
 }
 
 /// Graph size for a graph running `n_passes` block passes plus embedding and head.
-pub(crate) fn graph_size(n_passes: usize) -> usize {
-    NODES_PER_PASS * (n_passes + 2) + 256
+pub(crate) fn graph_size(cfg: &crate::config::ModelConfig, n_passes: usize) -> usize {
+    // a mixture-of-experts FFN adds its routing ops and one view and add per expert used
+    let per_pass = NODES_PER_PASS + cfg.moe.map_or(0, |m| 24 + 2 * m.n_expert_used);
+    per_pass * (n_passes + 2) + 256
 }
 
 /// Visible KV cells for a batch ending at position `end` (exclusive).

@@ -55,11 +55,29 @@ pub(crate) struct BlockWeights {
     pub k_norm: Option<Tensor>,
     pub attn_post_norm: Option<Tensor>,
     pub ffn_norm: Option<Tensor>,
-    /// None when `ffn_up` holds gate and up together (phi3).
-    pub ffn_gate: Option<Tensor>,
-    pub ffn_up: Tensor,
-    pub ffn_down: Tensor,
+    pub ffn: FfnWeights,
     pub ffn_post_norm: Option<Tensor>,
+}
+
+/// The feed-forward part of a block.
+pub(crate) enum FfnWeights {
+    Dense {
+        /// None when `up` holds gate and up together (phi3).
+        gate: Option<Tensor>,
+        up: Tensor,
+        down: Tensor,
+        gate_b: Option<Tensor>,
+        up_b: Option<Tensor>,
+        down_b: Option<Tensor>,
+    },
+    /// A mixture of experts: the router `gate_inp` `[n_embd, n_expert]` and the experts'
+    /// matrices stacked along the third dimension.
+    Experts {
+        gate_inp: Tensor,
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+    },
 }
 
 /// A loaded model: configuration and weights in backend buffers. Immutable once loaded and
@@ -213,7 +231,8 @@ impl Model {
             })
         };
         use sys::{
-            GGML_OP_ADD as ADD, GGML_OP_GET_ROWS as ROWS, GGML_OP_MUL as MUL, GGML_OP_MUL_MAT as MM,
+            GGML_OP_ADD as ADD, GGML_OP_GET_ROWS as ROWS, GGML_OP_MUL as MUL,
+            GGML_OP_MUL_MAT as MM, GGML_OP_MUL_MAT_ID as MM_ID,
         };
         // the vocabulary size is whatever the embedding has; checked below
         let n_vocab = meta_tensor(&meta, "token_embd.weight")
@@ -303,6 +322,14 @@ impl Model {
             if pre_norms {
                 want(n("ffn_norm.weight"), vec![e], MUL, r, true);
             }
+            if let Some(moe) = cfg.moe {
+                let (x, xf) = (moe.n_expert as i64, moe.n_ff_exp as i64);
+                want(n("ffn_gate_inp.weight"), vec![e, x], MM, r, true);
+                want(n("ffn_gate_exps.weight"), vec![e, xf, x], MM_ID, r, true);
+                want(n("ffn_up_exps.weight"), vec![e, xf, x], MM_ID, r, true);
+                want(n("ffn_down_exps.weight"), vec![xf, e, x], MM_ID, r, true);
+                continue;
+            }
             if arch.ffn == Ffn::SwiGluFused {
                 // gate and up in one matrix (phi3)
                 want(n("ffn_up.weight"), vec![e, 2 * ff], MM, r, true);
@@ -311,6 +338,11 @@ impl Model {
                 want(n("ffn_up.weight"), vec![e, ff], MM, r, true);
             }
             want(n("ffn_down.weight"), vec![ff, e], MM, r, true);
+            if arch.ffn_bias {
+                want(n("ffn_gate.bias"), vec![ff], ADD, r, false);
+                want(n("ffn_up.bias"), vec![ff], ADD, r, false);
+                want(n("ffn_down.bias"), vec![e], ADD, r, false);
+            }
         }
 
         // every tensor of the file is used (llama.cpp refuses a tensor-count mismatch): a file
@@ -570,9 +602,22 @@ impl Model {
                 k_norm: get(&n("attn_k_norm.weight")),
                 attn_post_norm: get(&n("post_attention_norm.weight")),
                 ffn_norm: get(&n("ffn_norm.weight")),
-                ffn_gate: get(&n("ffn_gate.weight")),
-                ffn_up: need(n("ffn_up.weight"))?,
-                ffn_down: need(n("ffn_down.weight"))?,
+                ffn: match cfg.moe {
+                    Some(_) => FfnWeights::Experts {
+                        gate_inp: need(n("ffn_gate_inp.weight"))?,
+                        gate: need(n("ffn_gate_exps.weight"))?,
+                        up: need(n("ffn_up_exps.weight"))?,
+                        down: need(n("ffn_down_exps.weight"))?,
+                    },
+                    None => FfnWeights::Dense {
+                        gate: get(&n("ffn_gate.weight")),
+                        up: need(n("ffn_up.weight"))?,
+                        down: need(n("ffn_down.weight"))?,
+                        gate_b: get(&n("ffn_gate.bias")),
+                        up_b: get(&n("ffn_up.bias")),
+                        down_b: get(&n("ffn_down.bias")),
+                    },
+                },
                 ffn_post_norm: get(&n("post_ffw_norm.weight")),
             });
         }
@@ -685,6 +730,13 @@ fn select_buft(
                         (*wc).ne[3],
                     );
                     sys::ggml_mul_mat(c, wc, b)
+                }
+                sys::GGML_OP_MUL_MAT_ID => {
+                    // llama.cpp: the experts used per token, 512 tokens
+                    let used = cfg.moe.map_or(1, |m| m.n_expert_used) as i64;
+                    let b = sys::ggml_new_tensor_3d(c, sys::GGML_TYPE_F32, (*wc).ne[0], used, 512);
+                    let ids = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_I32, used, 512);
+                    sys::ggml_mul_mat_id(c, wc, b, ids)
                 }
                 sys::GGML_OP_ADD => {
                     let a = sys::ggml_new_tensor_4d(

@@ -274,7 +274,8 @@ impl Session {
         backends.push(cpu);
         let ptrs: Vec<_> = backends.iter().map(|b| b.ptr()).collect();
         // room for a batched decode of MAX_DECODE_BATCH sequences (see `decode_batch`)
-        let max_nodes = graph::graph_size(MAX_PASSES_PER_BLOCK * cfg.n_layer * MAX_DECODE_BATCH);
+        let max_nodes =
+            graph::graph_size(cfg, MAX_PASSES_PER_BLOCK * cfg.n_layer * MAX_DECODE_BATCH);
         let sched = Sched::new(&ptrs, &bufts, max_nodes)?;
 
         // KV cache and residual stream live on the device that runs the blocks

@@ -16,7 +16,8 @@ pub use rewrite::{
     default_swa_pattern, rewrite_blocks, swa_from_period, swa_pattern, LLAMA_MAX_LAYERS,
 };
 pub use tiny::{
-    tiny_model_writer, write_tiny_model, Family, TinySpec, GEMMA3_SWA_PERIOD, TINY_CONTEXT_LENGTH,
+    tiny_model_writer, write_tiny_model, Family, TinyExperts, TinySpec, GEMMA3_SWA_PERIOD,
+    GRANITE_TINY_SCALES, TINY_CONTEXT_LENGTH,
 };
 pub use vocab::{
     prompt_text, tiny_vocab, token_type, VocabEntry, BOS_ID, CHATML_TEMPLATE, EOS_ID,

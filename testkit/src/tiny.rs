@@ -27,11 +27,16 @@ pub enum Family {
     Olmo2,
     /// `phi3` architecture (fused QKV matrix, fused gate/up matrix).
     Phi3,
+    /// `granite` architecture (embedding, residual, attention and logit multipliers; biases of
+    /// the attention output and the FFN).
+    Granite,
+    /// `qwen3moe` architecture (q/k RMS norms, mixture-of-experts FFN).
+    Qwen3Moe,
 }
 
 impl Family {
     /// All families.
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 9] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -39,6 +44,8 @@ impl Family {
         Family::Gemma3,
         Family::Olmo2,
         Family::Phi3,
+        Family::Granite,
+        Family::Qwen3Moe,
     ];
 
     /// The `general.architecture` string.
@@ -51,6 +58,8 @@ impl Family {
             Family::Gemma3 => "gemma3",
             Family::Olmo2 => "olmo2",
             Family::Phi3 => "phi3",
+            Family::Granite => "granite",
+            Family::Qwen3Moe => "qwen3moe",
         }
     }
 }
@@ -82,6 +91,21 @@ pub struct TinySpec {
     pub sliding_window: u32,
     /// Add `<|im_start|>`/`<|im_end|>` and a ChatML `tokenizer.chat_template`.
     pub with_chat_template: bool,
+    /// Experts per block, experts used per token and one expert's FFN size (qwen3moe only).
+    pub experts: Option<TinyExperts>,
+    /// Granite: `rope.scaling.finetuned` (false turns RoPE off).
+    pub rope: bool,
+}
+
+/// The mixture-of-experts FFN of a tiny model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TinyExperts {
+    /// `expert_count`.
+    pub n_expert: u32,
+    /// `expert_used_count`.
+    pub n_used: u32,
+    /// `expert_feed_forward_length`.
+    pub n_ff: u32,
 }
 
 /// Context length written to every tiny model.
@@ -91,6 +115,9 @@ pub const GEMMA2_SWA_PERIOD: u32 = 2;
 /// Soft-capping of the tiny gemma2's attention and final logits (small, so that tanh bends the
 /// tiny model's logits; the real models use 50 and 30).
 pub const GEMMA2_TINY_SOFTCAPS: (f32, f32) = (5.0, 10.0);
+/// Granite's multipliers in the tiny model: (embedding, residual, attention, logit). Not 1, so
+/// each one changes the logits.
+pub const GRANITE_TINY_SCALES: (f32, f32, f32, f32) = (4.0, 0.5, 0.2, 3.0);
 /// Gemma3's default sliding-window period in llama.cpp (every 6th layer is global).
 pub const GEMMA3_SWA_PERIOD: u32 = 6;
 
@@ -108,7 +135,10 @@ impl TinySpec {
             head_dim: if family == Family::Qwen3 { 32 } else { 16 },
             n_ff: 128,
             weight_type: GgmlType::F16,
-            tied_embeddings: !matches!(family, Family::Llama | Family::Olmo2 | Family::Phi3),
+            tied_embeddings: !matches!(
+                family,
+                Family::Llama | Family::Olmo2 | Family::Phi3 | Family::Qwen3Moe
+            ),
             seed: 0x00d1_11a0 + family as u64,
             sliding_window: if matches!(family, Family::Gemma2 | Family::Gemma3) {
                 8
@@ -116,6 +146,12 @@ impl TinySpec {
                 0
             },
             with_chat_template: false,
+            experts: (family == Family::Qwen3Moe).then_some(TinyExperts {
+                n_expert: 4,
+                n_used: 2,
+                n_ff: 64,
+            }),
+            rope: true,
         }
     }
 
@@ -167,6 +203,21 @@ impl TinySpec {
         if self.family == Family::Gemma2 && !self.tied_embeddings {
             return bad("gemma2 files have no output.weight (llama.cpp uses the embeddings)");
         }
+        if self.experts.is_some() != (self.family == Family::Qwen3Moe) {
+            return bad("qwen3moe, and only qwen3moe, has experts");
+        }
+        if let Some(x) = self.experts {
+            if x.n_used == 0 || x.n_used > x.n_expert || x.n_ff == 0 {
+                return bad("experts: need 1 <= n_used <= n_expert and n_ff > 0");
+            }
+            let q = matches!(self.weight_type, GgmlType::Q8_0 | GgmlType::Q4_0);
+            if q && !x.n_ff.is_multiple_of(32) {
+                return bad("quantised experts need their n_ff divisible by 32");
+            }
+        }
+        if !self.rope && self.family != Family::Granite {
+            return bad("only granite files can turn RoPE off");
+        }
         let wt = self.weight_type;
         if ![GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0].contains(&wt) {
             return bad("weight_type must be F32, F16, Q8_0 or Q4_0");
@@ -208,6 +259,40 @@ impl Builder<'_> {
             dtype,
             &[u64::from(ne0), u64::from(ne1)],
             TensorSource::Bytes(bytes),
+        )?;
+        Ok(())
+    }
+
+    /// The experts' weights `{ne0, ne1, n_expert}` in the spec's weight type.
+    fn experts(
+        &mut self,
+        name: &str,
+        ne0: u32,
+        ne1: u32,
+        n: u32,
+        std: f32,
+    ) -> Result<(), TestkitError> {
+        let len = ne0 as usize * ne1 as usize * n as usize;
+        let xs = Rng::for_label(self.spec.seed, name).normals(len, std);
+        let dtype = self.spec.weight_type;
+        let bytes = self.encode(dtype, &xs);
+        self.w.add_tensor(
+            name,
+            dtype,
+            &[u64::from(ne0), u64::from(ne1), u64::from(n)],
+            TensorSource::Bytes(bytes),
+        )?;
+        Ok(())
+    }
+
+    /// A 2-D F32 matrix (llama.cpp's quantizer keeps the expert router in F32).
+    fn matrix_f32(&mut self, name: &str, ne0: u32, ne1: u32, std: f32) -> Result<(), TestkitError> {
+        let xs = Rng::for_label(self.spec.seed, name).normals(ne0 as usize * ne1 as usize, std);
+        self.w.add_tensor(
+            name,
+            GgmlType::F32,
+            &[u64::from(ne0), u64::from(ne1)],
+            TensorSource::Bytes(to_f32_bytes(&xs)),
         )?;
         Ok(())
     }
@@ -307,6 +392,22 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         w.set(k("final_logit_softcapping"), Value::F32(last));
     }
 
+    if spec.family == Family::Granite {
+        let (embd, residual, attn, logit) = GRANITE_TINY_SCALES;
+        w.set(k("embedding_scale"), Value::F32(embd));
+        w.set(k("residual_scale"), Value::F32(residual));
+        w.set(k("attention.scale"), Value::F32(attn));
+        w.set(k("logit_scale"), Value::F32(logit));
+        if !spec.rope {
+            w.set(k("rope.scaling.finetuned"), Value::Bool(false));
+        }
+    }
+    if let Some(x) = spec.experts {
+        w.set(k("expert_count"), Value::U32(x.n_expert));
+        w.set(k("expert_used_count"), Value::U32(x.n_used));
+        w.set(k("expert_feed_forward_length"), Value::U32(x.n_ff));
+    }
+
     // tokenizer (SentencePiece / "llama")
     w.set("tokenizer.ggml.model", Value::string("llama"));
     w.set(
@@ -364,7 +465,10 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
             b.vector(&t("attn_k.bias"), kv, 0.0, 0.1)?;
             b.vector(&t("attn_v.bias"), kv, 0.0, 0.1)?;
         }
-        if matches!(spec.family, Family::Qwen3 | Family::Gemma3) {
+        if matches!(
+            spec.family,
+            Family::Qwen3 | Family::Gemma3 | Family::Qwen3Moe
+        ) {
             b.norm(&t("attn_q_norm.weight"), spec.head_dim)?;
             b.norm(&t("attn_k_norm.weight"), spec.head_dim)?;
         }
@@ -373,6 +477,10 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
             b.norm(&t("attn_k_norm.weight"), kv)?;
         }
         b.matrix(&t("attn_output.weight"), q, e, inv(q))?;
+        let granite = spec.family == Family::Granite;
+        if granite {
+            b.vector(&t("attn_output.bias"), e, 0.0, 0.1)?;
+        }
         let post_norms = matches!(spec.family, Family::Gemma2 | Family::Gemma3 | Family::Olmo2);
         if post_norms {
             b.norm(&t("post_attention_norm.weight"), e)?;
@@ -380,13 +488,32 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         if !olmo {
             b.norm(&t("ffn_norm.weight"), e)?;
         }
-        if phi {
+        if let Some(x) = spec.experts {
+            // the router's scale spreads the experts' probabilities, so the top-k is no tie
+            b.matrix_f32(&t("ffn_gate_inp.weight"), e, x.n_expert, 4.0 * inv(e))?;
+            b.experts(&t("ffn_gate_exps.weight"), e, x.n_ff, x.n_expert, inv(e))?;
+            b.experts(&t("ffn_up_exps.weight"), e, x.n_ff, x.n_expert, inv(e))?;
+            b.experts(
+                &t("ffn_down_exps.weight"),
+                x.n_ff,
+                e,
+                x.n_expert,
+                inv(x.n_ff),
+            )?;
+        } else if phi {
             b.matrix(&t("ffn_up.weight"), e, 2 * ff, inv(e))?;
         } else {
             b.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
             b.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
         }
-        b.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
+        if spec.experts.is_none() {
+            b.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
+        }
+        if granite {
+            b.vector(&t("ffn_gate.bias"), ff, 0.0, 0.1)?;
+            b.vector(&t("ffn_up.bias"), ff, 0.0, 0.1)?;
+            b.vector(&t("ffn_down.bias"), e, 0.0, 0.1)?;
+        }
         if post_norms {
             b.norm(&t("post_ffw_norm.weight"), e)?;
         }
@@ -397,7 +524,7 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
 /// Writes a tiny random model that stock llama.cpp loads and runs.
 ///
 /// Tensor names, shapes and metadata follow llama.cpp's loaders for the family
-/// (`src/models/{llama,qwen2,qwen3,gemma2,gemma3,olmo2,phi3}.cpp`); the tokenizer is a small
+/// (`src/models/{llama,qwen2,qwen3,gemma2,gemma3,olmo2,phi3,granite,qwen3moe}.cpp`); the tokenizer is a small
 /// SentencePiece vocabulary (see [`crate::tiny_vocab`]).
 pub fn write_tiny_model(spec: &TinySpec, path: &Path) -> Result<(), TestkitError> {
     tiny_model_writer(spec)?.write_to_path(path)?;

@@ -71,6 +71,23 @@ fn expected_block_tensors(spec: &TinySpec) -> Vec<(&'static str, Vec<u64>)> {
             v.push(("post_attention_norm.weight", vec![e]));
             v.push(("post_ffw_norm.weight", vec![e]));
         }
+        Family::Granite => {
+            v.push(("attn_output.bias", vec![e]));
+            v.push(("ffn_gate.bias", vec![ff]));
+            v.push(("ffn_up.bias", vec![ff]));
+            v.push(("ffn_down.bias", vec![e]));
+        }
+        Family::Qwen3Moe => {
+            let x = spec.experts.expect("qwen3moe has experts");
+            let (n, xf) = (u64::from(x.n_expert), u64::from(x.n_ff));
+            v.retain(|(n, _)| !n.starts_with("ffn_") || *n == "ffn_norm.weight");
+            v.push(("attn_q_norm.weight", vec![hd]));
+            v.push(("attn_k_norm.weight", vec![hd]));
+            v.push(("ffn_gate_inp.weight", vec![e, n]));
+            v.push(("ffn_gate_exps.weight", vec![e, xf, n]));
+            v.push(("ffn_up_exps.weight", vec![e, xf, n]));
+            v.push(("ffn_down_exps.weight", vec![xf, e, n]));
+        }
         Family::Gemma3 => {
             v.push(("attn_q_norm.weight", vec![hd]));
             v.push(("attn_k_norm.weight", vec![hd]));
@@ -167,7 +184,12 @@ fn tiny_models_parse_with_expected_tensors_and_keys() {
                     let name = format!("blk.{il}.{suffix}");
                     let t = f.tensor(&name).unwrap_or_else(|| panic!("missing {name}"));
                     assert_eq!(&t.dims, dims, "{name}");
-                    let want = if dims.len() == 2 { wt } else { GgmlType::F32 };
+                    // norms, biases and the expert router stay F32
+                    let want = if dims.len() >= 2 && !suffix.starts_with("ffn_gate_inp") {
+                        wt
+                    } else {
+                        GgmlType::F32
+                    };
                     assert_eq!(t.dtype, want, "{name}");
                 }
             }

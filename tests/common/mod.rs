@@ -36,12 +36,13 @@ pub fn tiny(dir: &Path, family: Family, f: impl FnOnce(&mut TinySpec)) -> PathBu
     let mut spec = TinySpec::default_for(family);
     f(&mut spec);
     let name = format!(
-        "{}-{}-{}-{:x}-w{}.gguf",
+        "{}-{}-{}-{:x}-w{}{}.gguf",
         family.arch(),
         spec.weight_type.name(),
         spec.n_layer,
         spec.seed,
-        spec.sliding_window
+        spec.sliding_window,
+        if spec.rope { "" } else { "-norope" }
     );
     let p = dir.join(name);
     write_tiny_model(&spec, &p).expect("write tiny model");

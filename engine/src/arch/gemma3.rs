@@ -16,6 +16,8 @@ pub const ARCH: Arch = Arch {
     post_norms: true,
     rope_freqs: false,
     ffn: Ffn::GeGlu,
+    ffn_bias: false,
+    moe: false,
     extras,
 };
 

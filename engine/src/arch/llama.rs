@@ -14,5 +14,7 @@ pub const ARCH: Arch = Arch {
     post_norms: false,
     rope_freqs: true,
     ffn: Ffn::SwiGlu,
+    ffn_bias: true,
+    moe: false,
     extras: attention_scale,
 };

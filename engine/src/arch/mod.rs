@@ -8,11 +8,13 @@ use crate::error::Result;
 
 mod gemma2;
 mod gemma3;
+mod granite;
 mod llama;
 mod olmo2;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod qwen3moe;
 
 /// The FFN's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,12 @@ pub struct Extras {
     pub final_logit_softcap: f32,
     /// Soft-capping of the attention logits (0: off).
     pub attn_softcap: f32,
+    /// Multiplier of the final logits (granite divides them by its `logit_scale`).
+    pub logit_scale: Option<f32>,
+    /// Multiplier of the attention and FFN outputs before their residual adds (granite).
+    pub residual_scale: Option<f32>,
+    /// RoPE applied to Q and K (granite turns it off with `rope.scaling.finetuned` false).
+    pub rope: bool,
 }
 
 /// The generic hyperparameters, already read and checked, that a family's rules build on.
@@ -88,6 +96,12 @@ pub struct Arch {
     /// An optional `rope_freqs.weight` (llama 3's long-context frequency factors).
     pub rope_freqs: bool,
     pub ffn: Ffn,
+    /// Optional `ffn_{gate,up,down}.bias` (llama, granite).
+    pub ffn_bias: bool,
+    /// The FFN is a mixture of experts (`ffn_gate_inp` router, `ffn_{gate,up,down}_exps`),
+    /// and `expert_count` / `expert_used_count` are required. Families without it refuse files
+    /// with experts.
+    pub moe: bool,
     /// Reads the family's own hyperparameters (`keys` are prefixed with the architecture).
     pub extras: fn(keys: &Keys<'_>, base: &Base, extras: &mut Extras) -> Result<()>,
 }
@@ -101,6 +115,8 @@ pub const ARCHES: &[&Arch] = &[
     &gemma3::ARCH,
     &olmo2::ARCH,
     &phi3::ARCH,
+    &granite::ARCH,
+    &qwen3moe::ARCH,
 ];
 
 /// The description of `general.architecture` = `name`.

@@ -17,6 +17,8 @@ pub const ARCH: Arch = Arch {
     post_norms: false,
     rope_freqs: false,
     ffn: Ffn::SwiGluFused,
+    ffn_bias: false,
+    moe: false,
     extras,
 };
 

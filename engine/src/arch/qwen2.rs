@@ -13,5 +13,7 @@ pub const ARCH: Arch = Arch {
     post_norms: false,
     rope_freqs: false,
     ffn: Ffn::SwiGlu,
+    ffn_bias: false,
+    moe: false,
     extras: attention_scale,
 };
