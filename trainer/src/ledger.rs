@@ -94,15 +94,19 @@ impl Ledger {
         purpose: &str,
         ids: impl IntoIterator<Item = &'a str>,
     ) -> Result<Ledger, LedgerError> {
-        let mut l = Ledger::load(run_dir)?;
-        l.add(purpose, ids);
         let path = path_in(run_dir);
         let io = |source| LedgerError::Io {
             path: path.clone(),
             source,
         };
         std::fs::create_dir_all(run_dir).map_err(io)?;
-        let tmp = path.with_extension("json.tmp");
+        // shards of one run (Slurm array tasks) record into the same ledger: read, add and
+        // write under an exclusive lock, so no task's questions are lost
+        let lock = std::fs::File::create(run_dir.join("ledger.lock")).map_err(io)?;
+        lock.lock().map_err(io)?;
+        let mut l = Ledger::load(run_dir)?;
+        l.add(purpose, ids);
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
         let text = serde_json::to_string_pretty(&l).map_err(|e| LedgerError::Parse {
             path: path.clone(),
             message: e.to_string(),

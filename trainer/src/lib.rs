@@ -17,5 +17,6 @@ pub mod prune;
 pub mod rng;
 pub mod scoring;
 pub mod search;
+pub mod shards;
 pub mod tasks;
 pub mod train;

@@ -12,7 +12,7 @@ use drllm_train::scoring::Scoring;
 use drllm_train::search::{read_results, RewardKind, SearchRun};
 use drllm_train::tasks::McScorer;
 use drllm_train::train::TrainConfig;
-use drllm_train::{data, eval, features, oracle, prune, search, train};
+use drllm_train::{data, eval, features, oracle, prune, search, shards, train};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,6 +63,42 @@ enum Cmd {
     Eval(EvalArgs),
     /// Everything: search on validation, train, export, evaluate on test.
     Pipeline(PipelineArgs),
+    /// Join the results of shards (`search` or `oracle` runs with `--shard i/n`, e.g. the tasks
+    /// of a Slurm job array) into the file one unsharded run writes, after checking that every
+    /// shard finished, with no question missing or twice.
+    Merge(MergeArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MergeKind {
+    Search,
+    Oracle,
+}
+
+#[derive(Args, Clone)]
+struct MergeArgs {
+    /// What the shards ran.
+    #[arg(value_enum)]
+    kind: MergeKind,
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value = "arc_easy")]
+    task: String,
+    #[arg(long, default_value = "validation")]
+    split: String,
+    /// Only the first N questions (as the shards were given).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Number of shards (the n of `--shard i/n`).
+    #[arg(long)]
+    shards: usize,
+    /// The results file the shards were named after, and the merge is written to (default
+    /// RUN_DIR/KIND-TASK-SPLIT.jsonl; shard i writes KIND-TASK-SPLIT.shard-i-of-n.jsonl).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace an existing merged file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -632,6 +668,7 @@ fn main() {
         Cmd::Prune(a) => cmd_prune(&a).map(|_| ()),
         Cmd::Eval(a) => cmd_eval(&a),
         Cmd::Pipeline(a) => cmd_pipeline(&a),
+        Cmd::Merge(a) => cmd_merge(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -645,12 +682,47 @@ fn cmd_fetch(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn search_out(a: &SearchArgs) -> PathBuf {
-    a.out.clone().unwrap_or_else(|| {
+/// The results file of a search: `--out` or RUN_DIR/search-TASK-SPLIT.jsonl, and with
+/// `--shard i/n` (n > 1) that name with `.shard-i-of-n` before `.jsonl` (`merge` joins them).
+fn search_out(a: &SearchArgs) -> Result<PathBuf> {
+    let base = a.out.clone().unwrap_or_else(|| {
         a.common
             .run_dir()
             .join(format!("search-{}-{}.jsonl", a.task, a.split))
-    })
+    });
+    Ok(shards::shard_path(&base, parse_shard(&a.shard)?))
+}
+
+fn cmd_merge(a: &MergeArgs) -> Result<()> {
+    let kind = match a.kind {
+        MergeKind::Search => "search",
+        MergeKind::Oracle => "oracle",
+    };
+    let mut examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
+    if let Some(n) = a.limit {
+        examples.truncate(n);
+    }
+    let base = a.out.clone().unwrap_or_else(|| {
+        a.common
+            .run_dir()
+            .join(format!("{kind}-{}-{}.jsonl", a.task, a.split))
+    });
+    let r = shards::merge(&base, a.shards, &examples, &base, a.force)?;
+    // the shards recorded their questions already; the merge records them all again (the
+    // ledger keeps a set), so a ledger copied without the shards' updates is complete too
+    Ledger::record(
+        &a.common.run_dir(),
+        kind,
+        examples.iter().map(|e| e.id.as_str()),
+    )?;
+    eprintln!(
+        "[merge] {kind}: {} shards complete ({:?} questions) -> {} ({} lines)",
+        a.shards,
+        r.per_shard,
+        r.out.display(),
+        r.lines
+    );
+    Ok(())
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize)> {
@@ -695,11 +767,15 @@ struct OracleArgs {
 const DEFAULT_TAU: f64 = 0.05;
 
 fn cmd_oracle(a: &OracleArgs) -> Result<()> {
-    let out = a.out.clone().unwrap_or_else(|| {
-        a.common
-            .run_dir()
-            .join(format!("oracle-{}-{}.jsonl", a.task, a.split))
-    });
+    // with --shard i/n (n > 1), the shard's own file (see `search_out`)
+    let out = shards::shard_path(
+        &a.out.clone().unwrap_or_else(|| {
+            a.common
+                .run_dir()
+                .join(format!("oracle-{}-{}.jsonl", a.task, a.split))
+        }),
+        parse_shard(&a.shard)?,
+    );
     if !a.report_only {
         let (model, tok, scorer, fp) = a.common.load()?;
         let mut examples = data::load(&a.common.data_dir, &a.task, &a.split)?;
@@ -1336,7 +1412,7 @@ fn cmd_search(a: &SearchArgs) -> Result<search::RunSummary> {
         max_answer_tokens: 256,
         scoring: a.common.scoring(),
     };
-    let out = search_out(a);
+    let out = search_out(a)?;
     search::check_params(
         &out,
         &serde_json::json!({

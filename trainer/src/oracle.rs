@@ -15,7 +15,6 @@ use crate::search::{EngineRewarder, PrefixCache, RewardKind, SearchError, Work};
 use crate::tasks::{Example, McScorer, TaskKind};
 use drllm_engine::{Session, Tokenizer};
 use std::collections::HashSet;
-use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -98,25 +97,17 @@ fn probe(j: &Judgement, full_scores: &[f64]) -> Result<Probe, SearchError> {
 }
 
 /// Reads a table (missing file = empty).
+/// A torn last line (a run killed while writing it) is not a row.
 pub fn read_oracle(path: &Path) -> Result<Vec<OracleRecord>, SearchError> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (i, line) in crate::shards::complete_lines(path)? {
         let r: OracleRecord = serde_json::from_str(&line).map_err(|e| SearchError::BadResult {
-            line: i + 1,
+            line: i,
             reason: e.to_string(),
         })?;
         if r.skip.len() != r.n_layer || !(r.repeat.is_empty() || r.repeat.len() == r.n_layer) {
             return Err(SearchError::BadResult {
-                line: i + 1,
+                line: i,
                 reason: format!(
                     "{} skips and {} repeats for {} blocks",
                     r.skip.len(),
@@ -229,20 +220,13 @@ pub fn run_oracle(
         resumed: mine.len() - todo.len(),
         ..Default::default()
     };
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)?;
+    let mut file = crate::shards::open_append(out)?;
     let mut cache = PrefixCache::new(run.cache_bytes);
     let t0 = Instant::now();
     for (i, ex) in todo.iter().enumerate() {
         let rec = oracle_question(session, tokenizer, scorer, ex, fingerprint, run, &mut cache)?;
         let line = serde_json::to_string(&rec).map_err(|e| SearchError::Other(e.to_string()))?;
-        writeln!(file, "{line}")?;
-        file.flush()?;
+        crate::shards::append_line(&mut file, out, &line)?;
         summary.done += 1;
         summary.work.rollouts += rec.work.rollouts;
         summary.work.passes_run += rec.work.passes_run;

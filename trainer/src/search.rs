@@ -12,7 +12,6 @@ use crate::scoring::{judge_all, Judgement, Scoring};
 use crate::tasks::{Example, McScorer, TaskKind};
 use drllm_engine::{EngineError, LayerPath, Logits, PassState, Route, Session, Tokenizer};
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -53,6 +52,15 @@ impl std::fmt::Display for SearchError {
 }
 
 impl std::error::Error for SearchError {}
+
+impl From<crate::shards::ShardError> for SearchError {
+    fn from(e: crate::shards::ShardError) -> Self {
+        match e {
+            crate::shards::ShardError::Io { source, .. } => SearchError::Io(source),
+            other => SearchError::Other(other.to_string()),
+        }
+    }
+}
 
 impl From<EngineError> for SearchError {
     fn from(e: EngineError) -> Self {
@@ -298,20 +306,12 @@ impl SearchRecord {
 }
 
 /// Reads a results file (missing file = no results).
+/// A torn last line (a run killed while writing it) is not a result.
 pub fn read_results(path: &Path) -> Result<Vec<SearchRecord>, SearchError> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (line_no, line) in crate::shards::complete_lines(path)? {
         let r: SearchRecord = serde_json::from_str(&line).map_err(|e| SearchError::BadResult {
-            line: i + 1,
+            line: line_no,
             reason: e.to_string(),
         })?;
         out.push(r);
@@ -396,13 +396,7 @@ pub fn run_search(
         .filter(|e| !done.contains(&e.id))
         .collect();
     summary.resumed = mine.len() - todo.len();
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)?;
+    let mut file = crate::shards::open_append(out)?;
     let mut cache = PrefixCache::new(run.cache_bytes);
     let t0 = Instant::now();
     let total = todo.len();
@@ -445,8 +439,7 @@ pub fn run_search(
             secs: t.elapsed().as_secs_f64(),
         };
         let line = serde_json::to_string(&rec).map_err(|e| SearchError::Other(e.to_string()))?;
-        writeln!(file, "{line}")?;
-        file.flush()?;
+        crate::shards::append_line(&mut file, out, &line)?;
         summary.searched += 1;
         if rec.originally_correct {
             summary.originally_correct += 1;
