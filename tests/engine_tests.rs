@@ -111,6 +111,24 @@ fn parity_tiny_granite() {
 #[test]
 fn parity_tiny_qwen3moe() {
     parity_tiny(Family::Qwen3Moe);
+    // one expert per token (llama.cpp makes the single expert's output contiguous) and every
+    // expert per token
+    let dir = tempfile::tempdir().unwrap();
+    for used in [1, 4] {
+        let p = tiny(dir.path(), Family::Qwen3Moe, |s| {
+            s.experts = Some(drllm_testkit::TinyExperts {
+                n_expert: 4,
+                n_used: used,
+                n_ff: 64,
+            });
+            s.seed += u64::from(used);
+        });
+        let m = load(&p);
+        let prompt = prompt_for(&p, 40);
+        let e = engine_trace(&m, &LayerPath::full(m.n_layer()), &prompt, STEPS);
+        let s = stock_trace(&p, &prompt, STEPS);
+        assert_traces(&format!("qwen3moe, {used} of 4 experts"), &e, &s, TOL);
+    }
 }
 
 #[test]

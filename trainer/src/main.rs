@@ -177,7 +177,19 @@ impl Common {
         }
         let model = Arc::new(Model::load(&self.model, self.device)?);
         let tok = Tokenizer::load(&self.model)?;
-        let scorer = McScorer::new(&tok, &["A", "B", "C", "D", "E"])?;
+        // continuation scoring (the default) needs the letter tokens only for questions
+        // without answer texts, so a tokenizer without them is refused only when asked
+        let scorer = match McScorer::new(&tok, &["A", "B", "C", "D", "E"]) {
+            Ok(s) => s,
+            Err(e) if self.scoring() == Scoring::Continuation => {
+                eprintln!(
+                    "[note] this tokenizer cannot score by option letters ({e}); continuation \
+                     scoring of questions with answer texts does not need it"
+                );
+                McScorer::unavailable(e.to_string())
+            }
+            Err(e) => return Err(e.into()),
+        };
         let fp = base_model_info_from(model.gguf(), model.path())?.fingerprint;
         Ok((model, tok, scorer, fp))
     }

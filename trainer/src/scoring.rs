@@ -177,11 +177,25 @@ pub fn judge_all(
                 &ex.texts,
             )?
         }
-        TaskKind::MultipleChoice => scorer
-            .label_logits(last, ex.choices.len())
-            .into_iter()
-            .map(f64::from)
-            .collect(),
+        TaskKind::MultipleChoice => {
+            if let Some(why) = scorer.unavailable_reason() {
+                let need = if scoring == Scoring::Letters {
+                    "--scoring letters"
+                } else {
+                    "it has no answer texts"
+                };
+                return Err(EngineError::State(format!(
+                    "question {} needs scoring by option letters ({need}), which this \
+                     tokenizer cannot do: {why}",
+                    ex.id
+                )));
+            }
+            scorer
+                .label_logits(last, ex.choices.len())
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        }
         TaskKind::Numeric => {
             let text = greedy_answer(session, tokenizer, last, max_answer_tokens)?;
             let ok = extract_final_number(&text).is_some_and(|n| numbers_equal(&n, &ex.answer));

@@ -209,6 +209,8 @@ pub const DEFAULT_LABELS: [&str; 5] = ["A", "B", "C", "D", "E"];
 pub struct McScorer {
     labels: Vec<String>,
     tokens: Vec<i32>,
+    /// Why this tokenizer cannot score by labels (see [`McScorer::unavailable`]).
+    unavailable: Option<String>,
 }
 
 impl McScorer {
@@ -265,6 +267,7 @@ impl McScorer {
         Ok(McScorer {
             labels: labels.iter().map(|l| l.to_string()).collect(),
             tokens,
+            unavailable: None,
         })
     }
 
@@ -289,7 +292,24 @@ impl McScorer {
         Ok(McScorer {
             labels: labels.iter().map(|l| l.to_string()).collect(),
             tokens: tokens.to_vec(),
+            unavailable: None,
         })
+    }
+
+    /// The scorer of a tokenizer whose labels are not single answer tokens (`why`: the error
+    /// [`McScorer::new`] gave). Continuation scoring of questions with answer texts never asks
+    /// the scorer; judging a question by labels with it is an error naming `why`.
+    pub fn unavailable(why: impl Into<String>) -> McScorer {
+        McScorer {
+            labels: Vec::new(),
+            tokens: Vec::new(),
+            unavailable: Some(why.into()),
+        }
+    }
+
+    /// Why labels cannot be scored, for a scorer made by [`McScorer::unavailable`].
+    pub fn unavailable_reason(&self) -> Option<&str> {
+        self.unavailable.as_deref()
     }
 
     /// The labels, in order.
