@@ -36,16 +36,22 @@ fn real_prompt(p: &Path) -> Vec<i32> {
 // ---------------------------------------------------------------------------------------------
 // 1. Full-depth parity with stock llama.cpp
 
+/// drllm at full depth against stock llama.cpp on one file, a prompt of `words` words; the
+/// traces are returned.
+fn parity_file(p: &Path, words: usize, what: &str) -> Vec<Vec<f32>> {
+    let m = load(p);
+    let prompt = prompt_for(p, words);
+    let e = engine_trace(&m, &LayerPath::full(m.n_layer()), &prompt, STEPS);
+    let s = stock_trace(p, &prompt, STEPS);
+    assert_traces(what, &e, &s, TOL);
+    e
+}
+
 fn parity_tiny(family: Family) {
     let dir = tempfile::tempdir().unwrap();
     for wt in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
         let p = tiny(dir.path(), family, |s| s.weight_type = wt);
-        let m = load(&p);
-        let prompt = prompt_for(&p, 40);
-        let full = LayerPath::full(m.n_layer());
-        let e = engine_trace(&m, &full, &prompt, STEPS);
-        let s = stock_trace(&p, &prompt, STEPS);
-        assert_traces(&format!("{} {}", family.arch(), wt.name()), &e, &s, TOL);
+        parity_file(&p, 40, &format!("{} {}", family.arch(), wt.name()));
     }
 }
 
@@ -90,18 +96,11 @@ fn parity_tiny_granite() {
     // and a file that turns RoPE off (rope.scaling.finetuned = false)
     let dir = tempfile::tempdir().unwrap();
     let p = tiny(dir.path(), Family::Granite, |s| s.rope = false);
-    let m = load(&p);
-    let prompt = prompt_for(&p, 40);
-    let full = LayerPath::full(m.n_layer());
-    let e = engine_trace(&m, &full, &prompt, STEPS);
-    assert_traces(
-        "granite without RoPE",
-        &e,
-        &stock_trace(&p, &prompt, STEPS),
-        TOL,
-    );
+    let e = parity_file(&p, 40, "granite without RoPE");
     let with_rope = tiny(dir.path(), Family::Granite, |_| {});
-    let r = engine_trace(&load(&with_rope), &full, &prompt, 0);
+    let m = load(&with_rope);
+    let prompt = prompt_for(&with_rope, 40);
+    let r = engine_trace(&m, &LayerPath::full(m.n_layer()), &prompt, 0);
     assert!(
         max_abs_diff(&r[prompt.len() - 1], &e[prompt.len() - 1]) > 1e-3,
         "turning RoPE off changed nothing"
@@ -123,11 +122,7 @@ fn parity_tiny_qwen3moe() {
             });
             s.seed += u64::from(used);
         });
-        let m = load(&p);
-        let prompt = prompt_for(&p, 40);
-        let e = engine_trace(&m, &LayerPath::full(m.n_layer()), &prompt, STEPS);
-        let s = stock_trace(&p, &prompt, STEPS);
-        assert_traces(&format!("qwen3moe, {used} of 4 experts"), &e, &s, TOL);
+        parity_file(&p, 40, &format!("qwen3moe, {used} of 4 experts"));
     }
 }
 
@@ -137,11 +132,7 @@ fn parity_tiny_llama_untied_and_long_prompt() {
     // of tiny models: 512 cells, a 300-token prompt and 8 steps)
     let dir = tempfile::tempdir().unwrap();
     let p = tiny(dir.path(), Family::Gemma3, |s| s.sliding_window = 16);
-    let m = load(&p);
-    let prompt = prompt_for(&p, 300);
-    let e = engine_trace(&m, &LayerPath::full(m.n_layer()), &prompt, STEPS);
-    let s = stock_trace(&p, &prompt, STEPS);
-    assert_traces("gemma3 window 16, 300 tokens", &e, &s, TOL);
+    parity_file(&p, 300, "gemma3 window 16, 300 tokens");
 }
 
 fn parity_real(rel: &str) {

@@ -248,53 +248,26 @@ impl Builder<'_> {
         }
     }
 
-    /// A 2-D weight `{ne0, ne1}` ~ N(0, std²) in the spec's weight type.
-    fn matrix(&mut self, name: &str, ne0: u32, ne1: u32, std: f32) -> Result<(), TestkitError> {
-        let n = ne0 as usize * ne1 as usize;
-        let xs = Rng::for_label(self.spec.seed, name).normals(n, std);
-        let dtype = self.spec.weight_type;
-        let bytes = self.encode(dtype, &xs);
-        self.w.add_tensor(
-            name,
-            dtype,
-            &[u64::from(ne0), u64::from(ne1)],
-            TensorSource::Bytes(bytes),
-        )?;
-        Ok(())
-    }
-
-    /// The experts' weights `{ne0, ne1, n_expert}` in the spec's weight type.
-    fn experts(
+    /// A weight of shape `dims` ~ N(0, std²) stored as `dtype`.
+    fn weights(
         &mut self,
         name: &str,
-        ne0: u32,
-        ne1: u32,
-        n: u32,
+        dims: &[u32],
         std: f32,
+        dtype: GgmlType,
     ) -> Result<(), TestkitError> {
-        let len = ne0 as usize * ne1 as usize * n as usize;
-        let xs = Rng::for_label(self.spec.seed, name).normals(len, std);
-        let dtype = self.spec.weight_type;
+        let n = dims.iter().map(|&d| d as usize).product();
+        let xs = Rng::for_label(self.spec.seed, name).normals(n, std);
         let bytes = self.encode(dtype, &xs);
-        self.w.add_tensor(
-            name,
-            dtype,
-            &[u64::from(ne0), u64::from(ne1), u64::from(n)],
-            TensorSource::Bytes(bytes),
-        )?;
+        let ne: Vec<u64> = dims.iter().map(|&d| u64::from(d)).collect();
+        self.w
+            .add_tensor(name, dtype, &ne, TensorSource::Bytes(bytes))?;
         Ok(())
     }
 
-    /// A 2-D F32 matrix (llama.cpp's quantizer keeps the expert router in F32).
-    fn matrix_f32(&mut self, name: &str, ne0: u32, ne1: u32, std: f32) -> Result<(), TestkitError> {
-        let xs = Rng::for_label(self.spec.seed, name).normals(ne0 as usize * ne1 as usize, std);
-        self.w.add_tensor(
-            name,
-            GgmlType::F32,
-            &[u64::from(ne0), u64::from(ne1)],
-            TensorSource::Bytes(to_f32_bytes(&xs)),
-        )?;
-        Ok(())
+    /// A 2-D weight `{ne0, ne1}` ~ N(0, std²) in the spec's weight type.
+    fn matrix(&mut self, name: &str, ne0: u32, ne1: u32, std: f32) -> Result<(), TestkitError> {
+        self.weights(name, &[ne0, ne1], std, self.spec.weight_type)
     }
 
     /// A 1-D F32 vector `mean + std * noise`.
@@ -490,16 +463,19 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         }
         if let Some(x) = spec.experts {
             // the router's scale spreads the experts' probabilities, so the top-k is no tie
-            b.matrix_f32(&t("ffn_gate_inp.weight"), e, x.n_expert, 4.0 * inv(e))?;
-            b.experts(&t("ffn_gate_exps.weight"), e, x.n_ff, x.n_expert, inv(e))?;
-            b.experts(&t("ffn_up_exps.weight"), e, x.n_ff, x.n_expert, inv(e))?;
-            b.experts(
-                &t("ffn_down_exps.weight"),
-                x.n_ff,
-                e,
-                x.n_expert,
-                inv(x.n_ff),
+            // llama.cpp's quantizer keeps the expert router in F32
+            let router = [e, x.n_expert];
+            b.weights(
+                &t("ffn_gate_inp.weight"),
+                &router,
+                4.0 * inv(e),
+                GgmlType::F32,
             )?;
+            let wt = spec.weight_type;
+            let (up, down) = ([e, x.n_ff, x.n_expert], [x.n_ff, e, x.n_expert]);
+            b.weights(&t("ffn_gate_exps.weight"), &up, inv(e), wt)?;
+            b.weights(&t("ffn_up_exps.weight"), &up, inv(e), wt)?;
+            b.weights(&t("ffn_down_exps.weight"), &down, inv(x.n_ff), wt)?;
         } else if phi {
             b.matrix(&t("ffn_up.weight"), e, 2 * ff, inv(e))?;
         } else {
