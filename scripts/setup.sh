@@ -257,6 +257,10 @@ feature_args=()
 log "building drllm (release${features:+, features $features}${CARGO_TARGET_DIR:+; target dir $CARGO_TARGET_DIR}; the first build compiles llama.cpp, about 5 to 15 minutes)"
 cargo build --release --locked --bins ${feature_args[@]+"${feature_args[@]}"}
 [ "$mode" = "--no-run" ] && exit 0
-log "main job: drllm generate --chat on SmolLM2-135M-Instruct"
+# the default model runs full depth unless a sidecar is named or placed next to it; the main
+# job names the demonstration sidecar (constant routers skipping block 13, models/README.md) to
+# show a routed path
+log "main job: drllm generate --chat on SmolLM2-135M-Instruct, routed by models/demo/'s sidecar"
 cargo run --release --locked --quiet ${feature_args[@]+"${feature_args[@]}"} --bin drllm -- generate --chat --temp 0 -n 128 \
+  --routers models/demo/SmolLM2-135M-Instruct.Q4_1.skip13.routers.gguf \
   -p "What is the capital of France, and what is it famous for?"

@@ -5,15 +5,16 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use drllm_server::client;
+use drllm_server::config::defaults;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct LoadtestArgs {
     /// Server address.
-    #[arg(long, default_value = "127.0.0.1:8088")]
+    #[arg(long, default_value_t = format!("{}:{}", defaults::HOST, defaults::PORT))]
     addr: String,
     /// Requests in all.
     #[arg(short = 'n', long, default_value_t = 200)]
@@ -122,50 +123,10 @@ const QUESTIONS: &[&str] = &[
 /// One conversation of `turns` turns: per turn, time to first token along the cached
 /// conversation and for the same messages uncached.
 fn run_conversation(a: &LoadtestArgs, turns: usize) -> Result<()> {
-    let token = a.api_key.as_deref();
     let mut messages =
         vec![json!({"role": "system", "content": "You are a helpful assistant. Answer briefly."})];
     let mut rows = Vec::new();
-    let timeout = Duration::from_secs(1200);
-    let send = |body: &Value| -> Result<(Value, f64)> {
-        let (r, first) = client::request_first_text(
-            &a.addr,
-            "/v1/chat/completions",
-            &body.to_string(),
-            token,
-            timeout,
-        )?;
-        if r.status != 200 {
-            bail!("{} {}", r.status, r.body);
-        }
-        let chunks: Vec<Value> = r
-            .sse_data()
-            .iter()
-            .filter_map(|d| serde_json::from_str(d).ok())
-            .collect();
-        if let Some(e) = chunks.iter().find(|c| c.get("error").is_some()) {
-            bail!("{}", e["error"]);
-        }
-        let text: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-            .collect();
-        let usage = chunks
-            .iter()
-            .rev()
-            .find(|c| c.get("usage").is_some_and(|u| !u.is_null()))
-            .map(|c| c["usage"].clone())
-            .unwrap_or(Value::Null);
-        let ttft = first.context("the answer had no text")?.as_secs_f64();
-        Ok((json!({"text": text, "usage": usage}), ttft))
-    };
-    let mut words: Vec<&str> = Vec::new();
-    let mut i = 0;
-    while words.len() < a.document_words {
-        words.extend(NOTES[i % NOTES.len()].split(' '));
-        i += 1;
-    }
-    words.truncate(a.document_words);
+    let words = document(a.document_words);
     for turn in 1..=turns {
         let content = if turn == 1 {
             format!(
@@ -185,8 +146,8 @@ fn run_conversation(a: &LoadtestArgs, turns: usize) -> Result<()> {
             b
         };
         // uncached first (it leaves nothing in the cache), then the turn itself
-        let (_, uncached) = send(&body(false, 1))?;
-        let (answer, cached) = send(&body(true, a.max_tokens))?;
+        let (_, uncached) = send_turn(a, &body(false, 1))?;
+        let (answer, cached) = send_turn(a, &body(true, a.max_tokens))?;
         let u = &answer["usage"];
         let row = json!({
             "turn": turn,
@@ -203,27 +164,78 @@ fn run_conversation(a: &LoadtestArgs, turns: usize) -> Result<()> {
         rows.push(row);
         messages.push(json!({"role": "assistant", "content": answer["text"]}));
     }
-    let summary = json!({"turns": rows});
     if a.json {
+        let summary = json!({"turns": rows});
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!(
-            "| turn | prompt tokens | cached | first token, cached (s) | uncached (s) | speedup |"
-        );
-        println!("|---:|---:|---:|---:|---:|---:|");
-        for r in &rows {
-            println!(
-                "| {} | {} | {} | {:.3} | {:.3} | {:.1}x |",
-                r["turn"],
-                r["prompt_tokens"],
-                r["cached_tokens"],
-                r["ttft_cached_seconds"].as_f64().unwrap_or(0.0),
-                r["ttft_uncached_seconds"].as_f64().unwrap_or(0.0),
-                r["speedup"].as_f64().unwrap_or(0.0)
-            );
-        }
+        print_turns(&rows);
     }
     Ok(())
+}
+
+/// The document of the first turn: `n` words of the notes, repeated as needed.
+fn document(n: usize) -> Vec<&'static str> {
+    let mut words: Vec<&str> = Vec::new();
+    let mut i = 0;
+    while words.len() < n {
+        words.extend(NOTES[i % NOTES.len()].split(' '));
+        i += 1;
+    }
+    words.truncate(n);
+    words
+}
+
+/// Sends one streamed turn; gives the answer (text and usage) and the time to its first token.
+fn send_turn(a: &LoadtestArgs, body: &Value) -> Result<(Value, f64)> {
+    let (r, first) = client::request_first_text(
+        &a.addr,
+        "/v1/chat/completions",
+        &body.to_string(),
+        a.api_key.as_deref(),
+        Duration::from_secs(1200),
+    )?;
+    if r.status != 200 {
+        bail!("{} {}", r.status, r.body);
+    }
+    let chunks: Vec<Value> = r
+        .sse_data()
+        .iter()
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    if let Some(e) = chunks.iter().find(|c| c.get("error").is_some()) {
+        bail!("{}", e["error"]);
+    }
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let usage = chunks
+        .iter()
+        .rev()
+        .find(|c| c.get("usage").is_some_and(|u| !u.is_null()))
+        .map(|c| c["usage"].clone())
+        .unwrap_or(Value::Null);
+    let ttft = first.context("the answer had no text")?.as_secs_f64();
+    Ok((json!({"text": text, "usage": usage}), ttft))
+}
+
+/// The conversation's turns as a table.
+fn print_turns(rows: &[Value]) {
+    println!(
+        "| turn | prompt tokens | cached | first token, cached (s) | uncached (s) | speedup |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.3} | {:.3} | {:.1}x |",
+            r["turn"],
+            r["prompt_tokens"],
+            r["cached_tokens"],
+            r["ttft_cached_seconds"].as_f64().unwrap_or(0.0),
+            r["ttft_uncached_seconds"].as_f64().unwrap_or(0.0),
+            r["speedup"].as_f64().unwrap_or(0.0)
+        );
+    }
 }
 
 pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
@@ -236,7 +248,6 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
     if a.requests == 0 || a.concurrency == 0 {
         bail!("--requests and --concurrency must be at least 1");
     }
-    let token = a.api_key.as_deref();
     let h = client::request(
         &a.addr,
         "GET",
@@ -249,154 +260,228 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
     if h.status != 200 {
         bail!("{} is not ready: {} {}", a.addr, h.status, h.body);
     }
-    let rss = |label: &str, samples: &Mutex<Vec<(String, f64)>>| {
-        if let Some(v) = metric(&a.addr, token, "process_resident_memory_bytes") {
-            if let Ok(mut s) = samples.lock() {
-                s.push((label.to_string(), v / (1 << 20) as f64));
-            }
-        }
+    let memory = Mutex::new(Vec::new());
+    sample_memory(&a, &memory, "start");
+    let load = Load {
+        a: &a,
+        next: AtomicUsize::new(0),
+        retries: AtomicUsize::new(0),
+        results: Mutex::new(Vec::with_capacity(a.requests)),
+        memory,
+        t0: Instant::now(),
+        tenth: (a.requests / 10).max(1),
     };
-    let memory = Arc::new(Mutex::new(Vec::new()));
-    rss("start", &memory);
-    let next = Arc::new(AtomicUsize::new(0));
-    let retries = Arc::new(AtomicUsize::new(0));
-    let results = Arc::new(Mutex::new(Vec::with_capacity(a.requests)));
-    let t0 = Instant::now();
-    let tenth = (a.requests / 10).max(1);
     std::thread::scope(|scope| {
         for _ in 0..a.concurrency {
-            let next = next.clone();
-            let results = results.clone();
-            let memory = memory.clone();
-            let retries = retries.clone();
-            let a = &a;
-            scope.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= a.requests {
-                    return;
-                }
-                let mut body = json!({
-                    "messages": [{"role": "user", "content": PROMPTS[i % PROMPTS.len()]}],
-                    "max_tokens": a.max_tokens,
-                    "temperature": 0.7,
-                    "seed": i,
-                    "ignore_eos": true,
-                    "stream": a.stream,
-                    "stream_options": {"include_usage": a.stream},
-                });
-                if let Some(r) = a.routing {
-                    body["routing"] = json!(r);
-                }
-                let t = Instant::now();
-                let mut retried = 0;
-                let r = loop {
-                    let r = client::request(
-                        &a.addr,
-                        "POST",
-                        "/v1/chat/completions",
-                        Some(&body.to_string()),
-                        token,
-                        Duration::from_secs(600),
-                    );
-                    match &r {
-                        Ok(resp) if resp.status == 503 && a.retry => {
-                            // as a polite client: wait as long as Retry-After says
-                            retried += 1;
-                            let wait = resp
-                                .header("retry-after")
-                                .and_then(|v| v.parse::<f64>().ok())
-                                .unwrap_or(1.0)
-                                .clamp(0.0, 30.0);
-                            std::thread::sleep(Duration::from_secs_f64(wait));
-                        }
-                        _ => break r,
-                    }
-                };
-                retries.fetch_add(retried, Ordering::Relaxed);
-                let secs = t.elapsed().as_secs_f64();
-                let sample = match r {
-                    Err(e) => Sample {
-                        status: 0,
-                        secs,
-                        tokens: 0,
-                        passes: 0,
-                        decode_tps: 0.0,
-                        error: Some(e.to_string()),
-                    },
-                    Ok(r) => {
-                        // streamed: the drllm object rides on the last content chunk and
-                        // the usage on its own chunk (stream_options.include_usage)
-                        let mut stream_error = None;
-                        let (v, usage) = if a.stream {
-                            let chunks: Vec<Value> = r
-                                .sse_data()
-                                .iter()
-                                .filter_map(|d| serde_json::from_str(d).ok())
-                                .collect();
-                            let find =
-                                |k: &str| chunks.iter().rev().find(|c| c.get(k).is_some()).cloned();
-                            if let Some(e) = find("error") {
-                                // an error inside a 200 stream is an error, not a success
-                                stream_error = Some(e["error"]["message"].to_string());
-                            }
-                            (find("drllm"), find("usage"))
-                        } else {
-                            let v = r.json().ok();
-                            (v.clone(), v)
-                        };
-                        let v = v.unwrap_or(Value::Null);
-                        let tokens = usage
-                            .and_then(|u| u["usage"]["completion_tokens"].as_u64())
-                            .unwrap_or(0);
-                        let status = if stream_error.is_some() {
-                            500
-                        } else {
-                            r.status
-                        };
-                        let error = stream_error.clone().or_else(|| {
-                            (r.status != 200).then(|| {
-                                format!(
-                                    "{} {}",
-                                    r.status,
-                                    r.body.chars().take(200).collect::<String>()
-                                )
-                            })
-                        });
-                        Sample {
-                            status,
-                            secs,
-                            tokens,
-                            passes: v["drllm"]["passes"].as_u64().unwrap_or(0),
-                            decode_tps: v["drllm"]["timings"]["decode_tokens_per_second"]
-                                .as_f64()
-                                .unwrap_or(0.0),
-                            error,
-                        }
-                    }
-                };
-                let done = {
-                    let mut res = results.lock().unwrap_or_else(|p| p.into_inner());
-                    res.push(sample);
-                    res.len()
-                };
-                if done % tenth == 0 {
-                    eprint!(
-                        "\r[loadtest] {done}/{} requests, {:.0}s   ",
-                        a.requests,
-                        t0.elapsed().as_secs_f64()
-                    );
-                    rss(&format!("after {done}"), &memory);
-                }
-            });
+            scope.spawn(|| load.client());
         }
     });
     eprintln!();
-    let wall = t0.elapsed().as_secs_f64();
-    rss("end", &memory);
-    let results = results.lock().unwrap_or_else(|p| p.into_inner());
+    let wall = load.t0.elapsed().as_secs_f64();
+    sample_memory(&a, &load.memory, "end");
+    let results = load.results.lock().unwrap_or_else(|p| p.into_inner());
+    let t = tally(&results, load.retries.load(Ordering::Relaxed));
+    let memory = load
+        .memory
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary(&a, &t, wall, &memory))?
+        );
+    } else {
+        print_summary(&a, &t, wall, &memory);
+    }
+    if !t.errors.is_empty() {
+        bail!(
+            "{} requests failed with errors other than 503",
+            t.errors.len()
+        );
+    }
+    Ok(())
+}
+
+/// What the clients of a load share.
+struct Load<'a> {
+    a: &'a LoadtestArgs,
+    /// The next request to send.
+    next: AtomicUsize,
+    /// 503s sent again (--retry).
+    retries: AtomicUsize,
+    results: Mutex<Vec<Sample>>,
+    /// The server's resident memory along the way: (when, MiB).
+    memory: Mutex<Vec<(String, f64)>>,
+    t0: Instant,
+    /// Progress is reported (and memory sampled) every this many requests.
+    tenth: usize,
+}
+
+/// Samples the server's resident memory (from /metrics) under `label`.
+fn sample_memory(a: &LoadtestArgs, memory: &Mutex<Vec<(String, f64)>>, label: &str) {
+    let token = a.api_key.as_deref();
+    if let Some(v) = metric(&a.addr, token, "process_resident_memory_bytes") {
+        if let Ok(mut s) = memory.lock() {
+            s.push((label.to_string(), v / (1 << 20) as f64));
+        }
+    }
+}
+
+impl Load<'_> {
+    /// One client: sends the next request until all have been sent.
+    fn client(&self) {
+        let a = self.a;
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= a.requests {
+                return;
+            }
+            let mut body = json!({
+                "messages": [{"role": "user", "content": PROMPTS[i % PROMPTS.len()]}],
+                "max_tokens": a.max_tokens,
+                "temperature": 0.7,
+                "seed": i,
+                "ignore_eos": true,
+                "stream": a.stream,
+                "stream_options": {"include_usage": a.stream},
+            });
+            if let Some(r) = a.routing {
+                body["routing"] = json!(r);
+            }
+            let t = Instant::now();
+            let (r, retried) = send_request(a, &body.to_string());
+            self.retries.fetch_add(retried, Ordering::Relaxed);
+            let sample = sample_of(a, r, t.elapsed().as_secs_f64());
+            let done = {
+                let mut res = self.results.lock().unwrap_or_else(|p| p.into_inner());
+                res.push(sample);
+                res.len()
+            };
+            if done % self.tenth == 0 {
+                eprint!(
+                    "\r[loadtest] {done}/{} requests, {:.0}s   ",
+                    a.requests,
+                    self.t0.elapsed().as_secs_f64()
+                );
+                sample_memory(a, &self.memory, &format!("after {done}"));
+            }
+        }
+    }
+}
+
+/// Sends one chat request; with --retry a 503 is sent again after the wait its Retry-After
+/// asks for. Gives the last answer and the number of retries.
+fn send_request(a: &LoadtestArgs, body: &str) -> (std::io::Result<client::Response>, usize) {
+    let mut retried = 0;
+    loop {
+        let r = client::request(
+            &a.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(body),
+            a.api_key.as_deref(),
+            Duration::from_secs(600),
+        );
+        match &r {
+            Ok(resp) if resp.status == 503 && a.retry => {
+                // as a polite client: wait as long as Retry-After says
+                retried += 1;
+                let wait = resp
+                    .header("retry-after")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(1.0)
+                    .clamp(0.0, 30.0);
+                std::thread::sleep(Duration::from_secs_f64(wait));
+            }
+            _ => return (r, retried),
+        }
+    }
+}
+
+/// What one request's answer says: its status (an error inside a 200 stream counts as 500),
+/// the tokens and block passes, the server's generation speed.
+fn sample_of(a: &LoadtestArgs, r: std::io::Result<client::Response>, secs: f64) -> Sample {
+    let r = match r {
+        Err(e) => {
+            return Sample {
+                status: 0,
+                secs,
+                tokens: 0,
+                passes: 0,
+                decode_tps: 0.0,
+                error: Some(e.to_string()),
+            }
+        }
+        Ok(r) => r,
+    };
+    // streamed: the drllm object rides on the last content chunk and the usage on its own
+    // chunk (stream_options.include_usage)
+    let mut stream_error = None;
+    let (v, usage) = if a.stream {
+        let chunks: Vec<Value> = r
+            .sse_data()
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
+        let find = |k: &str| chunks.iter().rev().find(|c| c.get(k).is_some()).cloned();
+        if let Some(e) = find("error") {
+            // an error inside a 200 stream is an error, not a success
+            stream_error = Some(e["error"]["message"].to_string());
+        }
+        (find("drllm"), find("usage"))
+    } else {
+        let v = r.json().ok();
+        (v.clone(), v)
+    };
+    let v = v.unwrap_or(Value::Null);
+    let tokens = usage
+        .and_then(|u| u["usage"]["completion_tokens"].as_u64())
+        .unwrap_or(0);
+    let status = if stream_error.is_some() {
+        500
+    } else {
+        r.status
+    };
+    let error = stream_error.clone().or_else(|| {
+        (r.status != 200).then(|| {
+            format!(
+                "{} {}",
+                r.status,
+                r.body.chars().take(200).collect::<String>()
+            )
+        })
+    });
+    Sample {
+        status,
+        secs,
+        tokens,
+        passes: v["drllm"]["passes"].as_u64().unwrap_or(0),
+        decode_tps: v["drllm"]["timings"]["decode_tokens_per_second"]
+            .as_f64()
+            .unwrap_or(0.0),
+        error,
+    }
+}
+
+/// The numbers of a finished load.
+struct Tally<'r> {
+    ok: Vec<&'r Sample>,
+    /// Refusals: final answers of 503, plus the 503s retried.
+    busy: usize,
+    /// Failures other than 503.
+    errors: Vec<&'r Sample>,
+    /// Latencies of the successes, sorted.
+    lat: Vec<f64>,
+    tokens: u64,
+    /// Mean block passes and server-side generation speed of the successes.
+    passes: f64,
+    decode_tps: f64,
+}
+
+fn tally(results: &[Sample], retries: usize) -> Tally<'_> {
     let ok: Vec<&Sample> = results.iter().filter(|s| s.status == 200).collect();
-    // refusals: final answers of 503, plus the 503s retried
-    let busy = results.iter().filter(|s| s.status == 503).count() + retries.load(Ordering::Relaxed);
+    let busy = results.iter().filter(|s| s.status == 503).count() + retries;
     let errors: Vec<&Sample> = results
         .iter()
         .filter(|s| s.status != 200 && s.status != 503)
@@ -414,66 +499,71 @@ pub fn run_loadtest(a: LoadtestArgs) -> Result<()> {
     } else {
         ok.iter().map(|s| s.decode_tps).sum::<f64>() / ok.len() as f64
     };
-    let memory = memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let summary = json!({
+    Tally {
+        ok,
+        busy,
+        errors,
+        lat,
+        tokens,
+        passes,
+        decode_tps,
+    }
+}
+
+/// The summary `--json` prints.
+fn summary(a: &LoadtestArgs, t: &Tally, wall: f64, memory: &[(String, f64)]) -> Value {
+    json!({
         "requests": a.requests,
         "concurrency": a.concurrency,
         "max_tokens": a.max_tokens,
         "stream": a.stream,
-        "ok": ok.len(),
-        "refused_503": busy,
+        "ok": t.ok.len(),
+        "refused_503": t.busy,
         "retried": a.retry,
-        "errors": errors.len(),
+        "errors": t.errors.len(),
         "wall_seconds": wall,
-        "latency_p50_seconds": percentile(&lat, 50.0),
-        "latency_p95_seconds": percentile(&lat, 95.0),
-        "latency_max_seconds": lat.last().copied().unwrap_or(0.0),
-        "generated_tokens": tokens,
-        "tokens_per_second": tokens as f64 / wall,
-        "requests_per_second": ok.len() as f64 / wall,
-        "mean_block_passes": passes,
-        "mean_decode_tokens_per_second": decode_tps,
+        "latency_p50_seconds": percentile(&t.lat, 50.0),
+        "latency_p95_seconds": percentile(&t.lat, 95.0),
+        "latency_max_seconds": t.lat.last().copied().unwrap_or(0.0),
+        "generated_tokens": t.tokens,
+        "tokens_per_second": t.tokens as f64 / wall,
+        "requests_per_second": t.ok.len() as f64 / wall,
+        "mean_block_passes": t.passes,
+        "mean_decode_tokens_per_second": t.decode_tps,
         "server_rss_mib": memory.iter().map(|(l, v)| json!([l, v])).collect::<Vec<_>>(),
-        "first_errors": errors.iter().take(5).map(|s| s.error.clone()).collect::<Vec<_>>(),
-    });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        println!(
-            "{} requests at concurrency {} ({} tokens each{}): {} ok, {} refusals (503{}), {} errors in {:.1}s",
-            a.requests,
-            a.concurrency,
-            a.max_tokens,
-            if a.stream { ", streamed" } else { "" },
-            ok.len(),
-            busy,
-            if a.retry { ", retried" } else { "" },
-            errors.len(),
-            wall
-        );
-        println!(
-            "latency p50 {:.2}s, p95 {:.2}s, max {:.2}s; {:.1} generated tokens/s, {:.2} requests/s; mean block passes {:.2}; per-request generation speed (server timings) {:.1} tokens/s",
-            percentile(&lat, 50.0),
-            percentile(&lat, 95.0),
-            lat.last().copied().unwrap_or(0.0),
-            tokens as f64 / wall,
-            ok.len() as f64 / wall,
-            passes,
-            decode_tps
-        );
-        if !memory.is_empty() {
-            let line: Vec<String> = memory.iter().map(|(l, v)| format!("{l}: {v:.1}")).collect();
-            println!("server resident memory (MiB): {}", line.join(", "));
-        }
-        for e in errors.iter().take(5) {
-            println!("error: {}", e.error.as_deref().unwrap_or("?"));
-        }
+        "first_errors": t.errors.iter().take(5).map(|s| s.error.clone()).collect::<Vec<_>>(),
+    })
+}
+
+/// The summary as text.
+fn print_summary(a: &LoadtestArgs, t: &Tally, wall: f64, memory: &[(String, f64)]) {
+    println!(
+        "{} requests at concurrency {} ({} tokens each{}): {} ok, {} refusals (503{}), {} errors in {:.1}s",
+        a.requests,
+        a.concurrency,
+        a.max_tokens,
+        if a.stream { ", streamed" } else { "" },
+        t.ok.len(),
+        t.busy,
+        if a.retry { ", retried" } else { "" },
+        t.errors.len(),
+        wall
+    );
+    println!(
+        "latency p50 {:.2}s, p95 {:.2}s, max {:.2}s; {:.1} generated tokens/s, {:.2} requests/s; mean block passes {:.2}; per-request generation speed (server timings) {:.1} tokens/s",
+        percentile(&t.lat, 50.0),
+        percentile(&t.lat, 95.0),
+        t.lat.last().copied().unwrap_or(0.0),
+        t.tokens as f64 / wall,
+        t.ok.len() as f64 / wall,
+        t.passes,
+        t.decode_tps
+    );
+    if !memory.is_empty() {
+        let line: Vec<String> = memory.iter().map(|(l, v)| format!("{l}: {v:.1}")).collect();
+        println!("server resident memory (MiB): {}", line.join(", "));
     }
-    if !errors.is_empty() {
-        bail!(
-            "{} requests failed with errors other than 503",
-            errors.len()
-        );
+    for e in t.errors.iter().take(5) {
+        println!("error: {}", e.error.as_deref().unwrap_or("?"));
     }
-    Ok(())
 }

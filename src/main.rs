@@ -154,6 +154,36 @@ fn main() {
     }
 }
 
+impl GenerateArgs {
+    /// The sampling settings, checked; without --seed a seed from the clock.
+    fn sampling(&self) -> Result<SamplingParams> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self
+                .seed
+                .unwrap_or_else(|| drllm_server::clock::random_seed(u64::from(std::process::id()))),
+        };
+        sampling.validate().map_err(anyhow::Error::msg)?;
+        Ok(sampling)
+    }
+
+    /// The prompt, in the chat template with --chat.
+    fn text(&self, tok: &Tokenizer) -> Result<String> {
+        if !self.chat {
+            return Ok(self.prompt.clone());
+        }
+        let mut msgs = Vec::new();
+        if let Some(s) = &self.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", self.prompt.clone()));
+        Ok(tok.apply_chat(&msgs, true)?)
+    }
+}
+
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let model = a.model.load()?;
     if std::env::var_os("DRLLM_VERBOSE").is_some() {
@@ -165,25 +195,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     let tok = Tokenizer::load(&a.model.model)?;
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        seed: a.seed.unwrap_or_else(rand_seed),
-    };
-    sampling.validate().map_err(anyhow::Error::msg)?;
-    let text = if a.chat {
-        let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(ChatMessage::new("system", s.clone()));
-        }
-        msgs.push(ChatMessage::new("user", a.prompt.clone()));
-        tok.apply_chat(&msgs, true)?
-    } else {
-        a.prompt.clone()
-    };
-    let prompt = tok.tokenize(&text, true, a.chat);
+    let sampling = a.sampling()?;
+    let prompt = tok.tokenize(&a.text(&tok)?, true, a.chat);
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
@@ -252,13 +265,4 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         g.finish.as_str()
     );
     Ok(())
-}
-
-fn rand_seed() -> u32 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    (n as u32) ^ std::process::id()
 }

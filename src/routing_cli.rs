@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use drllm_engine::router_format::{sidecar_path_for, Sidecar, StorageType, ARCHITECTURE};
 use drllm_engine::{
-    constant_sidecar, ChatMessage, LayerPath, Logits, Model, Route, RouteOptions, Routers, Session,
-    SessionOptions, Tokenizer,
+    constant_sidecar, BlockDecision, ChatMessage, LayerPath, Logits, Model, Route, RouteOptions,
+    Routers, Session, SessionOptions, Tokenizer,
 };
 use drllm_gguf::{GgufFile, Value};
 use serde_json::json;
@@ -125,40 +125,71 @@ pub fn run_route(a: RouteArgs) -> Result<()> {
     let t = std::time::Instant::now();
     session.prefill(&prompt, Route::Hook(&mut hook), Logits::Last)?;
     let secs = t.elapsed().as_secs_f64();
-    let path = hook.path()?;
-    let sc = routers.sidecar();
+    let chosen = Chosen {
+        path: hook.path()?,
+        decisions: hook.decisions(),
+        prompt_tokens: prompt.len(),
+        n_layer: model.n_layer(),
+        secs,
+    };
     if a.json {
-        let decisions: Vec<_> = hook
-            .decisions()
-            .iter()
-            .map(|d| {
-                json!({
-                    "block": d.block,
-                    "logits": {"skip": d.logits[0], "execute": d.logits[1], "repeat": d.logits[2]},
-                    "chosen": d.chosen,
-                    "passes": d.passes,
-                    "decision": d.name(),
-                })
-            })
-            .collect();
-        let out = json!({
-            "model": a.model.model.display().to_string(),
-            "routers": routers.path().display().to_string(),
-            "generation": routers.generation(),
-            "prompt_tokens": prompt.len(),
-            "depth_bias": opts.depth_bias,
-            "max_passes": opts.max_passes,
-            "decisions": decisions,
-            "path": path.to_string(),
-            "passes": path.len(),
-            "n_layer": model.n_layer(),
-            "skipped": path.skipped(),
-            "repeated": path.repeated(),
-            "prefill_secs": secs,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        print_route_json(&a, &routers, &opts, &chosen)
+    } else {
+        print_route_table(&routers, &chosen);
+        Ok(())
     }
+}
+
+/// What the routers chose for a prompt.
+struct Chosen<'h> {
+    path: LayerPath,
+    decisions: &'h [BlockDecision],
+    prompt_tokens: usize,
+    n_layer: usize,
+    /// The routed prefill's time.
+    secs: f64,
+}
+
+fn print_route_json(
+    a: &RouteArgs,
+    routers: &Routers,
+    opts: &RouteOptions,
+    c: &Chosen,
+) -> Result<()> {
+    let decisions: Vec<_> = c
+        .decisions
+        .iter()
+        .map(|d| {
+            json!({
+                "block": d.block,
+                "logits": {"skip": d.logits[0], "execute": d.logits[1], "repeat": d.logits[2]},
+                "chosen": d.chosen,
+                "passes": d.passes,
+                "decision": d.name(),
+            })
+        })
+        .collect();
+    let out = json!({
+        "model": a.model.model.display().to_string(),
+        "routers": routers.path().display().to_string(),
+        "generation": routers.generation(),
+        "prompt_tokens": c.prompt_tokens,
+        "depth_bias": opts.depth_bias,
+        "max_passes": opts.max_passes,
+        "decisions": decisions,
+        "path": c.path.to_string(),
+        "passes": c.path.len(),
+        "n_layer": c.n_layer,
+        "skipped": c.path.skipped(),
+        "repeated": c.path.repeated(),
+        "prefill_secs": c.secs,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn print_route_table(routers: &Routers, c: &Chosen) {
+    let sc = routers.sidecar();
     println!(
         "routers {} (generation {}, dataset: {})",
         routers.path().display(),
@@ -171,14 +202,14 @@ pub fn run_route(a: RouteArgs) -> Result<()> {
     );
     println!(
         "prompt {} tokens, {} windows",
-        prompt.len(),
-        drllm_engine::router_format::n_windows(prompt.len(), sc.shape.windows)
+        c.prompt_tokens,
+        drllm_engine::router_format::n_windows(c.prompt_tokens, sc.shape.windows)
     );
     println!(
         "{:>5}  {:>9} {:>9} {:>9}  decision",
         "block", "skip", "execute", "repeat"
     );
-    for d in hook.decisions() {
+    for d in c.decisions {
         let capped = if d.passes != d.chosen {
             " (capped)"
         } else {
@@ -195,13 +226,13 @@ pub fn run_route(a: RouteArgs) -> Result<()> {
         );
     }
     println!(
-        "path {path}: {} of {} block passes, skipped {:?}, repeated {:?}",
-        path.len(),
-        model.n_layer(),
-        path.skipped(),
-        path.repeated()
+        "path {}: {} of {} block passes, skipped {:?}, repeated {:?}",
+        c.path,
+        c.path.len(),
+        c.n_layer,
+        c.path.skipped(),
+        c.path.repeated()
     );
-    Ok(())
 }
 
 fn short(h: &str) -> String {

@@ -2,21 +2,29 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use drllm_server::config::{default_db_path, Settings};
+use drllm_server::config::{default_db_path, defaults, Settings};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+/// A flag's help with the built-in default it falls back to (`Port [default: 8088]`): the
+/// flags stay unset when not given, so that the environment and the file can fill them, and
+/// the defaults shown are the constants the server applies.
+fn with_default(text: &str, default: impl std::fmt::Display) -> String {
+    format!("{text} [default: {default}]")
+}
+
 /// Settings of `drllm serve`. Each flag can also come from the `DRLLM_*` variable named in
 /// its help and from the TOML file given by --config (same key names, with `_`); flags win
-/// over the environment, which wins over the file.
+/// over the environment, which wins over the file, which wins over the defaults
+/// ([`defaults`]; the model's is [`crate::DEFAULT_MODEL`]).
 #[derive(Args)]
 pub struct ServeArgs {
     /// TOML settings file.
     #[arg(long, env = "DRLLM_CONFIG")]
     config: Option<PathBuf>,
-    /// GGUF model file [default: the README's SmolLM2-135M-Instruct].
-    #[arg(short = 'm', long, env = "DRLLM_MODEL")]
+    #[arg(short = 'm', long, env = "DRLLM_MODEL",
+          help = with_default("GGUF model file", crate::DEFAULT_MODEL))]
     model: Option<PathBuf>,
     /// Router sidecar, watched and hot-reloaded [default: MODEL.routers.gguf].
     #[arg(long, env = "DRLLM_ROUTERS")]
@@ -24,29 +32,35 @@ pub struct ServeArgs {
     /// Serve the plain model; do not load or watch a sidecar.
     #[arg(long, env = "DRLLM_NO_ROUTERS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     no_routers: Option<bool>,
-    /// Address to bind [default: 127.0.0.1].
-    #[arg(long, env = "DRLLM_HOST")]
+    #[arg(long, env = "DRLLM_HOST", help = with_default("Address to bind", defaults::HOST))]
     host: Option<IpAddr>,
-    /// Port [default: 8088].
-    #[arg(long, env = "DRLLM_PORT")]
+    #[arg(long, env = "DRLLM_PORT",
+          help = with_default("Port (0 picks a free one)", defaults::PORT))]
     port: Option<u16>,
-    /// CPU threads per worker [default: cores / workers].
+    /// CPU threads per worker [default: the cores / --parallel, at least 1].
     #[arg(short = 't', long, env = "DRLLM_THREADS")]
     threads: Option<usize>,
-    /// Context length per request [default: 4096].
-    #[arg(short = 'c', long, env = "DRLLM_CTX_SIZE")]
+    #[arg(short = 'c', long, env = "DRLLM_CTX_SIZE",
+          help = with_default("Context length per request, tokens", defaults::CTX_SIZE))]
     ctx_size: Option<usize>,
-    /// Requests run at once, each with its own KV cache [default: 1].
-    #[arg(long, env = "DRLLM_PARALLEL")]
+    #[arg(long, env = "DRLLM_PARALLEL", help = with_default(
+        "Workers: requests run at once (times --batch), each with its own KV cache",
+        defaults::PARALLEL,
+    ))]
     parallel: Option<usize>,
-    /// Requests that may wait; more get 503 [default: 16].
-    #[arg(long, env = "DRLLM_QUEUE")]
+    #[arg(long, env = "DRLLM_QUEUE", help = with_default(
+        "Requests that may wait for a worker; more get 503",
+        defaults::QUEUE,
+    ))]
     queue: Option<usize>,
-    /// Requests each worker runs at once, those on the same path decoded in one graph
-    /// [default: 1, no batching; each takes a KV cache of --ctx-size].
-    #[arg(long, env = "DRLLM_BATCH")]
+    #[arg(long, env = "DRLLM_BATCH", help = with_default(
+        "Requests each worker runs at once, those on the same path decoded in one graph; each \
+         takes a KV cache of --ctx-size (1: no batching)",
+        defaults::BATCH,
+    ))]
     batch: Option<usize>,
-    /// SQLite routing log [default: $XDG_STATE_HOME/drllm/routing.sqlite].
+    /// SQLite routing log [default: $XDG_STATE_HOME/drllm/routing.sqlite, else
+    /// $HOME/.local/state/drllm/routing.sqlite].
     #[arg(long, env = "DRLLM_DB")]
     db: Option<PathBuf>,
     /// Do not write the routing log.
@@ -59,20 +73,28 @@ pub struct ServeArgs {
     /// Model id in the API [default: the file name without .gguf].
     #[arg(long, env = "DRLLM_MODEL_ALIAS")]
     model_alias: Option<String>,
-    /// max_tokens of requests that give none [default: 256].
-    #[arg(long, env = "DRLLM_DEFAULT_MAX_TOKENS")]
+    #[arg(long, env = "DRLLM_DEFAULT_MAX_TOKENS", help = with_default(
+        "max_tokens of requests that give none (at most --ctx-size)",
+        defaults::DEFAULT_MAX_TOKENS,
+    ))]
     default_max_tokens: Option<usize>,
-    /// Largest request body in bytes [default: 8388608].
-    #[arg(long, env = "DRLLM_MAX_BODY_BYTES")]
+    #[arg(long, env = "DRLLM_MAX_BODY_BYTES", help = with_default(
+        "Largest request body in bytes",
+        defaults::MAX_BODY_BYTES,
+    ))]
     max_body_bytes: Option<usize>,
-    /// Open connections served at once; more wait to be accepted [default: 512].
-    #[arg(long, env = "DRLLM_MAX_CONNECTIONS")]
+    #[arg(long, env = "DRLLM_MAX_CONNECTIONS", help = with_default(
+        "Open connections served at once; more wait to be accepted",
+        defaults::MAX_CONNECTIONS,
+    ))]
     max_connections: Option<usize>,
-    /// Quiet time before a changed sidecar is reloaded, ms [default: 300].
-    #[arg(long, env = "DRLLM_RELOAD_DEBOUNCE_MS")]
+    #[arg(long, env = "DRLLM_RELOAD_DEBOUNCE_MS", help = with_default(
+        "Quiet time before a changed sidecar is reloaded, ms",
+        defaults::RELOAD_DEBOUNCE_MS,
+    ))]
     reload_debounce_ms: Option<u64>,
-    /// Engine device: auto or cpu [default: auto].
-    #[arg(long, env = "DRLLM_DEVICE")]
+    #[arg(long, env = "DRLLM_DEVICE",
+          help = with_default("Engine device: auto or cpu", defaults::DEVICE))]
     device: Option<String>,
     /// Host names requests may use besides localhost, loopback addresses and the bound
     /// address (comma-separated; * allows any) [default: none].
@@ -92,16 +114,22 @@ pub struct ServeArgs {
         value_name = "ORIGINS"
     )]
     allowed_origins: Option<Vec<String>>,
-    /// Seconds a client has to send its request body [default: 30].
-    #[arg(long, env = "DRLLM_BODY_TIMEOUT_SECS", value_name = "SECS")]
+    #[arg(long, env = "DRLLM_BODY_TIMEOUT_SECS", value_name = "SECS", help = with_default(
+        "Seconds a client has to send its request body",
+        defaults::BODY_TIMEOUT_SECS,
+    ))]
     body_timeout_secs: Option<u64>,
-    /// Host memory for the conversation cache (the KV cache of finished requests, so that a
-    /// conversation's next turn prefills only what is new), MiB; 0 turns it off [default: 512].
-    #[arg(long, env = "DRLLM_CACHE_MB", value_name = "MIB")]
+    #[arg(long, env = "DRLLM_CACHE_MB", value_name = "MIB", help = with_default(
+        "Host memory for the conversation cache (the KV cache of finished requests, so that a \
+         conversation's next turn prefills only what is new), MiB; 0 turns it off",
+        defaults::CACHE_MB,
+    ))]
     cache_mb: Option<usize>,
-    /// Days the routing log keeps its rows; older ones are deleted at start and hourly
-    /// (0 keeps them forever) [default: 30].
-    #[arg(long, env = "DRLLM_LOG_DAYS", value_name = "DAYS")]
+    #[arg(long, env = "DRLLM_LOG_DAYS", value_name = "DAYS", help = with_default(
+        "Days the routing log keeps its rows; older ones are deleted at start and hourly \
+         (0 keeps them forever)",
+        defaults::LOG_DAYS,
+    ))]
     log_days: Option<u64>,
     /// File holding the bearer token (first line), e.g. a systemd credential; it must not be
     /// readable by other users.
@@ -164,7 +192,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
 /// `drllm stats`: what the routers did, per block, over a time window of the routing log.
 #[derive(Args)]
 pub struct StatsArgs {
-    /// The routing log [default: $XDG_STATE_HOME/drllm/routing.sqlite, as `serve`].
+    /// The routing log [default: as `serve`'s --db].
     #[arg(long, env = "DRLLM_DB")]
     db: Option<PathBuf>,
     /// Start of the window: a duration back from now (30m, 24h, 7d), a Unix time, or `all`.
@@ -220,7 +248,7 @@ pub fn run_stats(a: StatsArgs) -> Result<()> {
         Some(p) => p,
         None => bail!("no routing log given (--db PATH) and no default (HOME is not set)"),
     };
-    let now = drllm_server::pool::unix_now();
+    let now = drllm_server::clock::unix_now();
     let since = parse_time(&a.since, now)?;
     let until = match &a.until {
         Some(u) => parse_time(u, now)?,

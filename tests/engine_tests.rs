@@ -51,7 +51,7 @@ fn parity_tiny(family: Family) {
     let dir = tempfile::tempdir().unwrap();
     for wt in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
         let p = tiny(dir.path(), family, |s| s.weight_type = wt);
-        parity_file(&p, 40, &format!("{} {}", family.arch(), wt.name()));
+        parity_file(&p, 40, &format!("{} {}", family.arch_name(), wt.name()));
     }
 }
 
@@ -302,16 +302,7 @@ fn cached_equals_recompute(p: &Path, path: &LayerPath, prompt: &[i32]) {
 #[test]
 fn cached_decoding_equals_recompute_tiny() {
     let dir = tempfile::tempdir().unwrap();
-    for family in [
-        Family::Llama,
-        Family::Qwen3,
-        Family::Gemma2,
-        Family::Gemma3,
-        Family::Olmo2,
-        Family::Phi3,
-        Family::Granite,
-        Family::Qwen3Moe,
-    ] {
+    for family in Family::ALL {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();
@@ -389,7 +380,7 @@ fn snapshot_continues_the_sequence(p: &Path, path: &LayerPath, prompt: &[i32]) {
         &format!("{} path {path}: restored vs prefilled", p.display()),
         &rows,
         &tail,
-        CACHE_REL_TOL,
+        APPEND_REL_TOL,
     );
     // bad restores are refused
     let mut d = session(&m);
@@ -408,7 +399,7 @@ fn snapshot_continues_the_sequence(p: &Path, path: &LayerPath, prompt: &[i32]) {
 #[test]
 fn snapshot_and_restore_continue_a_conversation() {
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Gemma3] {
+    for family in Family::ALL {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();
@@ -576,7 +567,7 @@ fn long_prompts_run_in_chunks_for_every_family() {
         let n = m.n_layer();
         let prompt = prompt_for(&p, 60);
         assert!(prompt.len() > 3 * UB, "{} tokens", prompt.len());
-        let what = family.arch();
+        let what = family.arch_name();
         // parity at full depth, chunk for chunk with llama.cpp
         let full = LayerPath::full(n);
         let e = engine_trace_ub(&m, &full, &prompt, STEPS, UB);
@@ -898,7 +889,7 @@ fn bad_requests_are_errors() {
 #[test]
 fn forward_from_saved_prefix_equals_plain_prefill() {
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Gemma3] {
+    for family in Family::ALL {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();
@@ -926,8 +917,14 @@ fn forward_from_saved_prefix_equals_plain_prefill() {
         let (resumed, _) = s
             .forward_from(&prompt, &other, Some(&states), |_| false)
             .unwrap();
-        let plain = engine_trace(&m, &other, &prompt, 0);
-        assert_eq!(&resumed, plain.last().unwrap(), "{family:?}");
+        // the plain prefill's last row, computed as forward_from computes it (the last block
+        // on the last token only): qwen3's logits of an unpruned last block differ in the
+        // last bits (1e-6 at logits of 3)
+        let mut plain = session(&m);
+        let plain = plain
+            .prefill(&prompt, Route::Fixed(&other), Logits::Last)
+            .unwrap();
+        assert_eq!(resumed, plain.logits, "{family:?}");
         // the sequence goes on exactly as a plain prefill's (the KV of the resumed passes was
         // restored, not left from the path in between)
         let t = argmax(&resumed) as i32;
@@ -963,7 +960,7 @@ fn one_session_many_paths_equals_fresh_sessions() {
     // paths of the same length but another structure (a repeat elsewhere) once made ggml's
     // allocator reuse a stale plan; each prefill must equal a fresh session's
     let dir = tempfile::tempdir().unwrap();
-    for family in [Family::Llama, Family::Gemma3] {
+    for family in Family::ALL {
         let p = tiny(dir.path(), family, |_| {});
         let m = load(&p);
         let n = m.n_layer();

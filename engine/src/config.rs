@@ -1,59 +1,14 @@
 //! Model hyperparameters read from GGUF metadata, mirroring llama.cpp's loaders
 //! (`src/llama-model.cpp` generic keys and `src/models/<arch>.cpp` per family).
+//!
+//! [`ModelConfig::from_gguf`] reads in llama.cpp's order: the architecture's description
+//! (`crate::arch`), the generic hyperparameters and their checks, the vocabulary size, RoPE
+//! and its scaling, the family's own keys (the description's `extras`), the experts. This file
+//! reads the descriptions and never names a family.
 
+use crate::arch::{Arch, Base, Extras, Family, Keys};
 use crate::error::{EngineError, Result};
 use drllm_gguf::{GgufFile, Value};
-
-/// Architectures the engine implements (GGUF `general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "phi3", "granite", "qwen3moe",
-];
-
-/// A supported model family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// Llama 2/3.x, SmolLM2 and other `llama`-architecture models.
-    Llama,
-    /// Qwen2 / Qwen2.5 (q/k/v biases).
-    Qwen2,
-    /// Qwen3 dense (q/k norms).
-    Qwen3,
-    /// Gemma 2 (alternating sliding-window layers, attention and final logit soft-capping,
-    /// pre and post norms, embedding scale).
-    Gemma2,
-    /// Gemma 3 (sliding-window layers, q/k norms, pre and post norms, embedding scale).
-    Gemma3,
-    /// OLMo 2 (post norms only, q/k norms over the whole projections).
-    Olmo2,
-    /// Phi-3 (fused QKV and gate/up matrices).
-    Phi3,
-    /// IBM Granite 3.x dense (embedding, residual, attention and logit multipliers).
-    Granite,
-    /// Qwen3 mixture of experts (q/k norms, expert FFN).
-    Qwen3Moe,
-}
-
-impl Family {
-    /// The GGUF architecture name.
-    pub fn arch_name(self) -> &'static str {
-        match self {
-            Family::Llama => "llama",
-            Family::Qwen2 => "qwen2",
-            Family::Qwen3 => "qwen3",
-            Family::Gemma2 => "gemma2",
-            Family::Gemma3 => "gemma3",
-            Family::Olmo2 => "olmo2",
-            Family::Phi3 => "phi3",
-            Family::Granite => "granite",
-            Family::Qwen3Moe => "qwen3moe",
-        }
-    }
-}
-
-/// ggml rope modes.
-pub const ROPE_TYPE_NORM: i32 = 0;
-/// NeoX-style rope (rotates the two halves of a head).
-pub const ROPE_TYPE_NEOX: i32 = 2;
 
 /// Rotary position embedding parameters (after llama.cpp's context-level resolution).
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +43,7 @@ pub struct ModelConfig {
     /// Family.
     pub family: Family,
     /// What the family adds to the shared block (`crate::arch`).
-    pub arch: &'static crate::arch::Arch,
+    pub arch: &'static Arch,
     /// Number of transformer blocks.
     pub n_layer: usize,
     /// Hidden size.
@@ -162,168 +117,12 @@ impl ModelConfig {
 
     /// Reads the configuration from GGUF metadata.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g
-            .architecture()
-            .ok_or_else(|| EngineError::MissingMetadata {
-                key: "general.architecture".into(),
-            })?
-            .to_string();
-        let desc =
-            crate::arch::by_name(&arch).ok_or_else(|| EngineError::UnsupportedArchitecture {
-                found: arch.clone(),
-            })?;
-        let family = desc.family;
-        let keys = Keys { g, arch: &arch };
-        let k = |s: &str| keys.key(s);
-        let req_u = |key: String| -> Result<usize> { keys.req_u_full(&key) };
-        let opt_u = |key: String| -> Result<Option<usize>> { keys.opt_u_full(&key) };
-        let opt_f = |key: String| -> Result<Option<f32>> { keys.opt_f_full(&key) };
-
-        let n_layer = req_u(k("block_count"))?;
-        let n_embd = req_u(k("embedding_length"))?;
-        let n_ff = req_u(k("feed_forward_length"))?;
-        let n_head = req_u(k("attention.head_count"))?;
-        let n_head_kv = opt_u(k("attention.head_count_kv"))?.unwrap_or(n_head);
-        let n_ctx_train = req_u(k("context_length"))?;
-        let rms_eps = opt_f(k("attention.layer_norm_rms_epsilon"))?.ok_or_else(|| {
-            EngineError::MissingMetadata {
-                key: k("attention.layer_norm_rms_epsilon"),
-            }
-        })?;
-        let bad = |key: String, reason: &str| EngineError::BadMetadata {
-            key,
-            reason: reason.into(),
-        };
-        if n_layer == 0 || n_layer > 512 {
-            return Err(bad(k("block_count"), "must be in 1..=512"));
-        }
-        if n_embd == 0 || n_embd > 1 << 16 {
-            return Err(bad(k("embedding_length"), "must be in 1..=65536"));
-        }
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_head > 1024 {
-            return Err(bad(
-                k("attention.head_count_kv"),
-                "head counts must be positive and head_count a multiple of head_count_kv",
-            ));
-        }
-        if n_ff == 0 || n_ff > 1 << 20 {
-            return Err(bad(k("feed_forward_length"), "must be in 1..=1048576"));
-        }
-        if n_embd % n_head != 0 && g.get(&k("attention.key_length")).is_none() {
-            return Err(bad(
-                k("embedding_length"),
-                "not a multiple of the head count",
-            ));
-        }
-        let head_dim_k = opt_u(k("attention.key_length"))?.unwrap_or(n_embd / n_head);
-        let head_dim_v = opt_u(k("attention.value_length"))?.unwrap_or(n_embd / n_head);
-        if head_dim_k == 0 || head_dim_v == 0 || head_dim_k > 1024 || head_dim_v > 1024 {
-            return Err(bad(
-                k("attention.key_length"),
-                "head size must be in 1..=1024",
-            ));
-        }
-        if head_dim_k != head_dim_v {
-            return Err(bad(
-                k("attention.value_length"),
-                "key and value head sizes differ (not supported by these families)",
-            ));
-        }
-        let n_rot = opt_u(k("rope.dimension_count"))?.unwrap_or(head_dim_k);
-        if n_rot != head_dim_k {
-            return Err(bad(
-                k("rope.dimension_count"),
-                "partial rotary embeddings are not supported by these families",
-            ));
-        }
-
-        // vocabulary size: <arch>.vocab_size or the tokenizer's token list
-        let n_vocab = match opt_u(k("vocab_size"))? {
-            Some(v) => v,
-            None => match g.get("tokenizer.ggml.tokens") {
-                Some(Value::Array(a)) => a.values.len(),
-                _ => 0, // checked against the embedding tensor later
-            },
-        };
-
-        // rope (llama.cpp: load_hparams + llama_context constructor)
-        let freq_base = opt_f(k("rope.freq_base"))?.unwrap_or(10000.0);
-        let scaling_type = match g.get(&k("rope.scaling.type")) {
-            None => "linear".to_string(),
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| bad(k("rope.scaling.type"), "expected a string"))?
-                .to_string(),
-        };
-        let factor = match opt_f(k("rope.scaling.factor"))? {
-            Some(f) => f,
-            None => opt_f(k("rope.scale_linear"))?.unwrap_or(0.0),
-        };
-        let mut freq_scale = if factor == 0.0 { 1.0 } else { 1.0 / factor };
-        let rope_attn_factor = opt_f(k("rope.scaling.attn_factor"))?.unwrap_or(1.0);
-        let n_ctx_orig = opt_u(k("rope.scaling.original_context_length"))?.unwrap_or(n_ctx_train);
-        let (ext_factor, mut attn_factor) = match scaling_type.as_str() {
-            "none" => {
-                freq_scale = 1.0;
-                (0.0, 1.0)
-            }
-            "linear" => (0.0, 1.0),
-            "yarn" => {
-                let log_mul = opt_f(k("rope.scaling.yarn_log_multiplier"))?.unwrap_or(0.0);
-                let factor = 1.0 / freq_scale;
-                let mscale = |scale: f32, m: f32| {
-                    if scale <= 1.0 {
-                        1.0
-                    } else {
-                        0.1 * m * scale.ln() + 1.0
-                    }
-                };
-                let mut a = if log_mul != 0.0 {
-                    mscale(factor, 1.0) / mscale(factor, log_mul)
-                } else {
-                    mscale(factor, 1.0)
-                };
-                a *= 1.0 / (1.0 + 0.1 * factor.ln());
-                (1.0, a)
-            }
-            other => {
-                return Err(bad(
-                    k("rope.scaling.type"),
-                    &format!("rope scaling '{other}' is not supported (none, linear, yarn)"),
-                ))
-            }
-        };
-        attn_factor *= rope_attn_factor;
-        if !(freq_base.is_finite() && freq_base > 0.0 && freq_scale.is_finite() && freq_scale > 0.0)
-        {
-            return Err(bad(
-                k("rope.freq_base"),
-                "rope base and scale must be positive",
-            ));
-        }
-
-        let mode = desc.rope_mode;
-        let mut extras = crate::arch::Extras {
-            n_swa: 0,
-            is_swa: vec![false; n_layer],
-            freq_base_swa: freq_base,
-            kq_scale: 1.0 / (head_dim_k as f32).sqrt(),
-            q_scale: None,
-            embd_scale: None,
-            final_logit_softcap: 0.0,
-            attn_softcap: 0.0,
-            logit_scale: None,
-            residual_scale: None,
-            rope: true,
-        };
-        let base = crate::arch::Base {
-            n_layer,
-            n_embd,
-            n_head,
-            head_dim: head_dim_k,
-        };
-        (desc.extras)(&keys, &base, &mut extras)?;
-        let crate::arch::Extras {
+        let desc = architecture(g)?;
+        let keys = Keys::new(g, desc.name);
+        let h = Hparams::read(&keys)?;
+        let n_vocab = vocab_size(&keys)?;
+        let mut rope = rope_config(&keys, desc.rope_mode, &h)?;
+        let Extras {
             n_swa,
             is_swa,
             freq_base_swa,
@@ -335,78 +134,23 @@ impl ModelConfig {
             logit_scale,
             residual_scale,
             rope: use_rope,
-        } = extras;
-
-        // experts (llama.cpp reads these keys for every architecture and asserts their bounds)
-        let n_expert = opt_u(k("expert_count"))?.unwrap_or(0);
-        let n_expert_used = opt_u(k("expert_used_count"))?.unwrap_or(0);
-        let moe = if desc.moe {
-            if n_expert == 0 || n_expert > MAX_EXPERTS {
-                return Err(bad(
-                    k("expert_count"),
-                    &format!("must be in 1..={MAX_EXPERTS} for {arch}"),
-                ));
-            }
-            if n_expert_used == 0 || n_expert_used > n_expert {
-                return Err(bad(k("expert_used_count"), "must be in 1..=expert_count"));
-            }
-            if opt_u(k("expert_group_count"))?.unwrap_or(0) > 1 {
-                return Err(bad(
-                    k("expert_group_count"),
-                    "grouped expert selection is not supported",
-                ));
-            }
-            let n_ff_exp = match opt_u(k("expert_feed_forward_length"))? {
-                Some(0) | None => n_ff / n_expert_used,
-                Some(n) => n,
-            };
-            if n_ff_exp == 0 || n_ff_exp > 1 << 20 {
-                return Err(bad(
-                    k("expert_feed_forward_length"),
-                    "must be in 1..=1048576",
-                ));
-            }
-            Some(MoeConfig {
-                n_expert,
-                n_expert_used,
-                n_ff_exp,
-            })
-        } else {
-            if n_expert > 0 || n_expert_used > 0 {
-                return Err(bad(
-                    k("expert_count"),
-                    &format!("mixture-of-experts {arch} files are not supported"),
-                ));
-            }
-            None
-        };
-
+        } = family_extras(desc, &keys, &h, rope.freq_base)?;
+        rope.freq_base_swa = freq_base_swa;
+        let moe = experts(desc, &keys, h.n_ff)?;
         Ok(ModelConfig {
-            family,
+            family: desc.family,
             arch: desc,
-            n_layer,
-            n_embd,
-            n_head,
-            n_head_kv,
-            head_dim_k,
-            head_dim_v,
-            n_ff,
+            n_layer: h.n_layer,
+            n_embd: h.n_embd,
+            n_head: h.n_head,
+            n_head_kv: h.n_head_kv,
+            head_dim_k: h.head_dim_k,
+            head_dim_v: h.head_dim_v,
+            n_ff: h.n_ff,
             n_vocab,
-            n_ctx_train,
-            rms_eps,
-            rope: RopeConfig {
-                mode,
-                n_rot,
-                freq_base,
-                freq_scale,
-                freq_base_swa,
-                freq_scale_swa: 1.0,
-                n_ctx_orig,
-                ext_factor,
-                attn_factor,
-                beta_fast: 32.0,
-                beta_slow: 1.0,
-            },
+            n_ctx_train: h.n_ctx_train,
+            rms_eps: h.rms_eps,
+            rope,
             kq_scale,
             q_scale,
             embd_scale,
@@ -422,145 +166,284 @@ impl ModelConfig {
     }
 }
 
-/// Metadata keys of one architecture (`<arch>.<name>`), read as llama.cpp reads them.
-pub struct Keys<'a> {
-    g: &'a GgufFile,
-    arch: &'a str,
-}
-
-impl Keys<'_> {
-    /// The file.
-    pub fn file(&self) -> &GgufFile {
-        self.g
-    }
-
-    /// `<arch>.<name>`.
-    pub fn key(&self, name: &str) -> String {
-        format!("{}.{name}", self.arch)
-    }
-
-    /// A required unsigned value (a scalar, or a per-block array of equal values).
-    pub fn req_u(&self, name: &str) -> Result<usize> {
-        self.req_u_full(&self.key(name))
-    }
-
-    /// An optional unsigned value.
-    pub fn opt_u(&self, name: &str) -> Result<Option<usize>> {
-        self.opt_u_full(&self.key(name))
-    }
-
-    /// An optional float.
-    pub fn opt_f(&self, name: &str) -> Result<Option<f32>> {
-        self.opt_f_full(&self.key(name))
-    }
-
-    fn req_u_full(&self, key: &str) -> Result<usize> {
-        let v = self
-            .g
-            .get(key)
-            .ok_or_else(|| EngineError::MissingMetadata {
-                key: key.to_string(),
-            })?;
-        scalar_or_uniform_array(key, v)
-    }
-
-    fn opt_u_full(&self, key: &str) -> Result<Option<usize>> {
-        match self.g.get(key) {
-            None => Ok(None),
-            Some(v) => scalar_or_uniform_array(key, v).map(Some),
-        }
-    }
-
-    fn opt_f_full(&self, key: &str) -> Result<Option<f32>> {
-        match self.g.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f32()
-                .map(Some)
-                .ok_or_else(|| EngineError::BadMetadata {
-                    key: key.to_string(),
-                    reason: "expected a float".into(),
-                }),
-        }
-    }
-}
-
-/// A u32-like scalar, or a per-layer array whose entries are all equal (llama.cpp's get_key_or_arr).
-fn scalar_or_uniform_array(key: &str, v: &Value) -> Result<usize> {
-    let bad = |reason: &str| EngineError::BadMetadata {
-        key: key.to_string(),
+fn bad(key: String, reason: &str) -> EngineError {
+    EngineError::BadMetadata {
+        key,
         reason: reason.into(),
+    }
+}
+
+/// The description of the file's `general.architecture`.
+fn architecture(g: &GgufFile) -> Result<&'static Arch> {
+    let arch = g
+        .architecture()
+        .ok_or_else(|| EngineError::MissingMetadata {
+            key: "general.architecture".into(),
+        })?;
+    crate::arch::by_name(arch).ok_or_else(|| EngineError::UnsupportedArchitecture {
+        found: arch.to_string(),
+        supported: crate::arch::SUPPORTED_ARCHITECTURES,
+    })
+}
+
+/// The generic hyperparameters every family has (llama.cpp's `load_hparams`), checked.
+struct Hparams {
+    n_layer: usize,
+    n_embd: usize,
+    n_ff: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    n_ctx_train: usize,
+    rms_eps: f32,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    n_rot: usize,
+}
+
+impl Hparams {
+    fn read(keys: &Keys<'_>) -> Result<Self> {
+        let k = |s: &str| keys.key(s);
+        let n_layer = keys.req_u("block_count")?;
+        let n_embd = keys.req_u("embedding_length")?;
+        let n_ff = keys.req_u("feed_forward_length")?;
+        let n_head = keys.req_u("attention.head_count")?;
+        let n_head_kv = keys.opt_u("attention.head_count_kv")?.unwrap_or(n_head);
+        let n_ctx_train = keys.req_u("context_length")?;
+        let rms_eps = keys
+            .opt_f("attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| EngineError::MissingMetadata {
+                key: k("attention.layer_norm_rms_epsilon"),
+            })?;
+        if n_layer == 0 || n_layer > 512 {
+            return Err(bad(k("block_count"), "must be in 1..=512"));
+        }
+        if n_embd == 0 || n_embd > 1 << 16 {
+            return Err(bad(k("embedding_length"), "must be in 1..=65536"));
+        }
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_head > 1024 {
+            return Err(bad(
+                k("attention.head_count_kv"),
+                "head counts must be positive and head_count a multiple of head_count_kv",
+            ));
+        }
+        if n_ff == 0 || n_ff > 1 << 20 {
+            return Err(bad(k("feed_forward_length"), "must be in 1..=1048576"));
+        }
+        let (head_dim_k, head_dim_v, n_rot) = head_dims(keys, n_embd, n_head)?;
+        Ok(Hparams {
+            n_layer,
+            n_embd,
+            n_ff,
+            n_head,
+            n_head_kv,
+            n_ctx_train,
+            rms_eps,
+            head_dim_k,
+            head_dim_v,
+            n_rot,
+        })
+    }
+}
+
+/// Key and value head sizes and the rotated dimensions, checked: (key, value, rotated).
+fn head_dims(keys: &Keys<'_>, n_embd: usize, n_head: usize) -> Result<(usize, usize, usize)> {
+    let k = |s: &str| keys.key(s);
+    if !n_embd.is_multiple_of(n_head) && keys.file().get(&k("attention.key_length")).is_none() {
+        return Err(bad(
+            k("embedding_length"),
+            "not a multiple of the head count",
+        ));
+    }
+    let head_dim_k = keys
+        .opt_u("attention.key_length")?
+        .unwrap_or(n_embd / n_head);
+    let head_dim_v = keys
+        .opt_u("attention.value_length")?
+        .unwrap_or(n_embd / n_head);
+    if head_dim_k == 0 || head_dim_v == 0 || head_dim_k > 1024 || head_dim_v > 1024 {
+        return Err(bad(
+            k("attention.key_length"),
+            "head size must be in 1..=1024",
+        ));
+    }
+    if head_dim_k != head_dim_v {
+        return Err(bad(
+            k("attention.value_length"),
+            "key and value head sizes differ (not supported by these families)",
+        ));
+    }
+    let n_rot = keys.opt_u("rope.dimension_count")?.unwrap_or(head_dim_k);
+    if n_rot != head_dim_k {
+        return Err(bad(
+            k("rope.dimension_count"),
+            "partial rotary embeddings are not supported by these families",
+        ));
+    }
+    Ok((head_dim_k, head_dim_v, n_rot))
+}
+
+/// `<arch>.vocab_size` or the length of the tokenizer's token list (0 when neither is there:
+/// the loader checks it against the embedding tensor).
+fn vocab_size(keys: &Keys<'_>) -> Result<usize> {
+    Ok(match keys.opt_u("vocab_size")? {
+        Some(v) => v,
+        None => match keys.file().get("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => a.values.len(),
+            _ => 0, // checked against the embedding tensor later
+        },
+    })
+}
+
+/// RoPE as llama.cpp resolves it (`load_hparams` and the `llama_context` constructor): base,
+/// scaling type and factor, YaRN's extrapolation mix and attention factor. The sliding-window
+/// base is the full-attention one until the family's keys say otherwise.
+fn rope_config(keys: &Keys<'_>, mode: i32, h: &Hparams) -> Result<RopeConfig> {
+    let k = |s: &str| keys.key(s);
+    let freq_base = keys.opt_f("rope.freq_base")?.unwrap_or(10000.0);
+    let scaling_type = match keys.file().get(&k("rope.scaling.type")) {
+        None => "linear".to_string(),
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| bad(k("rope.scaling.type"), "expected a string"))?
+            .to_string(),
     };
-    match v {
-        Value::Array(a) => {
-            let mut first = None;
-            for e in &a.values {
-                let x = e
-                    .as_u64()
-                    .ok_or_else(|| bad("expected unsigned integers"))?;
-                match first {
-                    None => first = Some(x),
-                    Some(f) if f != x => {
-                        return Err(bad("per-block values that differ are not supported"))
-                    }
-                    _ => {}
-                }
-            }
-            let x = first.ok_or_else(|| bad("empty array"))?;
-            usize::try_from(x).map_err(|_| bad("value too large"))
+    let factor = match keys.opt_f("rope.scaling.factor")? {
+        Some(f) => f,
+        None => keys.opt_f("rope.scale_linear")?.unwrap_or(0.0),
+    };
+    let mut freq_scale = if factor == 0.0 { 1.0 } else { 1.0 / factor };
+    let rope_attn_factor = keys.opt_f("rope.scaling.attn_factor")?.unwrap_or(1.0);
+    let n_ctx_orig = keys
+        .opt_u("rope.scaling.original_context_length")?
+        .unwrap_or(h.n_ctx_train);
+    let (ext_factor, mut attn_factor) = match scaling_type.as_str() {
+        "none" => {
+            freq_scale = 1.0;
+            (0.0, 1.0)
+        }
+        "linear" => (0.0, 1.0),
+        "yarn" => {
+            let log_mul = keys
+                .opt_f("rope.scaling.yarn_log_multiplier")?
+                .unwrap_or(0.0);
+            (1.0, yarn_attn_factor(1.0 / freq_scale, log_mul))
         }
         other => {
-            let x = other
-                .as_u64()
-                .ok_or_else(|| bad("expected an unsigned integer"))?;
-            if x > u32::MAX as u64 {
-                return Err(bad("value too large"));
-            }
-            Ok(x as usize)
+            return Err(bad(
+                k("rope.scaling.type"),
+                &format!("rope scaling '{other}' is not supported (none, linear, yarn)"),
+            ))
         }
-    }
-}
-
-/// Sliding-window pattern as llama.cpp resolves it: a per-block bool array, else a period n
-/// (layer il is sliding iff il % n < n - 1), default `default_period`.
-pub fn swa_pattern(
-    g: &GgufFile,
-    key: &str,
-    n_layer: usize,
-    default_period: usize,
-) -> Result<Vec<bool>> {
-    let bad = |reason: &str| EngineError::BadMetadata {
-        key: key.to_string(),
-        reason: reason.into(),
     };
-    match g.get(key) {
-        Some(Value::Array(a)) => {
-            if a.values.len() < n_layer {
-                return Err(bad("array shorter than the block count"));
-            }
-            a.values
-                .iter()
-                .take(n_layer)
-                .map(|v| match v {
-                    Value::Bool(b) => Ok(*b),
-                    other => other
-                        .as_u64()
-                        .map(|x| x != 0)
-                        .ok_or_else(|| bad("expected booleans")),
-                })
-                .collect()
-        }
-        Some(v) => {
-            let n = v
-                .as_u64()
-                .ok_or_else(|| bad("expected an integer or an array"))?
-                as usize;
-            Ok(period_pattern(n, n_layer))
-        }
-        None => Ok(period_pattern(default_period, n_layer)),
+    attn_factor *= rope_attn_factor;
+    if !(freq_base.is_finite() && freq_base > 0.0 && freq_scale.is_finite() && freq_scale > 0.0) {
+        return Err(bad(
+            k("rope.freq_base"),
+            "rope base and scale must be positive",
+        ));
     }
+    Ok(RopeConfig {
+        mode,
+        n_rot: h.n_rot,
+        freq_base,
+        freq_scale,
+        freq_base_swa: freq_base,
+        freq_scale_swa: 1.0,
+        n_ctx_orig,
+        ext_factor,
+        attn_factor,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    })
 }
 
-fn period_pattern(n: usize, n_layer: usize) -> Vec<bool> {
-    (0..n_layer).map(|il| n == 0 || il % n < n - 1).collect()
+/// YaRN's attention magnitude factor for a scaling `factor` (llama.cpp's mscale rule).
+fn yarn_attn_factor(factor: f32, log_mul: f32) -> f32 {
+    let mscale = |scale: f32, m: f32| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    let mut a = if log_mul != 0.0 {
+        mscale(factor, 1.0) / mscale(factor, log_mul)
+    } else {
+        mscale(factor, 1.0)
+    };
+    a *= 1.0 / (1.0 + 0.1 * factor.ln());
+    a
+}
+
+/// The family's own hyperparameters: llama.cpp's defaults, then the description's `extras`.
+fn family_extras(desc: &Arch, keys: &Keys<'_>, h: &Hparams, freq_base: f32) -> Result<Extras> {
+    let mut extras = Extras {
+        n_swa: 0,
+        is_swa: vec![false; h.n_layer],
+        freq_base_swa: freq_base,
+        kq_scale: 1.0 / (h.head_dim_k as f32).sqrt(),
+        q_scale: None,
+        embd_scale: None,
+        final_logit_softcap: 0.0,
+        attn_softcap: 0.0,
+        logit_scale: None,
+        residual_scale: None,
+        rope: true,
+    };
+    let base = Base {
+        n_layer: h.n_layer,
+        n_embd: h.n_embd,
+        n_head: h.n_head,
+        head_dim: h.head_dim_k,
+    };
+    (desc.extras)(keys, &base, &mut extras)?;
+    Ok(extras)
+}
+
+/// The mixture-of-experts sizes (llama.cpp reads these keys for every architecture and asserts
+/// their bounds): required by families whose FFN is one, refused by the others.
+fn experts(desc: &Arch, keys: &Keys<'_>, n_ff: usize) -> Result<Option<MoeConfig>> {
+    let k = |s: &str| keys.key(s);
+    let arch = desc.name;
+    let n_expert = keys.opt_u("expert_count")?.unwrap_or(0);
+    let n_expert_used = keys.opt_u("expert_used_count")?.unwrap_or(0);
+    if !desc.moe {
+        if n_expert > 0 || n_expert_used > 0 {
+            return Err(bad(
+                k("expert_count"),
+                &format!("mixture-of-experts {arch} files are not supported"),
+            ));
+        }
+        return Ok(None);
+    }
+    if n_expert == 0 || n_expert > MAX_EXPERTS {
+        return Err(bad(
+            k("expert_count"),
+            &format!("must be in 1..={MAX_EXPERTS} for {arch}"),
+        ));
+    }
+    if n_expert_used == 0 || n_expert_used > n_expert {
+        return Err(bad(k("expert_used_count"), "must be in 1..=expert_count"));
+    }
+    if keys.opt_u("expert_group_count")?.unwrap_or(0) > 1 {
+        return Err(bad(
+            k("expert_group_count"),
+            "grouped expert selection is not supported",
+        ));
+    }
+    let n_ff_exp = match keys.opt_u("expert_feed_forward_length")? {
+        Some(0) | None => n_ff / n_expert_used,
+        Some(n) => n,
+    };
+    if n_ff_exp == 0 || n_ff_exp > 1 << 20 {
+        return Err(bad(
+            k("expert_feed_forward_length"),
+            "must be in 1..=1048576",
+        ));
+    }
+    Ok(Some(MoeConfig {
+        n_expert,
+        n_expert_used,
+        n_ff_exp,
+    }))
 }

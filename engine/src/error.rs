@@ -17,8 +17,12 @@ pub enum EngineError {
         path: PathBuf,
         source: drllm_gguf::GgufError,
     },
-    /// The model's architecture is not one the engine implements.
-    UnsupportedArchitecture { found: String },
+    /// The model's architecture is not one the engine implements (`supported`: the names of
+    /// those it does, filled in where the error is raised).
+    UnsupportedArchitecture {
+        found: String,
+        supported: &'static [&'static str],
+    },
     /// A metadata key the architecture needs is absent.
     MissingMetadata { key: String },
     /// A metadata key has a value the engine cannot use.
@@ -59,10 +63,10 @@ impl fmt::Display for EngineError {
             EngineError::Gguf { path, source } => {
                 write!(f, "{}: malformed GGUF file: {source}", path.display())
             }
-            EngineError::UnsupportedArchitecture { found } => write!(
+            EngineError::UnsupportedArchitecture { found, supported } => write!(
                 f,
                 "unsupported model architecture '{found}' (supported: {})",
-                crate::config::SUPPORTED_ARCHITECTURES.join(", ")
+                supported.join(", ")
             ),
             EngineError::MissingMetadata { key } => write!(f, "missing metadata key '{key}'"),
             EngineError::BadMetadata { key, reason } => {

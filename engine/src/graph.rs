@@ -1,12 +1,15 @@
-//! Per-pass compute graphs, op for op as llama.cpp builds them (src/models/{llama,qwen2,qwen3,
-//! gemma3}.cpp and src/llama-graph.cpp), but for one block pass at a time so a request can
-//! take any path through the blocks.
+//! Per-pass compute graphs, op for op as llama.cpp builds them (`src/models/<arch>.cpp` and
+//! `src/llama-graph.cpp`), but for one block pass at a time so a request can take any path
+//! through the blocks. A block pass is built in llama.cpp's steps, each its own method: input
+//! norm, Q/K/V, Q/K norms and RoPE, attention, its output and residual, FFN input norm, the
+//! FFN (dense or experts), its residual. The CPU backend fuses ops by their order in the
+//! graph, so the steps keep llama.cpp's order exactly.
 
 use crate::arch::{Ffn, QkNorm};
 use crate::error::{EngineError, Result};
 use crate::ffi::{self, GgmlCtx, Tensor};
 use crate::kv::KvSlot;
-use crate::model::{FfnWeights, Model};
+use crate::model::{BlockWeights, FfnWeights, Model};
 use crate::path::Pass;
 use llama_cpp_sys_2 as sys;
 
@@ -179,6 +182,8 @@ impl<'m> GraphBuilder<'m> {
         self.block_impl(x, pass, pos, groups, None)
     }
 
+    /// One block pass, llama.cpp's ops in llama.cpp's order: input norm, Q/K/V, attention, its
+    /// output and residual, FFN input norm, FFN (dense or experts), its residual.
     fn block_impl(
         &self,
         x: Tensor,
@@ -187,31 +192,61 @@ impl<'m> GraphBuilder<'m> {
         groups: &[(KvSlot, &AttnInputs)],
         prune: Option<Tensor>,
     ) -> Tensor {
-        let m = self.m;
-        let cfg = &m.cfg;
-        let w = &m.blocks[pass.block];
+        let w = &self.m.blocks[pass.block];
+        let il = pass.block;
+        let swa = self.m.cfg.is_swa[il];
+        let cur = match w.attn_norm {
+            Some(nw) => self.rms_norm(x, nw),
+            None => x,
+        };
+        let (q, k, v) = self.qkv(cur, w);
+        let (q, k) = self.rope_qk(q, k, w, il, swa, pos);
+        // same order as llama.cpp so the scheduler makes the same splits
+        self.expand(q);
+        self.expand(v);
+        self.expand(k);
+        let cur = self.attention(q, k, v, groups, swa, x);
+        let ffn_inp = self.attn_output(cur, x, w, prune);
+        let cur = match w.ffn_norm {
+            Some(nw) => self.rms_norm(ffn_inp, nw),
+            None => ffn_inp,
+        };
+        let cur = match &w.ffn {
+            FfnWeights::Dense {
+                gate,
+                up,
+                down,
+                gate_b,
+                up_b,
+                down_b,
+            } => self.dense_ffn(cur, *gate, *up, *down, [*gate_b, *up_b, *down_b]),
+            FfnWeights::Experts {
+                gate_inp,
+                gate,
+                up,
+                down,
+            } => self.experts(cur, *gate_inp, *gate, *up, *down),
+        };
+        let cur = self.post_norm_and_scale(cur, w.ffn_post_norm);
+        // SAFETY: ops on live tensors of this graph.
+        let out = unsafe { sys::ggml_add(self.c(), cur, ffn_inp) };
+        ffi::set_name(out, &format!("l_out-{il}.{}", pass.pass));
+        out
+    }
+
+    /// Q, K and V of the normed input `cur` as `[head_dim, heads, n]`: views of one fused
+    /// product or three products (with their biases), Q/K norms over the whole projections
+    /// (olmo2) before they are split into heads.
+    fn qkv(&self, cur: Tensor, w: &BlockWeights) -> (Tensor, Tensor, Tensor) {
+        let cfg = &self.m.cfg;
         let c = self.c();
         let n = self.n_tokens as i64;
         let hd = cfg.head_dim_k as i64;
-        let swa = cfg.is_swa[pass.block];
-        let (freq_base, freq_scale) = if swa {
-            (cfg.rope.freq_base_swa, cfg.rope.freq_scale_swa)
-        } else {
-            (cfg.rope.freq_base, cfg.rope.freq_scale)
-        };
-        let r = &cfg.rope;
-        let il = pass.block;
-        // SAFETY: every op takes live tensors of this graph, the model or the KV cache, with
-        // shapes checked at load time.
+        let full_norm = cfg.arch.qk_norm == QkNorm::Full;
+        let (n_q, n_k) = (hd * cfg.n_head as i64, hd * cfg.n_head_kv as i64);
+        let hdv = cfg.head_dim_v as i64;
+        // SAFETY: ops on live tensors of this graph and the model, shapes checked at load.
         unsafe {
-            let mut cur = match w.attn_norm {
-                Some(nw) => self.rms_norm(x, nw),
-                None => x,
-            };
-
-            let full_norm = cfg.arch.qk_norm == QkNorm::Full;
-            let (n_q, n_k) = (hd * cfg.n_head as i64, hd * cfg.n_head_kv as i64);
-            let hdv = cfg.head_dim_v as i64;
             let (mut q, mut k, mut v, reshaped) = match (w.wqkv, w.wq, w.wk, w.wv) {
                 (Some(wqkv), _, _, _) => {
                     // llama.cpp's build_qkv on a fused matrix: views of one product
@@ -239,19 +274,11 @@ impl<'m> GraphBuilder<'m> {
                     }
                 }
                 (None, Some(wq), Some(wk), Some(wv)) => {
-                    let mut q = sys::ggml_mul_mat(c, wq, cur);
-                    if let Some(b) = w.bq {
-                        q = sys::ggml_add(c, q, b);
-                    }
-                    let mut k = sys::ggml_mul_mat(c, wk, cur);
-                    if let Some(b) = w.bk {
-                        k = sys::ggml_add(c, k, b);
-                    }
-                    let mut v = sys::ggml_mul_mat(c, wv, cur);
-                    if let Some(b) = w.bv {
-                        v = sys::ggml_add(c, v, b);
-                    }
-                    (q, k, v, false)
+                    let proj = |wt: Tensor, b: Option<Tensor>| {
+                        let t = sys::ggml_mul_mat(c, wt, cur);
+                        b.map_or(t, |b| sys::ggml_add(c, t, b))
+                    };
+                    (proj(wq, w.bq), proj(wk, w.bk), proj(wv, w.bv), false)
                 }
                 _ => unreachable!("the loader requires attn_qkv or attn_q/k/v"),
             };
@@ -266,12 +293,37 @@ impl<'m> GraphBuilder<'m> {
                 k = sys::ggml_reshape_3d(c, k, hd, cfg.n_head_kv as i64, n);
                 v = sys::ggml_reshape_3d(c, v, hdv, cfg.n_head_kv as i64, n);
             }
+            (q, k, v)
+        }
+    }
 
-            let rope_factors = if cfg.arch.rope_freqs {
-                m.rope_freqs.unwrap_or(std::ptr::null_mut())
-            } else {
-                std::ptr::null_mut()
-            };
+    /// Per-head Q/K norms and RoPE (the sliding-window base in sliding blocks), then Q's scale
+    /// for families that scale Q instead of KQ.
+    fn rope_qk(
+        &self,
+        mut q: Tensor,
+        mut k: Tensor,
+        w: &BlockWeights,
+        il: usize,
+        swa: bool,
+        pos: Tensor,
+    ) -> (Tensor, Tensor) {
+        let m = self.m;
+        let cfg = &m.cfg;
+        let c = self.c();
+        let r = &cfg.rope;
+        let (freq_base, freq_scale) = if swa {
+            (r.freq_base_swa, r.freq_scale_swa)
+        } else {
+            (r.freq_base, r.freq_scale)
+        };
+        let rope_factors = if cfg.arch.rope_freqs {
+            m.rope_freqs.unwrap_or(std::ptr::null_mut())
+        } else {
+            std::ptr::null_mut()
+        };
+        // SAFETY: ops on live tensors of this graph and the model, shapes checked at load.
+        unsafe {
             let rope = |t: Tensor| {
                 sys::ggml_rope_ext(
                     c,
@@ -307,40 +359,65 @@ impl<'m> GraphBuilder<'m> {
             if let Some(s) = cfg.q_scale {
                 q = sys::ggml_scale(c, q, s);
             }
+            (q, k)
+        }
+    }
 
-            // same order as llama.cpp so the scheduler makes the same splits
-            self.expand(q);
-            self.expand(v);
-            self.expand(k);
+    /// Attention of one sequence (exactly llama.cpp's ops), or of each group's column against
+    /// its own KV slot, the outputs concatenated.
+    fn attention(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        groups: &[(KvSlot, &AttnInputs)],
+        swa: bool,
+        x: Tensor,
+    ) -> Tensor {
+        if let [(slot, inp)] = groups {
+            // one sequence: exactly llama.cpp's ops
+            return self.attend(q, k, v, *slot, inp, swa);
+        }
+        let c = self.c();
+        let mut out: Option<Tensor> = None;
+        // SAFETY: views of live tensors of this graph (column i exists for group i).
+        unsafe {
+            for (i, (slot, inp)) in groups.iter().enumerate() {
+                let col = |t: Tensor| {
+                    sys::ggml_view_3d(
+                        c,
+                        t,
+                        (*t).ne[0],
+                        (*t).ne[1],
+                        1,
+                        (*t).nb[1],
+                        (*t).nb[2],
+                        i * (*t).nb[2],
+                    )
+                };
+                let o = self.attend(col(q), col(k), col(v), *slot, inp, swa);
+                out = Some(match out {
+                    None => o,
+                    Some(prev) => sys::ggml_concat(c, prev, o, 1),
+                });
+            }
+        }
+        out.unwrap_or(x)
+    }
 
-            cur = if let [(slot, inp)] = groups {
-                // one sequence: exactly llama.cpp's ops
-                self.attend(q, k, v, *slot, inp, swa)
-            } else {
-                let mut out: Option<Tensor> = None;
-                for (i, (slot, inp)) in groups.iter().enumerate() {
-                    let col = |t: Tensor| {
-                        sys::ggml_view_3d(
-                            c,
-                            t,
-                            (*t).ne[0],
-                            (*t).ne[1],
-                            1,
-                            (*t).nb[1],
-                            (*t).nb[2],
-                            i * (*t).nb[2],
-                        )
-                    };
-                    let o = self.attend(col(q), col(k), col(v), *slot, inp, swa);
-                    out = Some(match out {
-                        None => o,
-                        Some(prev) => sys::ggml_concat(c, prev, o, 1),
-                    });
-                }
-                out.unwrap_or(x)
-            };
-
-            cur = sys::ggml_mul_mat(c, w.wo, cur);
+    /// The attention output projection and the residual add (only the `prune`d rows of both
+    /// when given): the FFN's input.
+    fn attn_output(
+        &self,
+        cur: Tensor,
+        x: Tensor,
+        w: &BlockWeights,
+        prune: Option<Tensor>,
+    ) -> Tensor {
+        let c = self.c();
+        // SAFETY: ops on live tensors of this graph and the model.
+        unsafe {
+            let mut cur = sys::ggml_mul_mat(c, w.wo, cur);
             if let Some(b) = w.bo {
                 cur = sys::ggml_add(c, cur, b);
             }
@@ -349,61 +426,55 @@ impl<'m> GraphBuilder<'m> {
                 cur = sys::ggml_get_rows(c, cur, ids);
                 res = sys::ggml_get_rows(c, res, ids);
             }
-            if let Some(pn) = w.attn_post_norm {
-                cur = self.rms_norm(cur, pn);
-            }
-            if let Some(s) = cfg.residual_scale {
-                cur = sys::ggml_scale(c, cur, s);
-            }
-            let ffn_inp = sys::ggml_add(c, cur, res);
+            let cur = self.post_norm_and_scale(cur, w.attn_post_norm);
+            sys::ggml_add(c, cur, res)
+        }
+    }
 
-            cur = match w.ffn_norm {
-                Some(nw) => self.rms_norm(ffn_inp, nw),
-                None => ffn_inp,
+    /// The norm after attention or FFN (gemma, olmo2) and the residual multiplier (granite),
+    /// before the residual add.
+    fn post_norm_and_scale(&self, mut cur: Tensor, post_norm: Option<Tensor>) -> Tensor {
+        if let Some(pn) = post_norm {
+            cur = self.rms_norm(cur, pn);
+        }
+        if let Some(s) = self.m.cfg.residual_scale {
+            // SAFETY: an op on a live tensor of this graph.
+            cur = unsafe { sys::ggml_scale(self.c(), cur, s) };
+        }
+        cur
+    }
+
+    /// A dense gated FFN: up, gate (or both from one fused matrix), activation, down; `biases`
+    /// of gate, up and down where the file has them.
+    fn dense_ffn(
+        &self,
+        cur: Tensor,
+        gate: Option<Tensor>,
+        up: Tensor,
+        down: Tensor,
+        biases: [Option<Tensor>; 3],
+    ) -> Tensor {
+        let c = self.c();
+        let [gate_b, up_b, down_b] = biases;
+        // SAFETY: ops on live tensors of this graph and the model, shapes checked at load.
+        unsafe {
+            let bias = |t: Tensor, b: Option<Tensor>| match b {
+                Some(b) => sys::ggml_add(c, t, b),
+                None => t,
             };
-            cur = match &w.ffn {
-                FfnWeights::Dense {
-                    gate,
-                    up,
-                    down,
-                    gate_b,
-                    up_b,
-                    down_b,
-                } => {
-                    let bias = |t: Tensor, b: Option<Tensor>| match b {
-                        Some(b) => sys::ggml_add(c, t, b),
-                        None => t,
-                    };
-                    let up = bias(sys::ggml_mul_mat(c, *up, cur), *up_b);
-                    let gated = match (cfg.arch.ffn, gate) {
-                        (Ffn::SwiGluFused, _) | (_, None) => sys::ggml_swiglu(c, up),
-                        (Ffn::GeGlu, Some(g)) => {
-                            let g = bias(sys::ggml_mul_mat(c, *g, cur), *gate_b);
-                            sys::ggml_geglu_split(c, g, up)
-                        }
-                        (Ffn::SwiGlu, Some(g)) => {
-                            let g = bias(sys::ggml_mul_mat(c, *g, cur), *gate_b);
-                            sys::ggml_swiglu_split(c, g, up)
-                        }
-                    };
-                    bias(sys::ggml_mul_mat(c, *down, gated), *down_b)
+            let up = bias(sys::ggml_mul_mat(c, up, cur), up_b);
+            let gated = match (self.m.cfg.arch.ffn, gate) {
+                (Ffn::SwiGluFused, _) | (_, None) => sys::ggml_swiglu(c, up),
+                (Ffn::GeGlu, Some(g)) => {
+                    let g = bias(sys::ggml_mul_mat(c, g, cur), gate_b);
+                    sys::ggml_geglu_split(c, g, up)
                 }
-                FfnWeights::Experts {
-                    gate_inp,
-                    gate,
-                    up,
-                    down,
-                } => self.experts(cur, *gate_inp, *gate, *up, *down),
+                (Ffn::SwiGlu, Some(g)) => {
+                    let g = bias(sys::ggml_mul_mat(c, g, cur), gate_b);
+                    sys::ggml_swiglu_split(c, g, up)
+                }
             };
-            if let Some(pn) = w.ffn_post_norm {
-                cur = self.rms_norm(cur, pn);
-            }
-            if let Some(s) = cfg.residual_scale {
-                cur = sys::ggml_scale(c, cur, s);
-            }
-            let out = sys::ggml_add(c, cur, ffn_inp);
-            ffi::set_name(out, &format!("l_out-{il}.{}", pass.pass));
-            out
+            bias(sys::ggml_mul_mat(c, down, gated), down_b)
         }
     }
 

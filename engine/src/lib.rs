@@ -23,7 +23,8 @@ mod session;
 pub mod stock;
 mod tokenizer;
 
-pub use config::{Family, Keys, ModelConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
+pub use arch::{Family, Keys, SUPPORTED_ARCHITECTURES};
+pub use config::{ModelConfig, RopeConfig};
 pub use drllm_router_format as router_format;
 pub use error::{EngineError, Result};
 pub use generate::{

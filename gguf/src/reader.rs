@@ -315,60 +315,8 @@ impl<R: Read> Parser<'_, R> {
     }
 
     fn parse(mut self) -> Result<GgufFile, GgufError> {
-        let magic: [u8; 4] = self.bytes()?;
-        if &magic != GGUF_MAGIC {
-            return Err(GgufError::BadMagic(magic));
-        }
-        let version = self.u32()?;
-        if version != 2 && version != 3 {
-            return Err(GgufError::UnsupportedVersion(version));
-        }
-        let n_tensors = self.u64()?;
-        let n_kv = self.u64()?;
-        if n_tensors > self.limits.max_tensors {
-            return Err(GgufError::TooManyTensors {
-                count: n_tensors,
-                max: self.limits.max_tensors,
-            });
-        }
-        if n_kv > self.limits.max_kv {
-            return Err(GgufError::TooManyKv {
-                count: n_kv,
-                max: self.limits.max_kv,
-            });
-        }
-        // both counts are small now (<= limits), so this cannot overflow for sane limits;
-        // use saturating arithmetic anyway
-        let min_needed = n_kv
-            .saturating_mul(MIN_KV_BYTES)
-            .saturating_add(n_tensors.saturating_mul(MIN_TENSOR_INFO_BYTES));
-        if min_needed > self.remaining() {
-            return Err(GgufError::UnexpectedEof {
-                offset: self.pos,
-                needed: min_needed,
-            });
-        }
-
-        // metadata
-        let n_kv_usize = usize::try_from(n_kv).map_err(|_| GgufError::TooManyKv {
-            count: n_kv,
-            max: self.limits.max_kv,
-        })?;
-        let mut kv: Vec<(String, Value)> = Vec::with_capacity(n_kv_usize.min(MAX_PREALLOC));
-        let mut seen_keys: HashSet<String> = HashSet::new();
-        for _ in 0..n_kv_usize {
-            let key = self.string()?;
-            if key.is_empty() {
-                return Err(GgufError::EmptyKey);
-            }
-            if !seen_keys.insert(key.clone()) {
-                return Err(GgufError::DuplicateKey(key));
-            }
-            let t = self.value_type()?;
-            let v = self.value(t, 0)?;
-            kv.push((key, v));
-        }
-
+        let (version, n_tensors, n_kv) = self.header()?;
+        let kv = self.metadata(n_kv)?;
         // alignment
         let alignment = match kv.iter().find(|(k, _)| k == KEY_ALIGNMENT) {
             None => DEFAULT_ALIGNMENT,
@@ -421,6 +369,67 @@ impl<R: Read> Parser<'_, R> {
         };
         file.validate_tensor_placement()?;
         Ok(file)
+    }
+
+    /// Magic, version and the two counts, checked against the limits and the bytes left.
+    fn header(&mut self) -> Result<(u32, u64, u64), GgufError> {
+        let magic: [u8; 4] = self.bytes()?;
+        if &magic != GGUF_MAGIC {
+            return Err(GgufError::BadMagic(magic));
+        }
+        let version = self.u32()?;
+        if version != 2 && version != 3 {
+            return Err(GgufError::UnsupportedVersion(version));
+        }
+        let n_tensors = self.u64()?;
+        let n_kv = self.u64()?;
+        if n_tensors > self.limits.max_tensors {
+            return Err(GgufError::TooManyTensors {
+                count: n_tensors,
+                max: self.limits.max_tensors,
+            });
+        }
+        if n_kv > self.limits.max_kv {
+            return Err(GgufError::TooManyKv {
+                count: n_kv,
+                max: self.limits.max_kv,
+            });
+        }
+        // both counts are small now (<= limits), so this cannot overflow for sane limits;
+        // use saturating arithmetic anyway
+        let min_needed = n_kv
+            .saturating_mul(MIN_KV_BYTES)
+            .saturating_add(n_tensors.saturating_mul(MIN_TENSOR_INFO_BYTES));
+        if min_needed > self.remaining() {
+            return Err(GgufError::UnexpectedEof {
+                offset: self.pos,
+                needed: min_needed,
+            });
+        }
+        Ok((version, n_tensors, n_kv))
+    }
+
+    /// The metadata key-value pairs: non-empty keys, none twice.
+    fn metadata(&mut self, n_kv: u64) -> Result<Vec<(String, Value)>, GgufError> {
+        let n_kv_usize = usize::try_from(n_kv).map_err(|_| GgufError::TooManyKv {
+            count: n_kv,
+            max: self.limits.max_kv,
+        })?;
+        let mut kv: Vec<(String, Value)> = Vec::with_capacity(n_kv_usize.min(MAX_PREALLOC));
+        let mut seen_keys: HashSet<String> = HashSet::new();
+        for _ in 0..n_kv_usize {
+            let key = self.string()?;
+            if key.is_empty() {
+                return Err(GgufError::EmptyKey);
+            }
+            if !seen_keys.insert(key.clone()) {
+                return Err(GgufError::DuplicateKey(key));
+            }
+            let t = self.value_type()?;
+            let v = self.value(t, 0)?;
+            kv.push((key, v));
+        }
+        Ok(kv)
     }
 }
 

@@ -236,64 +236,9 @@ fn draw_heatmap(
         .x_label_area_size(50)
         .y_label_area_size(60);
     if bars {
-        let mut chart = builder
-            .build_cartesian_2d(-0.5f64..n_b as f64 - 0.5, 0f64..100f64)
-            .map_err(&err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n_b.min(40))
-            .x_label_formatter(&integer_label)
-            .x_desc("block")
-            .y_desc(format!("share of {item}s (%)"))
-            .axis_desc_style(("sans-serif", 20))
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(&err)?;
-        let n = n_q as f64;
-        let mut rects = Vec::new();
-        for (b, c) in counts.iter().enumerate() {
-            let x = b as f64;
-            let mut low = 0.0;
-            for class in 0..3 {
-                let high = low + 100.0 * c[class] as f64 / n;
-                if high > low {
-                    rects.push(Rectangle::new(
-                        [(x - 0.4, low), (x + 0.4, high)],
-                        CLASS_COLOURS[class].filled(),
-                    ));
-                }
-                low = high;
-            }
-        }
-        chart.draw_series(rects).map_err(&err)?;
+        draw_shares(&mut builder, &counts, n_q, item).map_err(&err)?;
     } else {
-        let mut chart = builder
-            .build_cartesian_2d(-0.5f64..n_q as f64 - 0.5, -0.5f64..n_b as f64 - 0.5)
-            .map_err(&err)?;
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_labels(n_q.min(20))
-            .y_labels(n_b.min(40))
-            .x_label_formatter(&integer_label)
-            .y_label_formatter(&integer_label)
-            .x_desc(item)
-            .y_desc("block")
-            .axis_desc_style(("sans-serif", 20))
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(&err)?;
-        let cells = decisions.iter().enumerate().flat_map(|(q, row)| {
-            row.iter().enumerate().map(move |(b, &d)| {
-                let (x, y) = (q as f64, b as f64);
-                Rectangle::new(
-                    [(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)],
-                    CLASS_COLOURS[usize::from(d)].filled(),
-                )
-            })
-        });
-        chart.draw_series(cells).map_err(&err)?;
+        draw_cells(&mut builder, decisions, n_b, item).map_err(&err)?;
     }
 
     let total: [usize; 3] = counts.iter().fold([0; 3], |mut acc, c| {
@@ -324,6 +269,83 @@ fn draw_heatmap(
     )
     .map_err(&err)?;
     root.present().map_err(&err)?;
+    Ok(())
+}
+
+type DrawResult =
+    Result<(), DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>;
+
+/// Per block, the shares of the decisions over all `n_q` questions as stacked bars.
+fn draw_shares(
+    builder: &mut ChartBuilder<'_, '_, BitMapBackend<'_>>,
+    counts: &[[usize; 3]],
+    n_q: usize,
+    item: &str,
+) -> DrawResult {
+    let n_b = counts.len();
+    let mut chart = builder.build_cartesian_2d(-0.5f64..n_b as f64 - 0.5, 0f64..100f64)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n_b.min(40))
+        .x_label_formatter(&integer_label)
+        .x_desc("block")
+        .y_desc(format!("share of {item}s (%)"))
+        .axis_desc_style(("sans-serif", 20))
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    let n = n_q as f64;
+    let mut rects = Vec::new();
+    for (b, c) in counts.iter().enumerate() {
+        let x = b as f64;
+        let mut low = 0.0;
+        for class in 0..3 {
+            let high = low + 100.0 * c[class] as f64 / n;
+            if high > low {
+                rects.push(Rectangle::new(
+                    [(x - 0.4, low), (x + 0.4, high)],
+                    CLASS_COLOURS[class].filled(),
+                ));
+            }
+            low = high;
+        }
+    }
+    chart.draw_series(rects)?;
+    Ok(())
+}
+
+/// One cell per question and block, coloured by the decision.
+fn draw_cells(
+    builder: &mut ChartBuilder<'_, '_, BitMapBackend<'_>>,
+    decisions: &[Vec<u8>],
+    n_b: usize,
+    item: &str,
+) -> DrawResult {
+    let n_q = decisions.len();
+    let mut chart =
+        builder.build_cartesian_2d(-0.5f64..n_q as f64 - 0.5, -0.5f64..n_b as f64 - 0.5)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(n_q.min(20))
+        .y_labels(n_b.min(40))
+        .x_label_formatter(&integer_label)
+        .y_label_formatter(&integer_label)
+        .x_desc(item)
+        .y_desc("block")
+        .axis_desc_style(("sans-serif", 20))
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    let cells = decisions.iter().enumerate().flat_map(|(q, row)| {
+        row.iter().enumerate().map(move |(b, &d)| {
+            let (x, y) = (q as f64, b as f64);
+            Rectangle::new(
+                [(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)],
+                CLASS_COLOURS[usize::from(d)].filled(),
+            )
+        })
+    });
+    chart.draw_series(cells)?;
     Ok(())
 }
 

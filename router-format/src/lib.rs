@@ -30,6 +30,7 @@
 mod error;
 mod fingerprint;
 mod math;
+pub mod rng;
 mod sidecar;
 
 pub use error::FormatError;

@@ -85,28 +85,15 @@ pub struct BlockRouter {
     pub b2: [f32; 3],
 }
 
-/// SplitMix64, the deterministic generator behind [`BlockRouter::xavier`].
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)` with 24 random bits.
-    fn next_unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u32 << 24) as f32
-    }
-}
-
-fn xavier_fill(rng: &mut SplitMix64, n: usize, fan_in: usize, fan_out: usize) -> Vec<f32> {
+fn xavier_fill(
+    rng: &mut crate::rng::SplitMix64,
+    n: usize,
+    fan_in: usize,
+    fan_out: usize,
+) -> Vec<f32> {
     let bound = (6.0f64 / (fan_in + fan_out) as f64).sqrt() as f32;
     (0..n)
-        .map(|_| (2.0 * rng.next_unit() - 1.0) * bound)
+        .map(|_| (2.0 * rng.unit_f32() - 1.0) * bound)
         .collect()
 }
 
@@ -126,7 +113,7 @@ impl BlockRouter {
     /// with `seed`, each weight `(2u - 1) a` with `u` the top 24 bits of the next output
     /// divided by 2^24; `w1` in storage order first, then `w2`.
     pub fn xavier(d: usize, hidden: usize, seed: u64) -> Self {
-        let mut rng = SplitMix64(seed);
+        let mut rng = crate::rng::SplitMix64(seed);
         let w1 = xavier_fill(&mut rng, hidden.saturating_mul(d), d, hidden);
         let w2 = xavier_fill(&mut rng, hidden.saturating_mul(3), hidden, 3);
         BlockRouter {

@@ -579,20 +579,7 @@ fn decode(g: &GgufFile, bytes: &[u8], t: &TensorInfo) -> Result<Vec<f32>, Format
 
 fn parse_header_and_data(g: &GgufFile, bytes: &[u8]) -> Result<Sidecar, FormatError> {
     // identity and version first: a model file or a newer sidecar gets a precise message
-    let arch = get_str(g, keys::ARCHITECTURE)?;
-    if arch != ARCHITECTURE {
-        return Err(FormatError::WrongArchitecture {
-            found: arch.chars().take(200).collect(),
-        });
-    }
-    let version = get_u32(g, keys::FORMAT_VERSION)?;
-    if version != FORMAT_VERSION {
-        return Err(FormatError::UnsupportedVersion {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
-
+    let version = check_identity(g)?;
     let base_arch = get_str(g, keys::BASE_ARCHITECTURE)?;
     let block_count = get_u32(g, keys::BASE_BLOCK_COUNT)?;
     range(
@@ -613,6 +600,62 @@ fn parse_header_and_data(g: &GgufFile, bytes: &[u8]) -> Result<Sidecar, FormatEr
     )?;
     let windows32 = get_u32(g, keys::ROUTER_WINDOWS)?;
     range(keys::ROUTER_WINDOWS, u64::from(windows32), 1, MAX_WINDOWS)?;
+    check_router_kind(g)?;
+    let provenance = Provenance {
+        dataset: opt_str(g, keys::PROV_DATASET)?,
+        search: opt_str(g, keys::PROV_SEARCH)?,
+        training: opt_str(g, keys::PROV_TRAINING)?,
+        metrics: opt_str(g, keys::PROV_METRICS)?,
+        created: opt_str(g, keys::PROV_CREATED)?,
+        tool: opt_str(g, keys::PROV_TOOL)?,
+        notes: opt_str(g, keys::PROV_NOTES)?,
+    };
+    let routers = read_routers(
+        g,
+        bytes,
+        block_count as usize,
+        d32 as u64,
+        u64::from(hidden32),
+    )?;
+    let sidecar = Sidecar {
+        version,
+        base: BaseModel {
+            architecture: base_arch.to_owned(),
+            block_count,
+            hidden_size: d32,
+            fingerprint: fingerprint.to_owned(),
+        },
+        shape: RouterShape {
+            hidden: hidden32 as usize,
+            windows: windows32 as usize,
+        },
+        provenance,
+        routers,
+    };
+    sidecar.validate()?;
+    Ok(sidecar)
+}
+
+/// A sidecar of a version this build reads; gives the version.
+fn check_identity(g: &GgufFile) -> Result<u32, FormatError> {
+    let arch = get_str(g, keys::ARCHITECTURE)?;
+    if arch != ARCHITECTURE {
+        return Err(FormatError::WrongArchitecture {
+            found: arch.chars().take(200).collect(),
+        });
+    }
+    let version = get_u32(g, keys::FORMAT_VERSION)?;
+    if version != FORMAT_VERSION {
+        return Err(FormatError::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(version)
+}
+
+/// The routers' activation and classes are the ones this build computes.
+fn check_router_kind(g: &GgufFile) -> Result<(), FormatError> {
     let activation = get_str(g, keys::ROUTER_ACTIVATION)?;
     if activation != ACTIVATION {
         return Err(FormatError::UnsupportedActivation {
@@ -636,18 +679,17 @@ fn parse_header_and_data(g: &GgufFile, bytes: &[u8]) -> Result<Sidecar, FormatEr
     if classes.len() != CLASSES.len() || classes.iter().zip(CLASSES).any(|(a, b)| a != b) {
         return Err(FormatError::BadClasses { found: classes });
     }
-    let provenance = Provenance {
-        dataset: opt_str(g, keys::PROV_DATASET)?,
-        search: opt_str(g, keys::PROV_SEARCH)?,
-        training: opt_str(g, keys::PROV_TRAINING)?,
-        metrics: opt_str(g, keys::PROV_METRICS)?,
-        created: opt_str(g, keys::PROV_CREATED)?,
-        tool: opt_str(g, keys::PROV_TOOL)?,
-        notes: opt_str(g, keys::PROV_NOTES)?,
-    };
+    Ok(())
+}
 
-    // tensors: exactly the expected set, right shapes, f32/f16, finite
-    let (blocks, d, h) = (block_count as usize, d32 as u64, u64::from(hidden32));
+/// The tensors: exactly the expected set, right shapes, f32/f16, finite.
+fn read_routers(
+    g: &GgufFile,
+    bytes: &[u8],
+    blocks: usize,
+    d: u64,
+    h: u64,
+) -> Result<Vec<BlockRouter>, FormatError> {
     let mut expected: HashMap<String, (usize, Part)> = HashMap::with_capacity(4 * blocks);
     for i in 0..blocks {
         let [a, b, c, e] = tensor_names(i);
@@ -706,22 +748,5 @@ fn parse_header_and_data(g: &GgufFile, bytes: &[u8]) -> Result<Sidecar, FormatEr
         })?;
         routers.push(BlockRouter { w1, b1, w2, b2 });
     }
-
-    let sidecar = Sidecar {
-        version,
-        base: BaseModel {
-            architecture: base_arch.to_owned(),
-            block_count,
-            hidden_size: d32,
-            fingerprint: fingerprint.to_owned(),
-        },
-        shape: RouterShape {
-            hidden: hidden32 as usize,
-            windows: windows32 as usize,
-        },
-        provenance,
-        routers,
-    };
-    sidecar.validate()?;
-    Ok(sidecar)
+    Ok(routers)
 }

@@ -703,20 +703,7 @@ fn rejects_oversize_file() {
 // ---------------------------------------------------------------------------------------
 // robustness: truncation, byte flips and random mutations never panic
 
-/// SplitMix64 for deterministic mutations.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use drllm_router_format::rng::SplitMix64 as Rng;
 
 fn seeds() -> Vec<Vec<u8>> {
     vec![
@@ -780,7 +767,7 @@ fn random_mutations_never_panic() {
                 0 => {
                     let i = rng.below(len);
                     if let Some(x) = b.get_mut(i) {
-                        *x = rng.next() as u8;
+                        *x = rng.next_u64() as u8;
                     }
                 }
                 1 => {
@@ -795,7 +782,7 @@ fn random_mutations_never_panic() {
                 2 => b.truncate(rng.below(len)),
                 3 => {
                     let i = rng.below(len);
-                    b.insert(i.min(b.len()), rng.next() as u8);
+                    b.insert(i.min(b.len()), rng.next_u64() as u8);
                 }
                 4 => {
                     let i = rng.below(len);

@@ -618,61 +618,11 @@ fn range_f(v: Option<f64>, name: &str, lo: f64, hi: f64, default: f64) -> Result
 }
 
 impl CommonFields {
-    /// Checks every field's range; gives the settings.
+    /// Checks every field's range; gives the settings. The checks run in the order written
+    /// (the first bad field is the one reported).
     pub fn validate(&self, limits: &Limits) -> Result<GenSettings, ApiError> {
-        if self.max_tokens.is_some() && self.max_completion_tokens.is_some() {
-            return Err(ApiError::invalid(
-                "give max_tokens or max_completion_tokens, not both",
-                Some("max_tokens"),
-            ));
-        }
-        let (mt_name, mt) = match self.max_completion_tokens {
-            Some(v) => ("max_completion_tokens", Some(v)),
-            None => ("max_tokens", self.max_tokens),
-        };
-        let max_tokens = match mt {
-            None => limits.default_max_tokens.min(limits.n_ctx),
-            Some(v) if v >= 1 && (v as u64) <= limits.n_ctx as u64 => v as usize,
-            Some(v) => {
-                return Err(ApiError::invalid(
-                    format!(
-                        "{mt_name} must be between 1 and {} (the context length); got {v}",
-                        limits.n_ctx
-                    ),
-                    Some(mt_name),
-                ))
-            }
-        };
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid(
-                    format!("n must be 1 (one choice per request); got {n}"),
-                    Some("n"),
-                ));
-            }
-        }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if let Some(x) = v {
-                if x != 0.0 {
-                    return Err(ApiError::invalid(
-                        format!("{name} is not supported (only 0)"),
-                        Some(name),
-                    ));
-                }
-            }
-        }
-        match &self.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "logprobs are not supported",
-                    Some("logprobs"),
-                ))
-            }
-        }
+        let max_tokens = self.checked_max_tokens(limits)?;
+        self.refuse_unsupported()?;
         let temperature = range_f(self.temperature, "temperature", 0.0, 2.0, 0.8)?;
         let top_p = match self.top_p {
             Some(x) if !(x.is_finite() && x > 0.0 && x <= 1.0) => {
@@ -704,32 +654,8 @@ impl CommonFields {
                 ))
             }
         };
-        let stop = self
-            .stop
-            .clone()
-            .map(OneOrMany::into_vec)
-            .unwrap_or_default();
-        if stop.len() > 16 || stop.iter().any(|s| s.len() > 256) {
-            return Err(ApiError::invalid(
-                "stop takes at most 16 strings of at most 256 bytes",
-                Some("stop"),
-            ));
-        }
-        let depth_bias = range_f(self.depth_bias, "depth_bias", -1e4, 1e4, 0.0)?;
-        let max_passes = match self.max_passes {
-            None => None,
-            Some(p) if p >= 1 && (p as u64) <= 2 * limits.n_layer as u64 => Some(p as usize),
-            Some(p) => {
-                return Err(ApiError::invalid(
-                    format!(
-                        "max_passes must be between 1 and {} (twice the {} blocks); got {p}",
-                        2 * limits.n_layer,
-                        limits.n_layer
-                    ),
-                    Some("max_passes"),
-                ))
-            }
-        };
+        let stop = self.checked_stop()?;
+        let routing = self.routing_settings(limits)?;
         Ok(GenSettings {
             max_tokens,
             temperature,
@@ -746,11 +672,106 @@ impl CommonFields {
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt.unwrap_or(true),
             constraint: constraint(self.response_format.as_ref(), self.grammar.as_ref())?,
-            routing: RoutingSettings {
-                routing: self.routing,
-                depth_bias,
-                max_passes,
-            },
+            routing,
+        })
+    }
+
+    /// `max_tokens` or `max_completion_tokens` (not both), within the context; the server's
+    /// default when neither is given.
+    fn checked_max_tokens(&self, limits: &Limits) -> Result<usize, ApiError> {
+        if self.max_tokens.is_some() && self.max_completion_tokens.is_some() {
+            return Err(ApiError::invalid(
+                "give max_tokens or max_completion_tokens, not both",
+                Some("max_tokens"),
+            ));
+        }
+        let (mt_name, mt) = match self.max_completion_tokens {
+            Some(v) => ("max_completion_tokens", Some(v)),
+            None => ("max_tokens", self.max_tokens),
+        };
+        match mt {
+            None => Ok(limits.default_max_tokens.min(limits.n_ctx)),
+            Some(v) if v >= 1 && (v as u64) <= limits.n_ctx as u64 => Ok(v as usize),
+            Some(v) => Err(ApiError::invalid(
+                format!(
+                    "{mt_name} must be between 1 and {} (the context length); got {v}",
+                    limits.n_ctx
+                ),
+                Some(mt_name),
+            )),
+        }
+    }
+
+    /// The OpenAI fields accepted only at the value that means "off": n = 1, zero penalties,
+    /// no logprobs.
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::invalid(
+                    format!("n must be 1 (one choice per request); got {n}"),
+                    Some("n"),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(x) = v {
+                if x != 0.0 {
+                    return Err(ApiError::invalid(
+                        format!("{name} is not supported (only 0)"),
+                        Some(name),
+                    ));
+                }
+            }
+        }
+        match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
+            Some(_) => Err(ApiError::invalid(
+                "logprobs are not supported",
+                Some("logprobs"),
+            )),
+        }
+    }
+
+    /// The stop strings: at most 16, of at most 256 bytes each.
+    fn checked_stop(&self) -> Result<Vec<String>, ApiError> {
+        let stop = self
+            .stop
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
+        if stop.len() > 16 || stop.iter().any(|s| s.len() > 256) {
+            return Err(ApiError::invalid(
+                "stop takes at most 16 strings of at most 256 bytes",
+                Some("stop"),
+            ));
+        }
+        Ok(stop)
+    }
+
+    /// `routing`, `depth_bias` and `max_passes` (at most twice the blocks).
+    fn routing_settings(&self, limits: &Limits) -> Result<RoutingSettings, ApiError> {
+        let depth_bias = range_f(self.depth_bias, "depth_bias", -1e4, 1e4, 0.0)?;
+        let max_passes = match self.max_passes {
+            None => None,
+            Some(p) if p >= 1 && (p as u64) <= 2 * limits.n_layer as u64 => Some(p as usize),
+            Some(p) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "max_passes must be between 1 and {} (twice the {} blocks); got {p}",
+                        2 * limits.n_layer,
+                        limits.n_layer
+                    ),
+                    Some("max_passes"),
+                ))
+            }
+        };
+        Ok(RoutingSettings {
+            routing: self.routing,
+            depth_bias,
+            max_passes,
         })
     }
 }

@@ -1,11 +1,40 @@
 //! Server settings: command line > `DRLLM_*` environment > TOML file > built-in defaults.
 //! The binary turns flags and environment (clap reads both) into a [`Settings`]; this module
-//! reads the file, layers them and checks the result.
+//! reads the file, layers them and checks the result. Every fixed default is a constant of
+//! [`defaults`], which `drllm serve --help` shows and `systemd/drllm.toml` states (a test
+//! checks the file against them).
 
 use drllm_engine::DeviceChoice;
 use serde::Deserialize;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The built-in defaults: one constant per setting that has a fixed one. The others are
+/// computed (threads from the cores, routers and model_alias from the model, db from the
+/// environment) or have none (model, api_key, api_key_file; allowed_hosts and
+/// allowed_origins are empty lists).
+pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    pub const NO_ROUTERS: bool = false;
+    pub const HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    pub const PORT: u16 = 8088;
+    pub const CTX_SIZE: usize = 4096;
+    pub const PARALLEL: usize = 1;
+    pub const QUEUE: usize = 16;
+    pub const BATCH: usize = 1;
+    pub const NO_DB: bool = false;
+    pub const DEFAULT_MAX_TOKENS: usize = 256;
+    /// 8 MiB.
+    pub const MAX_BODY_BYTES: usize = 8 << 20;
+    pub const MAX_CONNECTIONS: usize = 512;
+    pub const RELOAD_DEBOUNCE_MS: u64 = 300;
+    pub const DEVICE: &str = "auto";
+    pub const BODY_TIMEOUT_SECS: u64 = 30;
+    pub const CACHE_MB: usize = 512;
+    pub const LOG_DAYS: u64 = 30;
+}
 
 /// A bad configuration.
 #[derive(Debug)]
@@ -36,68 +65,114 @@ impl std::error::Error for ConfigError {}
 
 /// Every setting, each optional so that layers can be merged. Field names are the TOML keys,
 /// the long flags (with `-`) and, upper-cased with a `DRLLM_` prefix, the environment variables.
+/// Defaults named in `[...]` are the constants of [`defaults`].
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// GGUF model file.
+    /// GGUF model file (no default here; `drllm serve` gives one).
     pub model: Option<PathBuf>,
-    /// Router sidecar (default MODEL.routers.gguf next to the model).
+    /// Router sidecar (default: MODEL.routers.gguf next to the model).
     pub routers: Option<PathBuf>,
-    /// Serve the plain model; do not load or watch a sidecar.
+    /// Serve the plain model; do not load or watch a sidecar ([`defaults::NO_ROUTERS`]).
     pub no_routers: Option<bool>,
-    /// Address to bind (default 127.0.0.1).
+    /// Address to bind ([`defaults::HOST`]).
     pub host: Option<IpAddr>,
-    /// Port (default 8088; 0 picks a free one).
+    /// Port ([`defaults::PORT`]; 0 picks a free one).
     pub port: Option<u16>,
-    /// CPU threads per worker (default: all cores divided among the workers).
+    /// CPU threads per worker (default: the cores divided among the workers, at least 1).
     pub threads: Option<usize>,
-    /// Context length per request, tokens (default 4096).
+    /// Context length per request, tokens ([`defaults::CTX_SIZE`]).
     pub ctx_size: Option<usize>,
-    /// Requests run at once, each with its own KV cache (default 1).
+    /// Workers: requests run at once, each with its own KV cache ([`defaults::PARALLEL`]).
     pub parallel: Option<usize>,
-    /// Requests that may wait for a worker; more get 503 (default 16).
+    /// Requests that may wait for a worker; more get 503 ([`defaults::QUEUE`]).
     pub queue: Option<usize>,
     /// Requests each worker runs at once, decoding those on the same path in one graph
-    /// (default 1: no batching; each takes a KV cache of ctx_size).
+    /// ([`defaults::BATCH`]; 1: no batching; each takes a KV cache of ctx_size).
     pub batch: Option<usize>,
-    /// SQLite routing log (default $XDG_STATE_HOME/drllm/routing.sqlite).
+    /// SQLite routing log (default: [`default_db_path`]).
     pub db: Option<PathBuf>,
-    /// Do not write the routing log.
+    /// Do not write the routing log ([`defaults::NO_DB`]).
     pub no_db: Option<bool>,
-    /// Bearer token every /v1 and /metrics request must carry.
+    /// Bearer token every /v1 and /metrics request must carry (default: none).
     pub api_key: Option<String>,
     /// Model id in the API (default: the file name without .gguf).
     pub model_alias: Option<String>,
-    /// max_tokens when a request gives none (default 256).
+    /// max_tokens when a request gives none ([`defaults::DEFAULT_MAX_TOKENS`]).
     pub default_max_tokens: Option<usize>,
-    /// Largest request body, bytes (default 8 MiB).
+    /// Largest request body, bytes ([`defaults::MAX_BODY_BYTES`]).
     pub max_body_bytes: Option<usize>,
-    /// Open connections served at once; more wait to be accepted (default 512).
+    /// Open connections served at once; more wait to be accepted
+    /// ([`defaults::MAX_CONNECTIONS`]).
     pub max_connections: Option<usize>,
-    /// Quiet time before a changed sidecar is reloaded, milliseconds (default 300).
+    /// Quiet time before a changed sidecar is reloaded, milliseconds
+    /// ([`defaults::RELOAD_DEBOUNCE_MS`]).
     pub reload_debounce_ms: Option<u64>,
-    /// Engine device: auto or cpu.
+    /// Engine device: auto or cpu ([`defaults::DEVICE`]).
     pub device: Option<String>,
     /// Host names (besides loopback names and addresses, and the bound address) that
-    /// requests may name in their Host header; `*` allows any.
+    /// requests may name in their Host header; `*` allows any. Default: none.
     pub allowed_hosts: Option<Vec<String>>,
     /// Web origins (`http://localhost:3000`) whose pages may call the API from a browser
     /// (CORS); `*` allows any. Default: none.
     pub allowed_origins: Option<Vec<String>>,
-    /// Seconds a client has to send a request body once its headers are in (default 30).
+    /// Seconds a client has to send a request body once its headers are in
+    /// ([`defaults::BODY_TIMEOUT_SECS`]).
     pub body_timeout_secs: Option<u64>,
-    /// Host memory for the conversation cache, MiB (default 512; 0 turns it off).
+    /// Host memory for the conversation cache, MiB ([`defaults::CACHE_MB`]; 0 turns it off).
     pub cache_mb: Option<usize>,
-    /// Days the routing log keeps its rows (default 30; 0 keeps them forever).
+    /// Days the routing log keeps its rows ([`defaults::LOG_DAYS`]; 0 keeps them forever).
     pub log_days: Option<u64>,
     /// File holding the bearer token (e.g. a systemd credential); instead of `api_key`.
     pub api_key_file: Option<PathBuf>,
 }
 
-macro_rules! overlay {
-    ($hi:ident, $lo:ident, $($f:ident),*) => {
-        Settings { $($f: $hi.$f.or($lo.$f)),* }
+/// [`Settings::KEYS`] and [`Settings::over`] from one list of the fields (the struct literal
+/// makes the compiler check that it names every one).
+macro_rules! every_key {
+    ($($f:ident),* $(,)?) => {
+        impl Settings {
+            /// Every key, in declaration order.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($f)),*];
+
+            /// `self` where set, else `lower`.
+            pub fn over(self, lower: Settings) -> Settings {
+                Settings { $($f: self.$f.or(lower.$f)),* }
+            }
+        }
     };
+}
+
+every_key!(
+    model,
+    routers,
+    no_routers,
+    host,
+    port,
+    threads,
+    ctx_size,
+    parallel,
+    queue,
+    batch,
+    db,
+    no_db,
+    api_key,
+    model_alias,
+    default_max_tokens,
+    max_body_bytes,
+    max_connections,
+    reload_debounce_ms,
+    device,
+    allowed_hosts,
+    allowed_origins,
+    body_timeout_secs,
+    cache_mb,
+    log_days,
+    api_key_file,
+);
+
+fn invalid(key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid { key, message }
 }
 
 impl Settings {
@@ -113,132 +188,135 @@ impl Settings {
         })
     }
 
-    /// `self` where set, else `lower`.
-    pub fn over(self, lower: Settings) -> Settings {
-        let hi = self;
-        let lo = lower;
-        overlay!(
-            hi,
-            lo,
-            model,
-            routers,
-            no_routers,
-            host,
-            port,
-            threads,
-            ctx_size,
-            parallel,
-            queue,
-            batch,
-            db,
-            no_db,
-            api_key,
-            model_alias,
-            default_max_tokens,
-            max_body_bytes,
-            max_connections,
-            reload_debounce_ms,
-            device,
-            allowed_hosts,
-            allowed_origins,
-            body_timeout_secs,
-            cache_mb,
-            log_days,
-            api_key_file
-        )
-    }
-
-    /// Fills the defaults and checks ranges.
+    /// Fills the defaults and checks ranges. The checks run in the order written here (the
+    /// fields of the literal are evaluated in order): the first bad setting is reported.
     pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
-        let model = self.model.ok_or_else(|| {
+        let model = self.model.clone().ok_or_else(|| {
             invalid(
                 "model",
                 "no model given (--model, DRLLM_MODEL or model = \"...\" in the config file)"
                     .into(),
             )
         })?;
-        let no_routers = self.no_routers.unwrap_or(false);
-        let routers = if no_routers {
+        let routers = if self.no_routers.unwrap_or(defaults::NO_ROUTERS) {
             None
         } else {
             Some(
                 self.routers
+                    .clone()
                     .unwrap_or_else(|| drllm_engine::router_format::sidecar_path_for(&model)),
             )
         };
-        let parallel = in_range("parallel", self.parallel.unwrap_or(1), 1, 64)?;
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(4);
-        let threads = in_range(
-            "threads",
-            self.threads.unwrap_or((cores / parallel).max(1)),
+        let parallel = in_range(
+            "parallel",
+            self.parallel.unwrap_or(defaults::PARALLEL),
             1,
-            1024,
+            64,
         )?;
-        let ctx_size = in_range("ctx_size", self.ctx_size.unwrap_or(4096), 16, 1 << 20)?;
-        let batch = in_range("batch", self.batch.unwrap_or(1), 1, 64)?;
-        let queue = self.queue.unwrap_or(16);
-        if queue > 100_000 {
-            return Err(invalid(
-                "queue",
-                format!("must be at most 100000, got {queue}"),
-            ));
+        Ok(ServeConfig {
+            routers,
+            host: self.host.unwrap_or(defaults::HOST),
+            port: self.port.unwrap_or(defaults::PORT),
+            threads: in_range(
+                "threads",
+                self.threads.unwrap_or_else(|| threads_per_worker(parallel)),
+                1,
+                1024,
+            )?,
+            ctx_size: in_range(
+                "ctx_size",
+                self.ctx_size.unwrap_or(defaults::CTX_SIZE),
+                16,
+                1 << 20,
+            )?,
+            parallel,
+            batch: in_range("batch", self.batch.unwrap_or(defaults::BATCH), 1, 64)?,
+            queue: at_most("queue", self.queue.unwrap_or(defaults::QUEUE), 100_000)?,
+            default_max_tokens: match self
+                .default_max_tokens
+                .unwrap_or(defaults::DEFAULT_MAX_TOKENS)
+            {
+                0 => return Err(invalid("default_max_tokens", "must be at least 1".into())),
+                n => n,
+            },
+            max_body_bytes: in_range(
+                "max_body_bytes",
+                self.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES),
+                1024,
+                1 << 30,
+            )?,
+            max_connections: in_range(
+                "max_connections",
+                self.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+                1,
+                1_000_000,
+            )?,
+            db: self.db()?,
+            device: self.device()?,
+            api_key: self.api_key()?,
+            model_alias: self.model_alias(&model)?,
+            body_timeout: self.body_timeout()?,
+            allowed_hosts: checked_names("allowed_hosts", &self.allowed_hosts)?,
+            allowed_origins: checked_names("allowed_origins", &self.allowed_origins)?,
+            cache_bytes: in_range(
+                "cache_mb",
+                self.cache_mb.unwrap_or(defaults::CACHE_MB),
+                0,
+                1 << 20,
+            )? << 20,
+            log_keep: self.log_keep()?,
+            reload_debounce: Duration::from_millis(
+                self.reload_debounce_ms
+                    .unwrap_or(defaults::RELOAD_DEBOUNCE_MS),
+            ),
+            model,
+            fault: None,
+        })
+    }
+
+    /// The routing log: `db`, else [`default_db_path`]; None with `no_db`.
+    fn db(&self) -> Result<Option<PathBuf>, ConfigError> {
+        if self.no_db.unwrap_or(defaults::NO_DB) {
+            return Ok(None);
         }
-        let default_max_tokens = self.default_max_tokens.unwrap_or(256);
-        if default_max_tokens == 0 {
-            return Err(invalid("default_max_tokens", "must be at least 1".into()));
+        match &self.db {
+            Some(p) => Ok(Some(p.clone())),
+            None => Ok(Some(default_db_path().ok_or_else(|| {
+                invalid(
+                    "db",
+                    "no default place for the routing log (neither XDG_STATE_HOME nor HOME \
+                     is set): give --db PATH or --no-db"
+                        .into(),
+                )
+            })?)),
         }
-        let max_body_bytes = in_range(
-            "max_body_bytes",
-            self.max_body_bytes.unwrap_or(8 << 20),
-            1024,
-            1 << 30,
-        )?;
-        let max_connections = in_range(
-            "max_connections",
-            self.max_connections.unwrap_or(512),
-            1,
-            1_000_000,
-        )?;
-        let db = if self.no_db.unwrap_or(false) {
-            None
-        } else {
-            match self.db {
-                Some(p) => Some(p),
-                None => Some(default_db_path().ok_or_else(|| {
-                    invalid(
-                        "db",
-                        "no default place for the routing log (neither XDG_STATE_HOME nor HOME \
-                         is set): give --db PATH or --no-db"
-                            .into(),
-                    )
-                })?),
-            }
-        };
-        let device = match self.device.as_deref() {
-            None | Some("auto") => DeviceChoice::Auto,
-            Some("cpu") => DeviceChoice::Cpu,
-            Some(other) => {
-                return Err(invalid(
-                    "device",
-                    format!("must be auto or cpu, got '{other}'"),
-                ))
-            }
-        };
-        let api_key = match (self.api_key, &self.api_key_file) {
+    }
+
+    fn device(&self) -> Result<DeviceChoice, ConfigError> {
+        match self.device.as_deref().unwrap_or(defaults::DEVICE) {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            other => Err(invalid(
+                "device",
+                format!("must be auto or cpu, got '{other}'"),
+            )),
+        }
+    }
+
+    /// The bearer token: `api_key`, or the first line of `api_key_file` (not both).
+    fn api_key(&self) -> Result<Option<String>, ConfigError> {
+        let key = match (&self.api_key, &self.api_key_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "api_key_file",
                     "give api_key or api_key_file, not both".into(),
                 ))
             }
-            (Some(k), None) => Some(k),
+            (Some(k), None) => Some(k.clone()),
             (None, Some(f)) => Some(read_key_file(f).map_err(|m| invalid("api_key_file", m))?),
             (None, None) => None,
         };
-        if let Some(k) = &api_key {
+        if let Some(k) = &key {
             if k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(invalid(
                     "api_key",
@@ -246,85 +324,82 @@ impl Settings {
                 ));
             }
         }
-        let model_alias = match self.model_alias {
-            Some(a) if a.is_empty() => return Err(invalid("model_alias", "is empty".into())),
-            Some(a) => a,
-            None => model
+        Ok(key)
+    }
+
+    /// `model_alias`, else the model's file name without `.gguf`.
+    fn model_alias(&self, model: &Path) -> Result<String, ConfigError> {
+        match &self.model_alias {
+            Some(a) if a.is_empty() => Err(invalid("model_alias", "is empty".into())),
+            Some(a) => Ok(a.clone()),
+            None => Ok(model
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .map(|n| match n.strip_suffix(".gguf") {
                     Some(s) => s.to_string(),
                     None => n,
                 })
-                .unwrap_or_else(|| "model".into()),
-        };
-        let body_timeout_secs = self.body_timeout_secs.unwrap_or(30);
-        if !(1..=3600).contains(&body_timeout_secs) {
+                .unwrap_or_else(|| "model".into())),
+        }
+    }
+
+    fn body_timeout(&self) -> Result<Duration, ConfigError> {
+        let secs = self
+            .body_timeout_secs
+            .unwrap_or(defaults::BODY_TIMEOUT_SECS);
+        if !(1..=3600).contains(&secs) {
             return Err(invalid(
                 "body_timeout_secs",
-                format!("must be 1..=3600, got {body_timeout_secs}"),
+                format!("must be 1..=3600, got {secs}"),
             ));
         }
-        for (key, list) in [
-            ("allowed_hosts", &self.allowed_hosts),
-            ("allowed_origins", &self.allowed_origins),
-        ] {
-            for v in list.iter().flatten() {
-                let bad = v.trim().is_empty()
-                    || v.chars()
-                        .any(|c| c.is_whitespace() || c.is_control() || c == ',')
-                    || (key == "allowed_origins" && v != "*" && v != "null" && !v.contains("://"));
-                if bad {
-                    return Err(invalid(
-                        key,
-                        format!(
-                            "'{v}' is not a {} (or *)",
-                            if key == "allowed_hosts" {
-                                "host name"
-                            } else {
-                                "web origin such as http://localhost:3000"
-                            }
-                        ),
-                    ));
-                }
-            }
-        }
-        let cache_mb = in_range("cache_mb", self.cache_mb.unwrap_or(512), 0, 1 << 20)?;
-        let log_days = self.log_days.unwrap_or(30);
-        if log_days > 36_500 {
-            return Err(invalid(
-                "log_days",
-                format!("must be at most 36500, got {log_days}"),
-            ));
-        }
-        Ok(ServeConfig {
-            model,
-            routers,
-            host: self.host.unwrap_or(IpAddr::from([127, 0, 0, 1])),
-            port: self.port.unwrap_or(8088),
-            threads,
-            ctx_size,
-            parallel,
-            queue,
-            batch,
-            db,
-            api_key,
-            model_alias,
-            default_max_tokens,
-            max_body_bytes,
-            max_connections,
-            reload_debounce: std::time::Duration::from_millis(
-                self.reload_debounce_ms.unwrap_or(300),
-            ),
-            device,
-            allowed_hosts: self.allowed_hosts.unwrap_or_default(),
-            allowed_origins: self.allowed_origins.unwrap_or_default(),
-            body_timeout: std::time::Duration::from_secs(body_timeout_secs),
-            cache_bytes: cache_mb << 20,
-            log_keep: (log_days > 0).then(|| std::time::Duration::from_secs(log_days * 86_400)),
-            fault: None,
-        })
+        Ok(Duration::from_secs(secs))
     }
+
+    /// How long the routing log keeps rows (None: forever, `log_days` = 0).
+    fn log_keep(&self) -> Result<Option<Duration>, ConfigError> {
+        let days = at_most(
+            "log_days",
+            self.log_days.unwrap_or(defaults::LOG_DAYS),
+            36_500,
+        )?;
+        Ok((days > 0).then(|| Duration::from_secs(days * 86_400)))
+    }
+}
+
+/// The default CPU threads of each of `parallel` workers: the cores divided among them.
+fn threads_per_worker(parallel: usize) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(4);
+    (cores / parallel).max(1)
+}
+
+/// The host names (`allowed_hosts`) or web origins (`allowed_origins`) of a list, checked.
+fn checked_names(
+    key: &'static str,
+    list: &Option<Vec<String>>,
+) -> Result<Vec<String>, ConfigError> {
+    for v in list.iter().flatten() {
+        let bad = v.trim().is_empty()
+            || v.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+            || (key == "allowed_origins" && v != "*" && v != "null" && !v.contains("://"));
+        if bad {
+            return Err(invalid(
+                key,
+                format!(
+                    "'{v}' is not a {} (or *)",
+                    if key == "allowed_hosts" {
+                        "host name"
+                    } else {
+                        "web origin such as http://localhost:3000"
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(list.clone().unwrap_or_default())
 }
 
 /// The bearer token in a file (first line, surrounding whitespace dropped). The file must
@@ -352,6 +427,18 @@ fn read_key_file(path: &Path) -> Result<String, String> {
         return Err(format!("{} holds no key", path.display()));
     }
     Ok(key)
+}
+
+/// `value` if it is at most `max`, else the error naming `key`.
+fn at_most<T: PartialOrd + std::fmt::Display>(
+    key: &'static str,
+    value: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value > max {
+        return Err(invalid(key, format!("must be at most {max}, got {value}")));
+    }
+    Ok(value)
 }
 
 /// `value` if it lies in `lo..=hi`, else the error naming `key`.
@@ -394,15 +481,15 @@ pub struct ServeConfig {
     pub default_max_tokens: usize,
     pub max_body_bytes: usize,
     pub max_connections: usize,
-    pub reload_debounce: std::time::Duration,
+    pub reload_debounce: Duration,
     pub device: DeviceChoice,
     pub allowed_hosts: Vec<String>,
     pub allowed_origins: Vec<String>,
-    pub body_timeout: std::time::Duration,
+    pub body_timeout: Duration,
     /// Bytes the conversation cache may hold (0: off).
     pub cache_bytes: usize,
     /// How long the routing log keeps rows (None: forever).
-    pub log_keep: Option<std::time::Duration>,
+    pub log_keep: Option<Duration>,
     /// Called by the workers at each fault point (tests inject panics with it).
     #[doc(hidden)]
     pub fault: Option<crate::pool::FaultHook>,
@@ -444,6 +531,48 @@ mod tests {
         .resolve()
         .unwrap();
         assert_eq!((c.routers, c.db), (None, None));
+    }
+
+    /// systemd/drllm.toml shows every key once, each a real setting of the right type, and
+    /// every value it shows (commented out or not) is what the code does when the key is
+    /// left out, unless the comment after it starts with "example".
+    #[test]
+    fn the_example_config_shows_every_key_with_the_codes_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/drllm.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file = Settings::from_file(&path).unwrap(); // as the daemon reads it
+                                                        // the routing log's default place comes from the environment: fixed here
+        let base = Settings {
+            model: Some(file.model.clone().expect("the example names a model")),
+            db: Some("/var/lib/drllm/routing.sqlite".into()),
+            ..Default::default()
+        };
+        let resolved = |s: Settings| format!("{:?}", s.over(base.clone()).resolve().unwrap());
+        let unset = resolved(Settings::default());
+        let mut shown = Vec::new();
+        for line in text.lines() {
+            let code = line.strip_prefix('#').unwrap_or(line).trim_start();
+            let Some((key, _)) = code.split_once(" = ") else {
+                continue;
+            };
+            if !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                continue; // prose
+            }
+            let one: Settings = toml::from_str(code).unwrap_or_else(|e| panic!("{line}: {e}"));
+            shown.push(key);
+            let note = code.split_once(" # ").map_or("", |(_, n)| n.trim_start());
+            if key == "model" || note.starts_with("example") {
+                continue;
+            }
+            assert_eq!(resolved(one), unset, "{line}: not the default");
+        }
+        shown.sort_unstable();
+        let mut keys = Settings::KEYS.to_vec();
+        keys.sort_unstable();
+        assert_eq!(
+            shown, keys,
+            "the keys drllm.toml shows (once each) and the settings"
+        );
     }
 
     #[cfg(unix)]

@@ -174,7 +174,7 @@ enum Msg {
 
 /// Deletes the rows older than `keep` before now; gives how many.
 pub fn prune(c: &Connection, path: &Path, keep: Duration) -> Result<usize, DbError> {
-    let cutoff = crate::pool::unix_now() - keep.as_secs_f64();
+    let cutoff = crate::clock::unix_now() - keep.as_secs_f64();
     c.execute("DELETE FROM requests WHERE time < ?1", params![cutoff])
         .map_err(sql(path))
 }
@@ -458,7 +458,7 @@ mod tests {
     fn old_rows_are_pruned_and_a_full_queue_drops_rows_counted() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("log.sqlite");
-        let now = crate::pool::unix_now();
+        let now = crate::clock::unix_now();
         let m = Arc::new(Metrics::new(4));
         {
             let w = Writer::start(&p, None, m.clone()).unwrap();

@@ -2,14 +2,15 @@
 
 use crate::access::{self, Allowed};
 use crate::api::{
-    self, ApiError, ChatRequest, CompletionRequest, GenSettings, Limits, Prompt, RouteRequest,
-    Usage,
+    self, ApiError, ChatRequest, CompletionRequest, Endpoint, GenSettings, Limits, Prompt,
+    RouteRequest, Usage,
 };
-use crate::pool::{unix_now, Event, Job, Outcome, Refused, Task};
+use crate::clock;
+use crate::pool::{Event, Job, Outcome, Refused, Task};
 use crate::reload::Reload;
 use crate::{Ready, State};
 use bytes::Bytes;
-use drllm_engine::{ChatMessage, GenerateOptions, SamplingParams};
+use drllm_engine::{ChatMessage, GenerateOptions, Grammar, SamplingParams};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -22,33 +23,76 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// One entry of the route table: dispatch, the allowed method, the metric label and whether
-/// the bearer token is required.
-pub struct RouteDef {
-    pub method: Method,
-    pub path: &'static str,
-    pub name: &'static str,
-    pub auth: bool,
+/// Every route the server answers. [`dispatch`] matches on it, so the compiler checks that
+/// each route has a handler; its path, method, metric label and token rule are below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Metrics,
+    Models,
+    /// The routes that run the model on a request body: chat, completion and route.
+    Run(Endpoint),
+    Routers,
+    Reload,
 }
 
-/// Every route the server answers.
-pub fn routes() -> [RouteDef; 8] {
-    let r = |method, path, name, auth| RouteDef {
-        method,
-        path,
-        name,
-        auth,
-    };
-    [
-        r(Method::GET, "/health", "health", false),
-        r(Method::GET, "/metrics", "metrics", true),
-        r(Method::GET, "/v1/models", "models", true),
-        r(Method::POST, "/v1/chat/completions", "chat", true),
-        r(Method::POST, "/v1/completions", "completion", true),
-        r(Method::POST, "/v1/route", "route", true),
-        r(Method::GET, "/v1/routers", "routers", true),
-        r(Method::POST, "/v1/routers/reload", "reload", true),
-    ]
+impl Route {
+    /// Every route, in the order the API documents them.
+    pub const ALL: [Route; 8] = [
+        Route::Health,
+        Route::Metrics,
+        Route::Models,
+        Route::Run(Endpoint::Chat),
+        Route::Run(Endpoint::Completion),
+        Route::Run(Endpoint::Route),
+        Route::Routers,
+        Route::Reload,
+    ];
+
+    /// The route at `path` (None: 404).
+    pub fn find(path: &str) -> Option<Route> {
+        Route::ALL.into_iter().find(|r| r.path() == path)
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Health => "/health",
+            Route::Metrics => "/metrics",
+            Route::Models => "/v1/models",
+            Route::Run(Endpoint::Chat) => "/v1/chat/completions",
+            Route::Run(Endpoint::Completion) => "/v1/completions",
+            Route::Run(Endpoint::Route) => "/v1/route",
+            Route::Routers => "/v1/routers",
+            Route::Reload => "/v1/routers/reload",
+        }
+    }
+
+    /// The method the route answers (OPTIONS aside; any other gets 405).
+    pub fn method(self) -> Method {
+        match self {
+            Route::Health | Route::Metrics | Route::Models | Route::Routers => Method::GET,
+            Route::Run(_) | Route::Reload => Method::POST,
+        }
+    }
+
+    /// The `route` label of `drllm_requests_total` (and the routing log's endpoint name).
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Models => "models",
+            Route::Run(Endpoint::Chat) => "chat",
+            Route::Run(Endpoint::Completion) => "completion",
+            Route::Run(Endpoint::Route) => "route",
+            Route::Routers => "routers",
+            Route::Reload => "reload",
+        }
+    }
+
+    /// Whether the bearer token is required (when the server has one).
+    pub fn needs_token(self) -> bool {
+        !matches!(self, Route::Health)
+    }
 }
 
 /// A response body: a whole buffer, or a stream of SSE chunks fed by a task.
@@ -143,21 +187,20 @@ pub async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, Infallible> {
-    let table = routes();
     let path = req.uri().path().to_string();
-    let def = table.iter().find(|d| d.path == path);
-    let name = def.map_or("unknown", |d| d.name);
+    let route = Route::find(&path);
+    let name = route.map_or("unknown", Route::label);
     // the Host and Origin checks come first: a page the user visits learns nothing, not even
     // which routes exist
     let resp = match state.access.check(req.headers()) {
         Err(e) => error_response(&e),
         Ok(allowed) => {
-            let mut r = match def {
+            let mut r = match route {
                 None => error_response(&ApiError::not_found(
                     format!("no route {path}"),
                     "unknown_route",
                 )),
-                Some(def) => route(&state, def, &allowed, req).await,
+                Some(route) => serve_route(&state, route, &allowed, req).await,
             };
             if let Allowed::Cors(origin) = &allowed {
                 if !r.headers().contains_key("access-control-allow-origin") {
@@ -174,13 +217,14 @@ pub async fn handle(
 }
 
 /// A request for a known route from an allowed client: method, preflight, token, handler.
-async fn route(
+async fn serve_route(
     state: &Arc<State>,
-    def: &RouteDef,
+    route: Route,
     allowed: &Allowed,
     req: Request<Incoming>,
 ) -> Response<ResBody> {
-    let methods = format!("{}, OPTIONS", def.method);
+    let method = route.method();
+    let methods = format!("{method}, OPTIONS");
     if req.method() == Method::OPTIONS {
         // a CORS preflight from an allowed origin, or a plain OPTIONS: no token needed
         let mut r = Response::new(ResBody::Full(Full::new(Bytes::new())));
@@ -195,14 +239,14 @@ async fn route(
         }
         return r;
     }
-    if req.method() != def.method {
-        let mut r = error_response(&ApiError::method_not_allowed(def.method.as_str()));
+    if req.method() != method {
+        let mut r = error_response(&ApiError::method_not_allowed(method.as_str()));
         if let Ok(v) = hyper::header::HeaderValue::from_str(&methods) {
             r.headers_mut().insert(hyper::header::ALLOW, v);
         }
         return r;
     }
-    if def.auth
+    if route.needs_token()
         && state
             .config
             .api_key
@@ -211,7 +255,7 @@ async fn route(
     {
         return error_response(&ApiError::unauthorized());
     }
-    match dispatch(state, def.name, req).await {
+    match dispatch(state, route, req).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
@@ -249,100 +293,113 @@ fn refused(r: Refused) -> ApiError {
     }
 }
 
+/// The handler of each route.
 async fn dispatch(
     state: &Arc<State>,
-    name: &'static str,
+    route: Route,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, ApiError> {
-    match name {
-        "health" => Ok(match state.ready.get() {
-            Some(r) => {
-                let (alive, started) = (r.pool.workers_alive(), r.pool.workers());
-                let (code, status) = match alive {
-                    0 => (503, "no_workers"),
-                    n if n < started => (200, "degraded"),
-                    _ => (200, "ok"),
-                };
-                json_response(
-                    code,
-                    &json!({"status": status, "workers": alive, "workers_started": started}),
-                )
-            }
-            None => json_response(503, &json!({"status": "loading"})),
-        }),
-        "metrics" => {
-            let r = ready(state)?;
-            let mut resp = Response::new(ResBody::Full(Full::new(Bytes::from(r.metrics.render()))));
-            resp.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            Ok(resp)
-        }
-        "models" => {
-            let r = ready(state)?;
-            Ok(json_response(
-                200,
-                &json!({"object": "list", "data": [{
-                    "id": state.config.model_alias,
-                    "object": "model",
-                    "created": r.created,
-                    "owned_by": "drllm",
-                    "drllm": {
-                        "n_layer": r.model.n_layer(),
-                        "n_ctx": state.config.ctx_size,
-                        "router_generation": r.routers.current().map(|g| g.generation().to_string()),
-                    },
-                }]}),
-            ))
-        }
-        "routers" => {
+    match route {
+        Route::Health => Ok(health(state)),
+        Route::Metrics => Ok(metrics(ready(state)?)),
+        Route::Models => Ok(models(state, ready(state)?)),
+        Route::Routers => {
             let r = ready(state)?;
             Ok(json_response(200, &routers_info(state, r)))
         }
-        "reload" => {
-            let r = ready(state)?.clone();
-            let slot = r.routers.clone();
-            let outcome = tokio::task::spawn_blocking(move || slot.reload())
-                .await
-                .map_err(|e| ApiError::internal(format!("reload task: {e}")))?;
-            let info = routers_info(state, &r);
-            match outcome {
-                Reload::Failed { message } => Err(ApiError {
-                    status: 422,
-                    message: format!(
-                        "the sidecar failed validation; the previous generation keeps serving: {message}"
-                    ),
-                    kind: "invalid_request_error",
-                    param: None,
-                    code: Some("invalid_sidecar"),
-                }),
-                Reload::Disabled => Err(ApiError::invalid(
-                    "routing is disabled on this server (--no-routers)",
-                    None,
-                )
-                .with_code("routing_disabled")),
-                other => {
-                    let (result, generation) = match other {
-                        Reload::Loaded { generation } => ("loaded", Some(generation)),
-                        Reload::Unchanged { generation } => ("unchanged", Some(generation)),
-                        _ => ("removed", None),
-                    };
-                    Ok(json_response(
-                        200,
-                        &json!({"result": result, "generation": generation, "routers": info}),
-                    ))
-                }
-            }
-        }
-        "chat" | "completion" | "route" => {
+        Route::Reload => reload(state).await,
+        Route::Run(endpoint) => {
             let r = ready(state)?.clone();
             // a full queue answers before the body is read, parsed and tokenized
             r.pool.admits().map_err(refused)?;
             let body = read_body(state, req).await?;
-            completion(state, &r, name, body).await
+            completion(state, &r, endpoint, body).await
         }
-        _ => Err(ApiError::internal(format!("route {name} has no handler"))),
+    }
+}
+
+/// `GET /health`: 200 while a worker is alive (degraded when some died), 503 loading or
+/// with none left.
+fn health(state: &State) -> Response<ResBody> {
+    match state.ready.get() {
+        Some(r) => {
+            let (alive, started) = (r.pool.workers_alive(), r.pool.workers());
+            let (code, status) = match alive {
+                0 => (503, "no_workers"),
+                n if n < started => (200, "degraded"),
+                _ => (200, "ok"),
+            };
+            json_response(
+                code,
+                &json!({"status": status, "workers": alive, "workers_started": started}),
+            )
+        }
+        None => json_response(503, &json!({"status": "loading"})),
+    }
+}
+
+/// `GET /metrics`: the Prometheus text.
+fn metrics(r: &Ready) -> Response<ResBody> {
+    let mut resp = Response::new(ResBody::Full(Full::new(Bytes::from(r.metrics.render()))));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+/// `GET /v1/models`: the one model, with drllm's extras.
+fn models(state: &State, r: &Ready) -> Response<ResBody> {
+    json_response(
+        200,
+        &json!({"object": "list", "data": [{
+            "id": state.config.model_alias,
+            "object": "model",
+            "created": r.created,
+            "owned_by": "drllm",
+            "drllm": {
+                "n_layer": r.model.n_layer(),
+                "n_ctx": state.config.ctx_size,
+                "router_generation": r.routers.current().map(|g| g.generation().to_string()),
+            },
+        }]}),
+    )
+}
+
+/// `POST /v1/routers/reload`: reads the sidecar again (off the async threads).
+async fn reload(state: &Arc<State>) -> Result<Response<ResBody>, ApiError> {
+    let r = ready(state)?.clone();
+    let slot = r.routers.clone();
+    let outcome = tokio::task::spawn_blocking(move || slot.reload())
+        .await
+        .map_err(|e| ApiError::internal(format!("reload task: {e}")))?;
+    let info = routers_info(state, &r);
+    match outcome {
+        Reload::Failed { message } => Err(ApiError {
+            status: 422,
+            message: format!(
+                "the sidecar failed validation; the previous generation keeps serving: {message}"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_sidecar"),
+        }),
+        Reload::Disabled => Err(ApiError::invalid(
+            "routing is disabled on this server (--no-routers)",
+            None,
+        )
+        .with_code("routing_disabled")),
+        other => {
+            let (result, generation) = match other {
+                Reload::Loaded { generation } => ("loaded", Some(generation)),
+                Reload::Unchanged { generation } => ("unchanged", Some(generation)),
+                _ => ("removed", None),
+            };
+            Ok(json_response(
+                200,
+                &json!({"result": result, "generation": generation, "routers": info}),
+            ))
+        }
     }
 }
 
@@ -484,14 +541,14 @@ struct Parsed {
     settings: GenSettings,
 }
 
-fn parse(state: &State, r: &Ready, name: &str, body: &[u8]) -> Result<Parsed, ApiError> {
+fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
     let limits = Limits {
         n_ctx: state.config.ctx_size,
         default_max_tokens: state.config.default_max_tokens,
         n_layer: r.model.n_layer(),
     };
-    match name {
-        "chat" => {
+    match endpoint {
+        Endpoint::Chat => {
             let q = ChatRequest::from_body(body)?;
             let settings = q.common.validate(&limits)?;
             Ok(Parsed {
@@ -501,7 +558,7 @@ fn parse(state: &State, r: &Ready, name: &str, body: &[u8]) -> Result<Parsed, Ap
                 settings,
             })
         }
-        "completion" => {
+        Endpoint::Completion => {
             let q = CompletionRequest::from_body(body)?;
             let settings = q.common.validate(&limits)?;
             Ok(Parsed {
@@ -511,7 +568,7 @@ fn parse(state: &State, r: &Ready, name: &str, body: &[u8]) -> Result<Parsed, Ap
                 settings,
             })
         }
-        _ => {
+        Endpoint::Route => {
             let q = RouteRequest::from_body(body)?;
             let common = api::CommonFields {
                 routing: q.routing,
@@ -562,17 +619,70 @@ fn drllm_object(o: &Outcome) -> Value {
     })
 }
 
+/// A request that runs the model (chat, completion, route), its body read: parsed and
+/// tokenized, queued, then answered whole or streamed.
 async fn completion(
     state: &Arc<State>,
     r: &Arc<Ready>,
-    name: &'static str,
+    endpoint: Endpoint,
     body: Bytes,
 ) -> Result<Response<ResBody>, ApiError> {
-    // parsing, the chat template and tokenization are CPU work on bodies of up to
-    // max_body_bytes: off the async threads, so /health, /metrics and streams stay responsive
+    let (s, prompt, grammar) = prepare(state, r, endpoint, body).await?;
+    if s.routing.routing == Some(true) && r.routers.current().is_none() {
+        return Err(ApiError::no_routers());
+    }
+    let id = new_id(match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+        Endpoint::Route => "route",
+    });
+    let task = task(endpoint, &s, prompt, grammar);
+    let streamed = s.stream && endpoint != Endpoint::Route;
+    // small buffers: a worker runs at most a few tokens ahead of a client, so a disconnect
+    // stops it quickly
+    let (tx, rx) = mpsc::channel::<Event>(8);
+    let job = Job {
+        id: id.clone(),
+        endpoint: Route::Run(endpoint).label(),
+        task,
+        routing: s.routing.clone(),
+        events: tx,
+        stream_text: streamed,
+        arrived: Instant::now(),
+        arrived_unix: clock::unix_now(),
+    };
+    r.pool.submit(job).map_err(refused)?;
+    let created = clock::unix_now() as u64;
+    let model = state.config.model_alias.clone();
+    if streamed {
+        return Ok(stream_response(
+            rx,
+            id,
+            created,
+            model,
+            endpoint == Endpoint::Chat,
+            s.include_usage,
+        ));
+    }
+    let o = collect(rx).await?;
+    Ok(json_response(
+        200,
+        &answer(endpoint, id, created, model, &o),
+    ))
+}
+
+/// Parses the body, checks the model name, compiles the grammar and tokenizes the prompt.
+/// CPU work on bodies of up to max_body_bytes: off the async threads, so /health, /metrics
+/// and streams stay responsive.
+async fn prepare(
+    state: &Arc<State>,
+    r: &Arc<Ready>,
+    endpoint: Endpoint,
+    body: Bytes,
+) -> Result<(GenSettings, Vec<i32>, Option<Grammar>), ApiError> {
     let (st, rd) = (state.clone(), r.clone());
-    let (s, prompt, grammar) = tokio::task::spawn_blocking(move || {
-        let p = parse(&st, &rd, name, &body)?;
+    tokio::task::spawn_blocking(move || {
+        let p = parse(&st, &rd, endpoint, &body)?;
         check_model(&st, &p.model)?;
         // a grammar (JSON mode, a schema, GBNF) compiled against the model's vocabulary
         let grammar = match &p.settings.constraint {
@@ -591,83 +701,56 @@ async fn completion(
         Ok::<_, ApiError>((p.settings, prompt, grammar))
     })
     .await
-    .map_err(|e| ApiError::internal(format!("request parsing task: {e}")))??;
-    if s.routing.routing == Some(true) && r.routers.current().is_none() {
-        return Err(ApiError::no_routers());
+    .map_err(|e| ApiError::internal(format!("request parsing task: {e}")))?
+}
+
+/// What a worker runs for the request: the path only (route), or a generation.
+fn task(endpoint: Endpoint, s: &GenSettings, prompt: Vec<i32>, grammar: Option<Grammar>) -> Task {
+    if endpoint == Endpoint::Route {
+        return Task::Route { prompt };
     }
-    let prefix = match name {
-        "chat" => "chatcmpl",
-        "completion" => "cmpl",
-        _ => "route",
-    };
-    let id = new_id(prefix);
-    let task = if name == "route" {
-        Task::Route { prompt }
-    } else {
-        Task::Generate {
-            prompt,
-            opts: GenerateOptions {
-                max_tokens: s.max_tokens,
-                sampling: SamplingParams {
-                    temperature: s.temperature,
-                    top_k: s.top_k,
-                    top_p: s.top_p,
-                    min_p: s.min_p,
-                    seed: s.seed.unwrap_or_else(random_seed),
-                },
-                stop: s.stop.clone(),
-                ignore_eos: s.ignore_eos,
-                grammar,
+    Task::Generate {
+        prompt,
+        opts: GenerateOptions {
+            max_tokens: s.max_tokens,
+            sampling: SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                seed: s
+                    .seed
+                    .unwrap_or_else(|| clock::random_seed(NEXT_ID.load(Ordering::Relaxed))),
             },
-            cache_prompt: s.cache_prompt,
-        }
-    };
-    // small buffers: a worker runs at most a few tokens ahead of a client, so a disconnect
-    // stops it quickly
-    let (tx, rx) = mpsc::channel::<Event>(8);
-    let job = Job {
-        id: id.clone(),
-        endpoint: name,
-        task,
-        routing: s.routing.clone(),
-        events: tx,
-        stream_text: s.stream && name != "route",
-        arrived: Instant::now(),
-        arrived_unix: unix_now(),
-    };
-    r.pool.submit(job).map_err(refused)?;
-    let created = unix_now() as u64;
-    let model = state.config.model_alias.clone();
-    if s.stream && name != "route" {
-        return Ok(stream_response(
-            rx,
-            id,
-            created,
-            model,
-            name == "chat",
-            s.include_usage,
-        ));
+            stop: s.stop.clone(),
+            ignore_eos: s.ignore_eos,
+            grammar,
+        },
+        cache_prompt: s.cache_prompt,
     }
-    let o = collect(rx).await?;
+}
+
+/// The whole (non-streamed) answer to a finished job.
+fn answer(endpoint: Endpoint, id: String, created: u64, model: String, o: &Outcome) -> Value {
     let usage = Usage::new(o.n_prompt, o.n_completion, o.n_cached);
-    let v = match name {
-        "chat" => json!({
+    match endpoint {
+        Endpoint::Chat => json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0,
                          "message": {"role": "assistant", "content": o.text},
                          "logprobs": null,
                          "finish_reason": o.finish.as_str()}],
             "usage": usage,
-            "drllm": drllm_object(&o),
+            "drllm": drllm_object(o),
         }),
-        "completion" => json!({
+        Endpoint::Completion => json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": o.text, "logprobs": null,
                          "finish_reason": o.finish.as_str()}],
             "usage": usage,
-            "drllm": drllm_object(&o),
+            "drllm": drllm_object(o),
         }),
-        _ => {
+        Endpoint::Route => {
             let decisions: Vec<Value> = o
                 .decisions
                 .iter()
@@ -679,12 +762,11 @@ async fn completion(
             json!({
                 "id": id, "object": "route", "created": created, "model": model,
                 "prompt_tokens": o.n_prompt,
-                "drllm": drllm_object(&o),
+                "drllm": drllm_object(o),
                 "decisions": decisions,
             })
         }
-    };
-    Ok(json_response(200, &v))
+    }
 }
 
 /// Waits for the job's end (non-streaming).
@@ -720,8 +802,45 @@ async fn send(tx: &mpsc::Sender<Bytes>, b: Bytes) -> bool {
     )
 }
 
+/// The chunks of one stream, each naming the response's id, object, time and model.
+struct Chunks {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    chat: bool,
+}
+
+impl Chunks {
+    /// A chunk with `content` (chat: as the delta), the finish reason, and one more top-level
+    /// field.
+    fn chunk(
+        &self,
+        content: Option<&str>,
+        finish: Option<&str>,
+        extra: Option<(&str, Value)>,
+    ) -> Value {
+        let choice = if self.chat {
+            let delta = match content {
+                Some(c) => json!({"content": c}),
+                None => json!({}),
+            };
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": content.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+        };
+        let mut v = json!({"id": self.id, "object": self.object, "created": self.created,
+                           "model": self.model, "choices": [choice]});
+        if let Some((k, x)) = extra {
+            v[k] = x;
+        }
+        v
+    }
+}
+
+/// An SSE response fed by a task from the job's events.
 fn stream_response(
-    mut events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<Event>,
     id: String,
     created: u64,
     model: String,
@@ -734,84 +853,14 @@ fn stream_response(
     } else {
         "text_completion"
     };
-    let chunk = move |content: Option<&str>, finish: Option<&str>, extra: Option<(&str, Value)>| {
-        let choice = if chat {
-            let delta = match content {
-                Some(c) => json!({"content": c}),
-                None => json!({}),
-            };
-            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": content.unwrap_or(""), "logprobs": null, "finish_reason": finish})
-        };
-        let mut v = json!({"id": id, "object": object, "created": created, "model": model,
-                           "choices": [choice]});
-        if let Some((k, x)) = extra {
-            v[k] = x;
-        }
-        v
+    let chunks = Chunks {
+        id,
+        object,
+        created,
+        model,
+        chat,
     };
-    tokio::spawn(async move {
-        // the first chunk names the role, as OpenAI's streams do
-        if chat {
-            let mut first = chunk(None, None, None);
-            first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-            if !send(&tx, sse(&first)).await {
-                return;
-            }
-        }
-        loop {
-            let ev = match tokio::time::timeout(KEEP_ALIVE, events.recv()).await {
-                Err(_) => {
-                    if tx
-                        .send(Bytes::from_static(b": keep-alive\n\n"))
-                        .await
-                        .is_err()
-                    {
-                        return; // client gone: dropping `events` cancels the job
-                    }
-                    continue;
-                }
-                Ok(None) => {
-                    let e = ApiError::internal("the worker ended the request without an answer");
-                    if send(&tx, sse(&e.body())).await {
-                        let _ = send(&tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    }
-                    return;
-                }
-                Ok(Some(ev)) => ev,
-            };
-            match ev {
-                Event::Text(t) => {
-                    if !send(&tx, sse(&chunk(Some(&t), None, None))).await {
-                        return;
-                    }
-                }
-                Event::Failed(e) => {
-                    if send(&tx, sse(&e.body())).await {
-                        let _ = send(&tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    }
-                    return;
-                }
-                Event::Done(o) => {
-                    let last = chunk(
-                        None,
-                        Some(o.finish.as_str()),
-                        Some(("drllm", drllm_object(&o))),
-                    );
-                    let _ = send(&tx, sse(&last)).await;
-                    if include_usage {
-                        let mut u = chunk(None, None, None);
-                        u["choices"] = json!([]);
-                        u["usage"] = json!(Usage::new(o.n_prompt, o.n_completion, o.n_cached));
-                        let _ = send(&tx, sse(&u)).await;
-                    }
-                    let _ = send(&tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    return;
-                }
-            }
-        }
-    });
+    tokio::spawn(pump(events, tx, chunks, include_usage));
     let mut r = Response::new(ResBody::Stream(rx));
     let h = r.headers_mut();
     h.insert(
@@ -825,10 +874,95 @@ fn stream_response(
     r
 }
 
-fn random_seed() -> u32 {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    (n as u32) ^ (NEXT_ID.load(Ordering::Relaxed) as u32).wrapping_mul(0x9E37_79B9)
+/// Feeds a stream: the role chunk (chat), the text as the worker sends it, keep-alive
+/// comments while it is quiet, then the end (or the error) and `[DONE]`. Returning drops
+/// `events`, which cancels the job if it is still running (the client is gone).
+async fn pump(
+    mut events: mpsc::Receiver<Event>,
+    tx: mpsc::Sender<Bytes>,
+    chunks: Chunks,
+    include_usage: bool,
+) {
+    // the first chunk names the role, as OpenAI's streams do
+    if chunks.chat {
+        let mut first = chunks.chunk(None, None, None);
+        first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+        if !send(&tx, sse(&first)).await {
+            return;
+        }
+    }
+    loop {
+        let ev = match tokio::time::timeout(KEEP_ALIVE, events.recv()).await {
+            Err(_) => {
+                if tx
+                    .send(Bytes::from_static(b": keep-alive\n\n"))
+                    .await
+                    .is_err()
+                {
+                    return; // client gone: dropping `events` cancels the job
+                }
+                continue;
+            }
+            Ok(None) => {
+                let e = ApiError::internal("the worker ended the request without an answer");
+                return send_error(&tx, &e).await;
+            }
+            Ok(Some(ev)) => ev,
+        };
+        match ev {
+            Event::Text(t) => {
+                if !send(&tx, sse(&chunks.chunk(Some(&t), None, None))).await {
+                    return;
+                }
+            }
+            Event::Failed(e) => return send_error(&tx, &e).await,
+            Event::Done(o) => return send_end(&tx, &chunks, &o, include_usage).await,
+        }
+    }
+}
+
+/// The error as the stream's last chunk, then `[DONE]`.
+async fn send_error(tx: &mpsc::Sender<Bytes>, e: &ApiError) {
+    if send(tx, sse(&e.body())).await {
+        let _ = send(tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
+    }
+}
+
+/// The finish chunk (with the drllm object), the usage chunk when asked for, `[DONE]`.
+async fn send_end(tx: &mpsc::Sender<Bytes>, chunks: &Chunks, o: &Outcome, include_usage: bool) {
+    let last = chunks.chunk(
+        None,
+        Some(o.finish.as_str()),
+        Some(("drllm", drllm_object(o))),
+    );
+    let _ = send(tx, sse(&last)).await;
+    if include_usage {
+        let mut u = chunks.chunk(None, None, None);
+        u["choices"] = json!([]);
+        u["usage"] = json!(Usage::new(o.n_prompt, o.n_completion, o.n_cached));
+        let _ = send(tx, sse(&u)).await;
+    }
+    let _ = send(tx, Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_found_by_its_path_and_labelled_once() {
+        let mut labels = std::collections::BTreeSet::new();
+        for r in Route::ALL {
+            assert_eq!(Route::find(r.path()), Some(r), "{r:?}");
+            assert!(labels.insert(r.label()), "{r:?}: label {} twice", r.label());
+        }
+        assert_eq!(Route::find("/v1/nothing"), None);
+        assert_eq!(Route::find("/health/"), None);
+        // only /health answers without the token
+        let open: Vec<Route> = Route::ALL
+            .into_iter()
+            .filter(|r| !r.needs_token())
+            .collect();
+        assert_eq!(open, [Route::Health]);
+    }
 }

@@ -8,6 +8,7 @@
 //! - [`pool`]: worker threads, each with its own engine session, behind one bounded queue.
 //! - [`reload`]: router generations and the sidecar watch (notify).
 //! - [`db`]: the routing log and the summaries `drllm stats` prints.
+//! - [`clock`]: Unix time and the clock-drawn seeds of requests that give none.
 //! - [`metrics`]: counters rendered for `/metrics`.
 //! - [`client`]: a minimal blocking HTTP client (`drllm loadtest`, the tests).
 
@@ -15,6 +16,7 @@ pub mod access;
 pub mod api;
 pub mod cache;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod http;
@@ -33,7 +35,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// A server failure.
@@ -223,7 +225,7 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         metrics,
         pool,
         log,
-        created: pool::unix_now() as u64,
+        created: clock::unix_now() as u64,
         _watcher: watcher,
     })
 }
@@ -238,6 +240,32 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
     let addr = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
+    warn_if_exposed(&config, addr);
+    let state = Arc::new(State {
+        access: access::Access::new(config.host, &config.allowed_hosts, &config.allowed_origins),
+        config,
+        ready: OnceLock::new(),
+    });
+    let st = state.clone();
+    let load = tokio::task::spawn_blocking(move || {
+        let r = load(&st.config)?;
+        let _ = st.ready.set(Arc::new(r));
+        Ok(())
+    });
+    let (shutdown, stop) = watch::channel(false);
+    let accept = tokio::spawn(accept_loop(listener, state.clone(), stop));
+    eprintln!("[drllm] listening on http://{addr}");
+    Ok(ServerHandle {
+        addr,
+        shutdown,
+        accept,
+        load,
+        state,
+    })
+}
+
+/// The warnings of a server that listens beyond loopback.
+fn warn_if_exposed(config: &ServeConfig, addr: SocketAddr) {
     if !config.host.is_loopback() && config.api_key.is_none() {
         eprintln!(
             "[drllm] warning: listening on {addr} without an API key: anyone who can reach this \
@@ -251,88 +279,72 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
             config.host
         );
     }
-    let state = Arc::new(State {
-        access: access::Access::new(config.host, &config.allowed_hosts, &config.allowed_origins),
-        config,
-        ready: OnceLock::new(),
-    });
-    let st = state.clone();
-    let load = tokio::task::spawn_blocking(move || {
-        let r = load(&st.config)?;
-        let _ = st.ready.set(Arc::new(r));
-        Ok(())
-    });
-    let (shutdown, mut stop) = watch::channel(false);
-    let st = state.clone();
-    let accept = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        let max_conns = st.config.max_connections;
-        loop {
-            if conns.len() >= max_conns {
-                // at the cap: accept nothing until a connection ends (new ones wait in the
-                // kernel's backlog)
-                tokio::select! {
-                    _ = conns.join_next() => continue,
-                    _ = stop.changed() => break,
-                }
-            }
-            let conn = tokio::select! {
-                c = listener.accept() => c,
+}
+
+/// Accepts connections until `stop`, at most `max_connections` at once; then refuses new
+/// ones and gives those in flight [`SHUTDOWN_GRACE`] to finish.
+async fn accept_loop(listener: TcpListener, st: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut conns = tokio::task::JoinSet::new();
+    let max_conns = st.config.max_connections;
+    loop {
+        if conns.len() >= max_conns {
+            // at the cap: accept nothing until a connection ends (new ones wait in the
+            // kernel's backlog)
+            tokio::select! {
+                _ = conns.join_next() => continue,
                 _ = stop.changed() => break,
-                // reap finished connections as they end
-                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            };
-            let (stream, _) = match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    // e.g. out of file descriptors: back off instead of spinning
-                    eprintln!("[drllm] accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let st = st.clone();
-            let mut stop = stop.clone();
-            conns.spawn(async move {
-                let svc = service_fn(move |req| http::handle(st.clone(), req));
-                // the timer enables hyper's header read timeout (30 s): a client that never
-                // finishes its request headers does not hold the connection forever
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = stop.changed() => {}
-                }
-                // shutting down: finish the request in progress, then close
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            });
+            }
         }
-        // new clients are refused at once instead of waiting in the backlog
-        drop(listener);
-        // requests in flight get a grace period to finish
-        let drain = async { while conns.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-            eprintln!(
-                "[drllm] {} connection(s) still busy after {}s: closing them",
-                conns.len(),
-                SHUTDOWN_GRACE.as_secs()
-            );
-            conns.abort_all();
-        }
-    });
-    eprintln!("[drllm] listening on http://{addr}");
-    Ok(ServerHandle {
-        addr,
-        shutdown,
-        accept,
-        load,
-        state,
-    })
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.changed() => break,
+            // reap finished connections as they end
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let (stream, _) = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // e.g. out of file descriptors: back off instead of spinning
+                eprintln!("[drllm] accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        conns.spawn(serve_connection(stream, st.clone(), stop.clone()));
+    }
+    // new clients are refused at once instead of waiting in the backlog
+    drop(listener);
+    // requests in flight get a grace period to finish
+    let drain = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        eprintln!(
+            "[drllm] {} connection(s) still busy after {}s: closing them",
+            conns.len(),
+            SHUTDOWN_GRACE.as_secs()
+        );
+        conns.abort_all();
+    }
+}
+
+/// Serves one connection's requests until it closes, or until `stop`: then the request in
+/// progress finishes and the connection closes.
+async fn serve_connection(stream: TcpStream, st: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let svc = service_fn(move |req| http::handle(st.clone(), req));
+    // the timer enables hyper's header read timeout (30 s): a client that never
+    // finishes its request headers does not hold the connection forever
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.changed() => {}
+    }
+    // shutting down: finish the request in progress, then close
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// Runs a server until SIGINT or SIGTERM (the daemon's main loop). Loading failures end it

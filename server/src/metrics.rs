@@ -177,11 +177,51 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let head = |s: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
+        self.render_requests(&mut s);
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, help, v) in self.counters() {
+            head(&mut s, name, "counter", help);
+            let _ = writeln!(s, "{name} {v}");
+        }
+        for (name, help, v) in [
+            (
+                "drllm_prefill_seconds_total",
+                "Seconds spent in prefill (routing included).",
+                c(&self.prefill_us) as f64 / 1e6,
+            ),
+            (
+                "drllm_decode_seconds_total",
+                "Seconds spent generating tokens.",
+                c(&self.decode_us) as f64 / 1e6,
+            ),
+        ] {
+            head(&mut s, name, "counter", help);
+            let _ = writeln!(s, "{name} {v:.6}");
+        }
         head(
             &mut s,
+            "drllm_tokens_per_second",
+            "gauge",
+            "Generation speed of the last finished request.",
+        );
+        let _ = writeln!(
+            s,
+            "drllm_tokens_per_second {:.3}",
+            f64::from_bits(c(&self.last_tps))
+        );
+        for (name, help, v) in self.gauges() {
+            head(&mut s, name, "gauge", help);
+            let _ = writeln!(s, "{name} {v}");
+        }
+        self.render_blocks(&mut s);
+        self.render_info(&mut s);
+        s
+    }
+
+    /// `drllm_requests_total`, one line per route and status.
+    fn render_requests(&self, s: &mut String) {
+        head(
+            s,
             "drllm_requests_total",
             "counter",
             "HTTP requests answered, by route and status.",
@@ -194,8 +234,12 @@ impl Metrics {
                 );
             }
         }
+    }
+
+    /// The plain counters: name, help, value.
+    fn counters(&self) -> [(&'static str, &'static str, u64); 18] {
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        for (name, help, v) in [
+        [
             (
                 "drllm_prompt_tokens_total",
                 "Prompt tokens processed.",
@@ -286,60 +330,23 @@ impl Metrics {
                 "Routing-log rows deleted for being older than --log-days.",
                 c(&self.log_pruned),
             ),
-        ] {
-            head(&mut s, name, "counter", help);
-            let _ = writeln!(s, "{name} {v}");
-        }
-        for (name, help, v) in [
-            (
-                "drllm_prefill_seconds_total",
-                "Seconds spent in prefill (routing included).",
-                c(&self.prefill_us) as f64 / 1e6,
-            ),
-            (
-                "drllm_decode_seconds_total",
-                "Seconds spent generating tokens.",
-                c(&self.decode_us) as f64 / 1e6,
-            ),
-        ] {
-            head(&mut s, name, "counter", help);
-            let _ = writeln!(s, "{name} {v:.6}");
-        }
-        head(
-            &mut s,
-            "drllm_tokens_per_second",
-            "gauge",
-            "Generation speed of the last finished request.",
-        );
-        let _ = writeln!(
-            s,
-            "drllm_tokens_per_second {:.3}",
-            f64::from_bits(c(&self.last_tps))
-        );
-        head(
-            &mut s,
-            "drllm_queue_depth",
-            "gauge",
-            "Requests waiting for a worker.",
-        );
-        let _ = writeln!(
-            s,
-            "drllm_queue_depth {}",
-            self.queue_depth.load(Ordering::Relaxed)
-        );
-        head(
-            &mut s,
-            "drllm_requests_running",
-            "gauge",
-            "Requests a worker is running.",
-        );
-        let _ = writeln!(
-            s,
-            "drllm_requests_running {}",
-            self.running.load(Ordering::Relaxed)
-        );
+        ]
+    }
+
+    /// The gauges that count things: name, help, value.
+    fn gauges(&self) -> [(&'static str, &'static str, usize); 6] {
         let load = |a: &AtomicUsize| a.load(Ordering::Relaxed);
-        for (name, help, v) in [
+        [
+            (
+                "drllm_queue_depth",
+                "Requests waiting for a worker.",
+                load(&self.queue_depth),
+            ),
+            (
+                "drllm_requests_running",
+                "Requests a worker is running.",
+                load(&self.running),
+            ),
             (
                 "drllm_workers",
                 "Worker threads alive (each runs requests on its own sessions).",
@@ -360,12 +367,13 @@ impl Metrics {
                 "Conversations the cache holds.",
                 load(&self.cache_entries),
             ),
-        ] {
-            head(&mut s, name, "gauge", help);
-            let _ = writeln!(s, "{name} {v}");
-        }
+        ]
+    }
+
+    /// `drllm_block_passes_total`, one line per block and decision.
+    fn render_blocks(&self, s: &mut String) {
         head(
-            &mut s,
+            s,
             "drllm_block_passes_total",
             "counter",
             "Routing decisions per block over finished requests: skip (0 passes), execute (1), repeat (2).",
@@ -375,12 +383,16 @@ impl Metrics {
                 let _ = writeln!(
                     s,
                     "drllm_block_passes_total{{block=\"{b}\",decision=\"{name}\"}} {}",
-                    c(&counts[d])
+                    counts[d].load(Ordering::Relaxed)
                 );
             }
         }
+    }
+
+    /// The router generation, the model's blocks and the process's memory.
+    fn render_info(&self, s: &mut String) {
         head(
-            &mut s,
+            s,
             "drllm_router_generation_info",
             "gauge",
             "The router generation serving new requests (content hash; \"none\": unrouted).",
@@ -392,24 +404,23 @@ impl Metrics {
             .and_then(|g| g.clone())
             .unwrap_or_else(|| "none".into());
         let _ = writeln!(s, "drllm_router_generation_info{{generation=\"{g}\"}} 1");
-        head(
-            &mut s,
-            "drllm_model_blocks",
-            "gauge",
-            "Blocks of the model.",
-        );
+        head(s, "drllm_model_blocks", "gauge", "Blocks of the model.");
         let _ = writeln!(s, "drllm_model_blocks {}", self.n_layer);
         if let Some(rss) = resident_bytes() {
             head(
-                &mut s,
+                s,
                 "process_resident_memory_bytes",
                 "gauge",
                 "Resident memory size in bytes.",
             );
             let _ = writeln!(s, "process_resident_memory_bytes {rss}");
         }
-        s
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric.
+fn head(s: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// Resident memory of this process (Linux: `VmRSS` of /proc/self/status; elsewhere None).

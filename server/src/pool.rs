@@ -14,7 +14,7 @@ use drllm_engine::{
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::mpsc as tmpsc;
 
 /// What a job does.
@@ -812,87 +812,134 @@ struct Active {
 /// that runs engine code for a job is guarded: a panic fails the jobs it concerns (500 to
 /// their clients, their sessions reset) and the worker goes on with the others.
 fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
-    let metrics = &shared.metrics;
-    let mut free: Vec<usize> = (0..sessions.len()).rev().collect();
-    let mut active: Vec<Active> = Vec::new();
-    // the conversation-cache entry each lane's session still holds
-    let mut resident: Vec<Option<Arc<Entry>>> = vec![None; sessions.len()];
-    loop {
-        // admit: wait for work when idle, else take only what is already queued
-        while let Some(&lane) = free.last() {
-            let Some(job) = lanes.take(active.is_empty()) else {
-                if active.is_empty() {
-                    return; // closed
-                }
-                break;
-            };
-            shared.fault(FaultPoint::Taken, &job);
-            if job.events.is_closed() {
-                metrics.cancelled();
-                lanes.release();
-                continue;
-            }
-            if !matches!(job.task, Task::Generate { .. }) {
-                let events = job.events.clone();
-                let done =
-                    guarded(|| run_job(shared, &mut sessions[lane], &mut resident[lane], &job));
-                lanes.release();
-                match done {
-                    Err(message) => {
-                        panicked(shared, &events, &message);
-                        sessions[lane].reset();
-                        resident[lane] = None;
-                    }
-                    Ok(None) => {}
-                    Ok(Some((outcome, _))) => report(shared, &job, outcome),
-                }
-                continue;
-            }
-            let queue_secs = job.arrived.elapsed().as_secs_f64();
-            let Some((routers, ropts)) = job_routing(shared, &job) else {
-                lanes.release();
-                continue;
-            };
-            let session = &mut sessions[lane];
-            let res = &mut resident[lane];
-            let started = guarded(|| {
-                shared.fault(FaultPoint::Prefill, &job);
-                begin(shared, session, res, &job, routers, &ropts)
-            });
-            match started {
-                Err(message) => {
-                    panicked(shared, &job.events, &message);
-                    session.reset();
-                    resident[lane] = None;
-                    lanes.release();
-                }
-                Ok(Err(e)) => {
-                    session.reset();
-                    resident[lane] = None;
-                    lanes.release();
-                    let _ = job.events.blocking_send(Event::Failed(engine_error(e)));
-                }
-                Ok(Ok(Begun { stepper, origin })) => {
-                    metrics.running.fetch_add(1, Ordering::Relaxed);
-                    free.pop();
-                    active.push(Active {
-                        job,
-                        lane,
-                        stepper,
-                        origin,
-                        queue_secs,
-                        next: None,
-                        failed: false,
-                    });
-                }
-            }
-        }
-        if active.is_empty() {
+    let n = sessions.len();
+    let mut b = Batch {
+        shared,
+        sessions,
+        lanes,
+        free: (0..n).rev().collect(),
+        active: Vec::new(),
+        resident: vec![None; n],
+    };
+    while b.admit() {
+        if b.active.is_empty() {
             continue;
         }
-        // sample one token for each
-        for a in active.iter_mut() {
-            let s = &sessions[a.lane];
+        b.sample();
+        b.decode();
+        b.finish();
+    }
+}
+
+/// A batched worker's state: one session per lane, each free or running one generation.
+struct Batch<'a> {
+    shared: &'a Shared,
+    sessions: &'a mut [Session],
+    lanes: &'a mut Lanes,
+    /// Lanes running no generation (the last one is taken next).
+    free: Vec<usize>,
+    active: Vec<Active>,
+    /// The conversation-cache entry each lane's session still holds.
+    resident: Vec<Option<Arc<Entry>>>,
+}
+
+impl Batch<'_> {
+    /// Admits jobs while a lane is free: waits for work when idle, else takes only what is
+    /// already queued. False: the queue is closed (the worker ends).
+    fn admit(&mut self) -> bool {
+        while let Some(&lane) = self.free.last() {
+            let Some(job) = self.lanes.take(self.active.is_empty()) else {
+                return !self.active.is_empty();
+            };
+            self.shared.fault(FaultPoint::Taken, &job);
+            if job.events.is_closed() {
+                self.shared.metrics.cancelled();
+                self.lanes.release();
+                continue;
+            }
+            if matches!(job.task, Task::Generate { .. }) {
+                self.start(lane, job);
+            } else {
+                self.run_alone(lane, &job);
+            }
+        }
+        true
+    }
+
+    /// A job that is not a generation (a route) runs on the lane from start to end.
+    fn run_alone(&mut self, lane: usize, job: &Job) {
+        let shared = self.shared;
+        let events = job.events.clone();
+        let done = guarded(|| {
+            run_job(
+                shared,
+                &mut self.sessions[lane],
+                &mut self.resident[lane],
+                job,
+            )
+        });
+        self.lanes.release();
+        match done {
+            Err(message) => {
+                panicked(shared, &events, &message);
+                self.sessions[lane].reset();
+                self.resident[lane] = None;
+            }
+            Ok(None) => {}
+            Ok(Some((outcome, _))) => report(shared, job, outcome),
+        }
+    }
+
+    /// Starts a generation on a free lane (its prefill, or a cached prefix); it joins the
+    /// active ones.
+    fn start(&mut self, lane: usize, job: Job) {
+        let shared = self.shared;
+        let queue_secs = job.arrived.elapsed().as_secs_f64();
+        let Some((routers, ropts)) = job_routing(shared, &job) else {
+            self.lanes.release();
+            return;
+        };
+        let session = &mut self.sessions[lane];
+        let res = &mut self.resident[lane];
+        let started = guarded(|| {
+            shared.fault(FaultPoint::Prefill, &job);
+            begin(shared, session, res, &job, routers, &ropts)
+        });
+        match started {
+            Err(message) => {
+                panicked(shared, &job.events, &message);
+                session.reset();
+                self.resident[lane] = None;
+                self.lanes.release();
+            }
+            Ok(Err(e)) => {
+                session.reset();
+                self.resident[lane] = None;
+                self.lanes.release();
+                let _ = job.events.blocking_send(Event::Failed(engine_error(e)));
+            }
+            Ok(Ok(Begun { stepper, origin })) => {
+                shared.metrics.running.fetch_add(1, Ordering::Relaxed);
+                self.free.pop();
+                self.active.push(Active {
+                    job,
+                    lane,
+                    stepper,
+                    origin,
+                    queue_secs,
+                    next: None,
+                    failed: false,
+                });
+            }
+        }
+    }
+
+    /// Samples one token for each running generation (streaming its text); a generation
+    /// whose client is gone is cancelled.
+    fn sample(&mut self) {
+        let shared = self.shared;
+        for a in self.active.iter_mut() {
+            let s = &self.sessions[a.lane];
             a.next = None;
             let (n_past, n_ctx) = (s.n_past(), s.options().n_ctx);
             let step = guarded(|| a.stepper.step(&shared.tokenizer, n_past, n_ctx));
@@ -916,7 +963,12 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
                 Ok(_) => {}
             }
         }
-        // decode: one graph per path
+    }
+
+    /// Decodes the sampled tokens: one graph per path, the sessions in lane order.
+    fn decode(&mut self) {
+        let shared = self.shared;
+        let active = &mut self.active;
         let mut todo: Vec<usize> = (0..active.len())
             .filter(|&i| active[i].next.is_some() && !active[i].failed)
             .collect();
@@ -933,7 +985,8 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
                 .iter()
                 .map(|&(_, i)| active[i].next.unwrap_or(0))
                 .collect();
-            let mut refs: Vec<&mut Session> = sessions
+            let mut refs: Vec<&mut Session> = self
+                .sessions
                 .iter_mut()
                 .enumerate()
                 .filter(|(l, _)| lanes_of.iter().any(|&(x, _)| x == *l))
@@ -947,7 +1000,7 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
             });
             match decoded {
                 Ok(Ok(out)) => {
-                    metrics.decoded_together(out.len());
+                    shared.metrics.decoded_together(out.len());
                     for (&(_, i), logits) in lanes_of.iter().zip(&out) {
                         active[i].stepper.feed(logits);
                     }
@@ -970,48 +1023,58 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
                 }
             }
         }
-        // finish
+    }
+
+    /// Ends the generations that are done or failed.
+    fn finish(&mut self) {
         let mut i = 0;
-        while i < active.len() {
-            if !(active[i].failed || active[i].stepper.is_done()) {
+        while i < self.active.len() {
+            if !(self.active[i].failed || self.active[i].stepper.is_done()) {
                 i += 1;
                 continue;
             }
-            let a = active.swap_remove(i);
-            let lane = a.lane;
-            metrics.running.fetch_sub(1, Ordering::Relaxed);
-            free.push(lane);
-            if a.failed {
-                sessions[lane].reset();
-                resident[lane] = None;
-                lanes.release();
-                continue;
+            let a = self.active.swap_remove(i);
+            self.end(a);
+        }
+    }
+
+    /// Frees the lane of a generation that ended; one that did not fail is reported (its
+    /// conversation cached first, so that the client's next turn finds it).
+    fn end(&mut self, a: Active) {
+        let shared = self.shared;
+        let lane = a.lane;
+        shared.metrics.running.fetch_sub(1, Ordering::Relaxed);
+        self.free.push(lane);
+        if a.failed {
+            self.sessions[lane].reset();
+            self.resident[lane] = None;
+            self.lanes.release();
+            return;
+        }
+        let events = a.job.events.clone();
+        let session = &self.sessions[lane];
+        let ended = guarded(|| end_generation(shared, session, a));
+        self.lanes.release();
+        match ended {
+            Err(message) => {
+                panicked(shared, &events, &message);
+                self.sessions[lane].reset();
+                self.resident[lane] = None;
             }
-            let events = a.job.events.clone();
-            let session = &sessions[lane];
-            let ended = guarded(|| finish(shared, session, a));
-            lanes.release();
-            match ended {
-                Err(message) => {
-                    panicked(shared, &events, &message);
-                    sessions[lane].reset();
-                    resident[lane] = None;
-                }
-                Ok((job, outcome, keep)) => {
-                    match keep {
-                        Some(keep) => keep_conversation(
-                            shared,
-                            &mut sessions[lane],
-                            &mut resident[lane],
-                            keep,
-                        ),
-                        None => {
-                            sessions[lane].reset();
-                            resident[lane] = None;
-                        }
+            Ok((job, outcome, keep)) => {
+                match keep {
+                    Some(keep) => keep_conversation(
+                        shared,
+                        &mut self.sessions[lane],
+                        &mut self.resident[lane],
+                        keep,
+                    ),
+                    None => {
+                        self.sessions[lane].reset();
+                        self.resident[lane] = None;
                     }
-                    report(shared, &job, outcome);
                 }
+                report(shared, &job, outcome);
             }
         }
     }
@@ -1019,7 +1082,7 @@ fn run_batched(shared: &Shared, sessions: &mut [Session], lanes: &mut Lanes) {
 
 /// Ends a generation of a batched worker: streams the held-back text; gives the job, its
 /// outcome and what to cache.
-fn finish(shared: &Shared, session: &Session, a: Active) -> (Job, Outcome, Option<Keep>) {
+fn end_generation(shared: &Shared, session: &Session, a: Active) -> (Job, Outcome, Option<Keep>) {
     let (g, rest) = a.stepper.end();
     if a.job.stream_text && !rest.is_empty() {
         let _ = a.job.events.blocking_send(Event::Text(rest));
@@ -1066,12 +1129,4 @@ fn report(shared: &Shared, job: &Job, o: Outcome) {
         });
     }
     let _ = job.events.blocking_send(Event::Done(Box::new(o)));
-}
-
-/// Unix time now, in seconds.
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }

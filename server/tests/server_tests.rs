@@ -1593,12 +1593,7 @@ fn bad_grammars_and_schemas_get_400s_with_the_reason() {
 
 /// A server on SmolLM2-135M-Instruct, if the model is present (setup fetches it; CI has it).
 fn smollm2_server() -> Option<Server> {
-    let model =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !model.exists() {
-        eprintln!("skipping: {} not present", model.display());
-        return None;
-    }
+    let model = drllm_testkit::real_model(drllm_testkit::SMOLLM2)?;
     let dir = tempfile::tempdir().unwrap();
     let s = Settings {
         model: Some(model.clone()),

@@ -6,17 +6,22 @@
 
 use std::fmt;
 
+mod models;
 pub mod quant;
 mod rewrite;
 pub mod rng;
 mod tiny;
 mod vocab;
 
+/// The engine's model families: the fixtures build a tiny model of each ([`Family::ALL`]),
+/// named as the engine names them ([`Family::arch_name`]).
+pub use drllm_engine::Family;
+pub use models::{models_dir, models_required, real_model, GEMMA3, REQUIRE_MODELS_ENV, SMOLLM2};
 pub use rewrite::{
     default_swa_pattern, rewrite_blocks, swa_from_period, swa_pattern, LLAMA_MAX_LAYERS,
 };
 pub use tiny::{
-    tiny_model_writer, write_tiny_model, Family, TinyExperts, TinySpec, GEMMA3_SWA_PERIOD,
+    tiny_model_writer, write_tiny_model, TinyExperts, TinySpec, GEMMA3_SWA_PERIOD,
     GRANITE_TINY_SCALES, TINY_CONTEXT_LENGTH,
 };
 pub use vocab::{

@@ -147,6 +147,32 @@ pub fn rewrite_blocks(src: &Path, dst: &Path, blocks: &[u32]) -> Result<(), Test
         .ok_or_else(|| TestkitError::MissingKey("general.architecture".into()))?
         .to_owned();
     let old_n = block_count(&f)?;
+    check_blocks(blocks, old_n)?;
+    let swa = swa_pattern(&f)?;
+
+    let mut w = GgufWriter::new();
+    w.set_alignment(f.alignment);
+    copy_metadata(&mut w, &f, &arch, old_n, blocks);
+    if let Some(flags) = swa {
+        set_swa_flags(&mut w, &arch, &flags, blocks)?;
+    }
+    copy_tensors(&mut w, &f, src, blocks)?;
+    if let Some(t) = f
+        .tensors
+        .iter()
+        .find(|t| split_block_name(&t.name).is_some_and(|(n, _)| n >= old_n))
+    {
+        return Err(TestkitError::InvalidBlocks(format!(
+            "tensor '{}' belongs to a block beyond block_count {old_n}",
+            t.name
+        )));
+    }
+    w.write_to_path(dst)?;
+    Ok(())
+}
+
+/// Between 1 and [`LLAMA_MAX_LAYERS`] blocks, each one of the `old_n` the file has.
+fn check_blocks(blocks: &[u32], old_n: u32) -> Result<(), TestkitError> {
     if blocks.is_empty() || blocks.len() > LLAMA_MAX_LAYERS {
         return Err(TestkitError::InvalidBlocks(format!(
             "need between 1 and {LLAMA_MAX_LAYERS} blocks, got {}",
@@ -158,10 +184,12 @@ pub fn rewrite_blocks(src: &Path, dst: &Path, blocks: &[u32]) -> Result<(), Test
             "block {b} out of range (model has {old_n})"
         )));
     }
-    let swa = swa_pattern(&f)?;
+    Ok(())
+}
 
-    let mut w = GgufWriter::new();
-    w.set_alignment(f.alignment);
+/// Every key of `f`, per-layer `<arch>.*` arrays reindexed by `blocks`, and the new block
+/// count.
+fn copy_metadata(w: &mut GgufWriter, f: &GgufFile, arch: &str, old_n: u32, blocks: &[u32]) {
     let pattern_key = format!("{arch}.attention.sliding_window_pattern");
     let prefix = format!("{arch}.");
     for (key, value) in &f.kv {
@@ -184,23 +212,43 @@ pub fn rewrite_blocks(src: &Path, dst: &Path, blocks: &[u32]) -> Result<(), Test
         format!("{arch}.block_count"),
         Value::U32(blocks.len() as u32),
     );
-    if let Some(flags) = swa {
-        let out: Vec<bool> = blocks.iter().map(|&b| flags[b as usize]).collect();
-        if !out.iter().any(|&s| s) {
-            if ZERO_WINDOW_DISABLES_SWA.contains(&arch.as_str()) {
-                w.set(format!("{arch}.attention.sliding_window"), Value::U32(0));
-            } else {
-                return Err(TestkitError::Unsupported(format!(
-                    "the selected blocks of this '{arch}' model are all dense; llama.cpp aborts \
-                     when SWA is enabled without any SWA layer"
-                )));
-            }
-        }
-        let out = out.into_iter().map(Value::Bool).collect();
-        w.set(pattern_key, Value::array(ValueType::Bool, out));
-    }
+}
 
-    // tensors: non-block tensors before the first block tensor, then the blocks, then the rest
+/// The source blocks' sliding-window `flags` as the output's bool pattern (the window set to 0
+/// where all selected blocks are dense and the architecture allows it).
+fn set_swa_flags(
+    w: &mut GgufWriter,
+    arch: &str,
+    flags: &[bool],
+    blocks: &[u32],
+) -> Result<(), TestkitError> {
+    let out: Vec<bool> = blocks.iter().map(|&b| flags[b as usize]).collect();
+    if !out.iter().any(|&s| s) {
+        if ZERO_WINDOW_DISABLES_SWA.contains(&arch) {
+            w.set(format!("{arch}.attention.sliding_window"), Value::U32(0));
+        } else {
+            return Err(TestkitError::Unsupported(format!(
+                "the selected blocks of this '{arch}' model are all dense; llama.cpp aborts \
+                 when SWA is enabled without any SWA layer"
+            )));
+        }
+    }
+    let out = out.into_iter().map(Value::Bool).collect();
+    w.set(
+        format!("{arch}.attention.sliding_window_pattern"),
+        Value::array(ValueType::Bool, out),
+    );
+    Ok(())
+}
+
+/// Tensors streamed from `src`: non-block tensors before the first block tensor, then the
+/// blocks in their new order, then the rest.
+fn copy_tensors(
+    w: &mut GgufWriter,
+    f: &GgufFile,
+    src: &Path,
+    blocks: &[u32],
+) -> Result<(), TestkitError> {
     let first_block = f
         .tensors
         .iter()
@@ -235,16 +283,5 @@ pub fn rewrite_blocks(src: &Path, dst: &Path, blocks: &[u32]) -> Result<(), Test
     {
         w.add_tensor(t.name.clone(), t.dtype, &t.dims, file_src(t))?;
     }
-    if let Some(t) = f
-        .tensors
-        .iter()
-        .find(|t| split_block_name(&t.name).is_some_and(|(n, _)| n >= old_n))
-    {
-        return Err(TestkitError::InvalidBlocks(format!(
-            "tensor '{}' belongs to a block beyond block_count {old_n}",
-            t.name
-        )));
-    }
-    w.write_to_path(dst)?;
     Ok(())
 }

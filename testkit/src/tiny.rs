@@ -2,67 +2,13 @@
 
 use std::path::Path;
 
+use drllm_engine::Family;
 use drllm_gguf::{GgmlType, GgufWriter, TensorSource, Value, ValueType};
 
 use crate::quant::{quantize_q4_0, quantize_q8_0, to_f16_bytes, to_f32_bytes};
 use crate::rng::Rng;
 use crate::vocab::{tiny_vocab, BOS_ID, CHATML_TEMPLATE, EOS_ID, UNK_ID};
 use crate::TestkitError;
-
-/// Model families the fixtures can produce.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// `llama` architecture (Llama / SmolLM style).
-    Llama,
-    /// `qwen2` architecture (q/k/v biases).
-    Qwen2,
-    /// `qwen3` architecture (q/k RMS norms, head_dim independent of n_embd).
-    Qwen3,
-    /// `gemma2` architecture (post norms, every other block sliding, soft-capped attention and
-    /// final logits).
-    Gemma2,
-    /// `gemma3` architecture (post norms, q/k norms, interleaved sliding-window attention).
-    Gemma3,
-    /// `olmo2` architecture (post norms only, q/k norms over the whole projections).
-    Olmo2,
-    /// `phi3` architecture (fused QKV matrix, fused gate/up matrix).
-    Phi3,
-    /// `granite` architecture (embedding, residual, attention and logit multipliers; biases of
-    /// the attention output and the FFN).
-    Granite,
-    /// `qwen3moe` architecture (q/k RMS norms, mixture-of-experts FFN).
-    Qwen3Moe,
-}
-
-impl Family {
-    /// All families.
-    pub const ALL: [Family; 9] = [
-        Family::Llama,
-        Family::Qwen2,
-        Family::Qwen3,
-        Family::Gemma2,
-        Family::Gemma3,
-        Family::Olmo2,
-        Family::Phi3,
-        Family::Granite,
-        Family::Qwen3Moe,
-    ];
-
-    /// The `general.architecture` string.
-    pub fn arch(self) -> &'static str {
-        match self {
-            Family::Llama => "llama",
-            Family::Qwen2 => "qwen2",
-            Family::Qwen3 => "qwen3",
-            Family::Gemma2 => "gemma2",
-            Family::Gemma3 => "gemma3",
-            Family::Olmo2 => "olmo2",
-            Family::Phi3 => "phi3",
-            Family::Granite => "granite",
-            Family::Qwen3Moe => "qwen3moe",
-        }
-    }
-}
 
 /// Shape and options of a tiny model.
 #[derive(Clone, Debug, PartialEq)]
@@ -170,6 +116,11 @@ impl TinySpec {
             Family::Gemma2 => il % GEMMA2_SWA_PERIOD < GEMMA2_SWA_PERIOD - 1,
             _ => false,
         }
+    }
+
+    /// Norms after attention and after the FFN (gemma2, gemma3, olmo2).
+    fn has_post_norms(&self) -> bool {
+        matches!(self.family, Family::Gemma2 | Family::Gemma3 | Family::Olmo2)
     }
 
     fn q_dim(&self) -> u32 {
@@ -302,15 +253,32 @@ fn file_type(t: GgmlType) -> u32 {
     }
 }
 
-/// Builds the writer for a tiny model (metadata + tensors held in memory).
+/// Builds the writer for a tiny model (metadata + tensors held in memory): general keys, the
+/// architecture's hyperparameters, the family's own keys, the tokenizer, then the tensors
+/// (embeddings and head, then block by block).
 pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
     spec.validate()?;
-    let arch = spec.family.arch();
-    let vocab = tiny_vocab(spec.with_chat_template);
-    let n_vocab = vocab.len() as u32;
-    let k = |s: &str| format!("{arch}.{s}");
-
     let mut w = GgufWriter::new();
+    general_keys(&mut w, spec);
+    hyperparameters(&mut w, spec);
+    family_keys(&mut w, spec);
+    tokenizer_keys(&mut w, spec);
+    let mut b = Builder { spec, w };
+    b.global_tensors()?;
+    for il in 0..spec.n_layer {
+        b.attention_tensors(il)?;
+        b.ffn_tensors(il)?;
+    }
+    Ok(b.w)
+}
+
+/// `<arch>.<name>` of the spec's family.
+fn arch_key(spec: &TinySpec, name: &str) -> String {
+    format!("{}.{name}", spec.family.arch_name())
+}
+
+fn general_keys(w: &mut GgufWriter, spec: &TinySpec) {
+    let arch = spec.family.arch_name();
     w.set("general.architecture", Value::string(arch));
     // llama.cpp's vocabulary loader looks up "<|endoftext|>" when the name says phi3 (real
     // Phi-3 vocabularies have it; the tiny one does not)
@@ -322,7 +290,12 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
     w.set("general.name", Value::string(name));
     w.set("general.file_type", Value::U32(file_type(spec.weight_type)));
     w.set("general.quantization_version", Value::U32(2));
-    // llama.cpp reads these with strict types: u32 for integers, f32 for floats
+}
+
+/// The generic hyperparameters. llama.cpp reads these with strict types: u32 for integers,
+/// f32 for floats.
+fn hyperparameters(w: &mut GgufWriter, spec: &TinySpec) {
+    let k = |s: &str| arch_key(spec, s);
     w.set(k("context_length"), Value::U32(TINY_CONTEXT_LENGTH));
     w.set(k("embedding_length"), Value::U32(spec.n_embd));
     w.set(k("block_count"), Value::U32(spec.n_layer));
@@ -344,8 +317,14 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
     w.set(k("rope.freq_base"), Value::F32(freq_base));
     if spec.family == Family::Llama {
         w.set(k("rope.dimension_count"), Value::U32(spec.head_dim));
-        w.set(k("vocab_size"), Value::U32(n_vocab));
+        w.set(k("vocab_size"), Value::U32(spec.n_vocab()));
     }
+}
+
+/// What gemma2, gemma3 and granite add (sliding windows, soft-caps, multipliers), and the
+/// experts' sizes.
+fn family_keys(w: &mut GgufWriter, spec: &TinySpec) {
+    let k = |s: &str| arch_key(spec, s);
     if spec.family == Family::Gemma3 && spec.sliding_window > 0 {
         w.set(
             k("attention.sliding_window"),
@@ -364,7 +343,6 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         w.set(k("attn_logit_softcapping"), Value::F32(attn));
         w.set(k("final_logit_softcapping"), Value::F32(last));
     }
-
     if spec.family == Family::Granite {
         let (embd, residual, attn, logit) = GRANITE_TINY_SCALES;
         w.set(k("embedding_scale"), Value::F32(embd));
@@ -380,8 +358,11 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
         w.set(k("expert_used_count"), Value::U32(x.n_used));
         w.set(k("expert_feed_forward_length"), Value::U32(x.n_ff));
     }
+}
 
-    // tokenizer (SentencePiece / "llama")
+/// The tokenizer (SentencePiece / "llama").
+fn tokenizer_keys(w: &mut GgufWriter, spec: &TinySpec) {
+    let vocab = tiny_vocab(spec.with_chat_template);
     w.set("tokenizer.ggml.model", Value::string("llama"));
     w.set(
         "tokenizer.ggml.tokens",
@@ -409,92 +390,121 @@ pub fn tiny_model_writer(spec: &TinySpec) -> Result<GgufWriter, TestkitError> {
     if spec.with_chat_template {
         w.set("tokenizer.chat_template", Value::string(CHATML_TEMPLATE));
     }
+}
 
-    let mut b = Builder { spec, w };
-    let (e, q, kv, ff) = (spec.n_embd, spec.q_dim(), spec.kv_dim(), spec.n_ff);
-    let emb_std = if spec.tied_embeddings { 0.5 } else { 1.0 };
-    b.matrix("token_embd.weight", e, n_vocab, emb_std)?;
-    b.norm("output_norm.weight", e)?;
-    if !spec.tied_embeddings {
-        b.matrix("output.weight", e, n_vocab, 2.0 / (e as f32).sqrt())?;
+/// 1 / sqrt(fan_in): the std of a matrix that keeps activations' scale.
+fn inv(fan_in: u32) -> f32 {
+    1.0 / (fan_in as f32).sqrt()
+}
+
+impl Builder<'_> {
+    /// Token embeddings, output norm and (untied) output matrix.
+    fn global_tensors(&mut self) -> Result<(), TestkitError> {
+        let spec = self.spec;
+        let (e, n_vocab) = (spec.n_embd, spec.n_vocab());
+        let emb_std = if spec.tied_embeddings { 0.5 } else { 1.0 };
+        self.matrix("token_embd.weight", e, n_vocab, emb_std)?;
+        self.norm("output_norm.weight", e)?;
+        if !spec.tied_embeddings {
+            self.matrix("output.weight", e, n_vocab, 2.0 / (e as f32).sqrt())?;
+        }
+        Ok(())
     }
-    let inv = |fan_in: u32| 1.0 / (fan_in as f32).sqrt();
-    for il in 0..spec.n_layer {
+
+    /// Block `il`'s attention input norm, Q/K/V (fused for phi3, biased for qwen2), Q/K norms,
+    /// output (biased for granite) and post-attention norm.
+    fn attention_tensors(&mut self, il: u32) -> Result<(), TestkitError> {
+        let spec = self.spec;
+        let (e, q, kv) = (spec.n_embd, spec.q_dim(), spec.kv_dim());
         let t = |s: &str| format!("blk.{il}.{s}");
         let olmo = spec.family == Family::Olmo2;
         if !olmo {
-            b.norm(&t("attn_norm.weight"), e)?;
+            self.norm(&t("attn_norm.weight"), e)?;
         }
-        let phi = spec.family == Family::Phi3;
-        if phi {
-            b.matrix(&t("attn_qkv.weight"), e, q + 2 * kv, inv(e))?;
+        if spec.family == Family::Phi3 {
+            self.matrix(&t("attn_qkv.weight"), e, q + 2 * kv, inv(e))?;
         } else {
-            b.matrix(&t("attn_q.weight"), e, q, inv(e))?;
-            b.matrix(&t("attn_k.weight"), e, kv, inv(e))?;
-            b.matrix(&t("attn_v.weight"), e, kv, inv(e))?;
+            self.matrix(&t("attn_q.weight"), e, q, inv(e))?;
+            self.matrix(&t("attn_k.weight"), e, kv, inv(e))?;
+            self.matrix(&t("attn_v.weight"), e, kv, inv(e))?;
         }
         if spec.family == Family::Qwen2 {
-            b.vector(&t("attn_q.bias"), q, 0.0, 0.1)?;
-            b.vector(&t("attn_k.bias"), kv, 0.0, 0.1)?;
-            b.vector(&t("attn_v.bias"), kv, 0.0, 0.1)?;
+            self.vector(&t("attn_q.bias"), q, 0.0, 0.1)?;
+            self.vector(&t("attn_k.bias"), kv, 0.0, 0.1)?;
+            self.vector(&t("attn_v.bias"), kv, 0.0, 0.1)?;
         }
         if matches!(
             spec.family,
             Family::Qwen3 | Family::Gemma3 | Family::Qwen3Moe
         ) {
-            b.norm(&t("attn_q_norm.weight"), spec.head_dim)?;
-            b.norm(&t("attn_k_norm.weight"), spec.head_dim)?;
+            self.norm(&t("attn_q_norm.weight"), spec.head_dim)?;
+            self.norm(&t("attn_k_norm.weight"), spec.head_dim)?;
         }
         if olmo {
-            b.norm(&t("attn_q_norm.weight"), q)?;
-            b.norm(&t("attn_k_norm.weight"), kv)?;
+            self.norm(&t("attn_q_norm.weight"), q)?;
+            self.norm(&t("attn_k_norm.weight"), kv)?;
         }
-        b.matrix(&t("attn_output.weight"), q, e, inv(q))?;
-        let granite = spec.family == Family::Granite;
-        if granite {
-            b.vector(&t("attn_output.bias"), e, 0.0, 0.1)?;
+        self.matrix(&t("attn_output.weight"), q, e, inv(q))?;
+        if spec.family == Family::Granite {
+            self.vector(&t("attn_output.bias"), e, 0.0, 0.1)?;
         }
-        let post_norms = matches!(spec.family, Family::Gemma2 | Family::Gemma3 | Family::Olmo2);
-        if post_norms {
-            b.norm(&t("post_attention_norm.weight"), e)?;
+        if spec.has_post_norms() {
+            self.norm(&t("post_attention_norm.weight"), e)?;
         }
-        if !olmo {
-            b.norm(&t("ffn_norm.weight"), e)?;
+        Ok(())
+    }
+
+    /// Block `il`'s FFN input norm, FFN (experts, fused gate/up for phi3, or gate/up/down),
+    /// granite's biases and the post-FFN norm.
+    fn ffn_tensors(&mut self, il: u32) -> Result<(), TestkitError> {
+        let spec = self.spec;
+        let (e, ff) = (spec.n_embd, spec.n_ff);
+        let t = |s: &str| format!("blk.{il}.{s}");
+        if spec.family != Family::Olmo2 {
+            self.norm(&t("ffn_norm.weight"), e)?;
         }
         if let Some(x) = spec.experts {
-            // the router's scale spreads the experts' probabilities, so the top-k is no tie
-            // llama.cpp's quantizer keeps the expert router in F32
-            let router = [e, x.n_expert];
-            b.weights(
-                &t("ffn_gate_inp.weight"),
-                &router,
-                4.0 * inv(e),
-                GgmlType::F32,
-            )?;
-            let wt = spec.weight_type;
-            let (up, down) = ([e, x.n_ff, x.n_expert], [x.n_ff, e, x.n_expert]);
-            b.weights(&t("ffn_gate_exps.weight"), &up, inv(e), wt)?;
-            b.weights(&t("ffn_up_exps.weight"), &up, inv(e), wt)?;
-            b.weights(&t("ffn_down_exps.weight"), &down, inv(x.n_ff), wt)?;
-        } else if phi {
-            b.matrix(&t("ffn_up.weight"), e, 2 * ff, inv(e))?;
+            self.expert_tensors(il, x)?;
+        } else if spec.family == Family::Phi3 {
+            self.matrix(&t("ffn_up.weight"), e, 2 * ff, inv(e))?;
         } else {
-            b.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
-            b.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
+            self.matrix(&t("ffn_gate.weight"), e, ff, inv(e))?;
+            self.matrix(&t("ffn_up.weight"), e, ff, inv(e))?;
         }
         if spec.experts.is_none() {
-            b.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
+            self.matrix(&t("ffn_down.weight"), ff, e, inv(ff))?;
         }
-        if granite {
-            b.vector(&t("ffn_gate.bias"), ff, 0.0, 0.1)?;
-            b.vector(&t("ffn_up.bias"), ff, 0.0, 0.1)?;
-            b.vector(&t("ffn_down.bias"), e, 0.0, 0.1)?;
+        if spec.family == Family::Granite {
+            self.vector(&t("ffn_gate.bias"), ff, 0.0, 0.1)?;
+            self.vector(&t("ffn_up.bias"), ff, 0.0, 0.1)?;
+            self.vector(&t("ffn_down.bias"), e, 0.0, 0.1)?;
         }
-        if post_norms {
-            b.norm(&t("post_ffw_norm.weight"), e)?;
+        if spec.has_post_norms() {
+            self.norm(&t("post_ffw_norm.weight"), e)?;
         }
+        Ok(())
     }
-    Ok(b.w)
+
+    /// Block `il`'s expert router and stacked expert matrices.
+    fn expert_tensors(&mut self, il: u32, x: TinyExperts) -> Result<(), TestkitError> {
+        let e = self.spec.n_embd;
+        let t = |s: &str| format!("blk.{il}.{s}");
+        // the router's scale spreads the experts' probabilities, so the top-k is no tie
+        // llama.cpp's quantizer keeps the expert router in F32
+        let router = [e, x.n_expert];
+        self.weights(
+            &t("ffn_gate_inp.weight"),
+            &router,
+            4.0 * inv(e),
+            GgmlType::F32,
+        )?;
+        let wt = self.spec.weight_type;
+        let (up, down) = ([e, x.n_ff, x.n_expert], [x.n_ff, e, x.n_expert]);
+        self.weights(&t("ffn_gate_exps.weight"), &up, inv(e), wt)?;
+        self.weights(&t("ffn_up_exps.weight"), &up, inv(e), wt)?;
+        self.weights(&t("ffn_down_exps.weight"), &down, inv(x.n_ff), wt)?;
+        Ok(())
+    }
 }
 
 /// Writes a tiny random model that stock llama.cpp loads and runs.

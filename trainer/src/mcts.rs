@@ -23,8 +23,19 @@
 //!
 //! The search is generic over the [`Rewarder`], so it is tested against synthetic rewards.
 
-use crate::rng::SplitMix64;
+use drllm_router_format::rng::SplitMix64;
 use std::collections::HashMap;
+
+/// How a path's answer becomes a reward.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+pub enum RewardKind {
+    /// 1 when correct, else 0 (the reference).
+    Binary,
+    /// sigmoid(margin of the gold answer): smoother, for multiple choice.
+    Margin,
+}
 
 /// Search settings; the defaults are the reference method's.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -266,121 +277,31 @@ pub fn search<R: Rewarder>(
     cfg: &MctsConfig,
     rewarder: &mut R,
 ) -> Result<SearchResult, R::Error> {
-    let mut rng = SplitMix64(cfg.seed ^ 0xD1B5_4A32_D192_ED03);
-    let mut seen: HashMap<Vec<u8>, Outcome> = HashMap::new();
-    let mut eval = |counts: &Vec<u8>, rewarder: &mut R| -> Result<Outcome, R::Error> {
-        if let Some(o) = seen.get(counts) {
-            return Ok(*o);
-        }
-        let o = rewarder.evaluate(counts)?;
-        seen.insert(counts.clone(), o);
-        Ok(o)
+    let mut tree = Tree {
+        cfg,
+        rewarder,
+        rng: SplitMix64(cfg.seed ^ 0xD1B5_4A32_D192_ED03),
+        seen: HashMap::new(),
+        nodes: Vec::new(),
+        amaf: Amaf::default(),
+        best: None,
+        floor: None,
     };
     let root_counts = vec![1u8; n_layer];
-    let default = eval(&root_counts, rewarder)?;
-    let shuffle = |mut v: Vec<Action>, rng: &mut SplitMix64| {
-        rng.shuffle(&mut v);
-        v
-    };
-    let mut nodes = vec![Node {
-        untried: shuffle(actions(&root_counts, cfg), &mut rng),
-        counts: root_counts.clone(),
-        children: Vec::new(),
-        visits: 1,
-        total: default.reward,
-    }];
-    let l = n_layer as f64;
-    let mut best: Option<(Vec<u8>, Outcome)> =
-        default.correct.then(|| (root_counts.clone(), default));
-    let floor = (cfg.margin_floor && default.correct).then_some(default.margin);
-    let better = |c: &[u8], o: &Outcome, cur: &Option<(Vec<u8>, Outcome)>| -> bool {
-        if !o.correct || floor.is_some_and(|f| o.margin < f) {
-            return false;
-        }
-        match cur {
-            None => true,
-            Some((bc, bo)) => {
-                let key = (passes(c), distinct(c));
-                let bkey = (passes(bc), distinct(bc));
-                key < bkey || (key == bkey && o.margin > bo.margin)
-            }
-        }
-    };
-    let mut amaf = Amaf::default();
+    let default = tree.eval(&root_counts)?;
+    let mut root = tree.node(root_counts.clone());
+    root.visits = 1;
+    root.total = default.reward;
+    tree.nodes.push(root);
+    tree.best = default.correct.then_some((root_counts, default));
+    tree.floor = (cfg.margin_floor && default.correct).then_some(default.margin);
     let mut sims = 0;
     let mut stopped_early = false;
     while sims < cfg.simulations {
         sims += 1;
-        // selection
-        let mut trail = vec![0usize];
-        let mut node = 0usize;
-        let leaf_outcome = loop {
-            let n = &nodes[node];
-            let may_have = (n.visits.max(1) as f64).powf(cfg.widening).ceil().max(1.0) as usize;
-            let widen = n.children.len() < may_have;
-            let pick = if widen && cfg.amaf {
-                amaf.pick(&nodes[node].untried)
-            } else {
-                nodes[node].untried.len().checked_sub(1)
-            };
-            if let Some(a) = widen
-                .then(|| pick.map(|i| nodes[node].untried.swap_remove(i)))
-                .flatten()
-            {
-                let counts = apply(&nodes[node].counts, a);
-                let o = eval(&counts, rewarder)?;
-                let untried = shuffle(actions(&counts, cfg), &mut rng);
-                nodes.push(Node {
-                    counts: counts.clone(),
-                    children: Vec::new(),
-                    untried,
-                    visits: 0,
-                    total: 0.0,
-                });
-                let id = nodes.len() - 1;
-                nodes[node].children.push(id);
-                trail.push(id);
-                if better(&counts, &o, &best) {
-                    best = Some((counts, o));
-                }
-                break o;
-            }
-            if nodes[node].children.is_empty() {
-                // nothing left to expand below: re-evaluate (cached) and back up
-                break eval(&nodes[node].counts, rewarder)?;
-            }
-            let t = sims as f64;
-            let ch = &nodes[node].children;
-            let pick = if rng.unit() < cfg.random_rate {
-                ch[rng.below(ch.len())]
-            } else {
-                let mut bi = ch[0];
-                let mut bs = f64::NEG_INFINITY;
-                for &c in ch {
-                    let n = &nodes[c];
-                    let nv = n.visits.max(1) as f64;
-                    let score = n.total / nv + cfg.c * (t.ln().max(0.0) / nv).sqrt()
-                        - cfg.lambda * passes(&n.counts) as f64 / l;
-                    if score > bs {
-                        bs = score;
-                        bi = c;
-                    }
-                }
-                bi
-            };
-            node = pick;
-            trail.push(node);
-        };
-        // backpropagation
-        for &i in &trail {
-            nodes[i].visits += 1;
-            nodes[i].total += leaf_outcome.reward;
-        }
-        if let Some(&leaf) = trail.last() {
-            amaf.record(&nodes[leaf].counts, leaf_outcome.reward);
-        }
+        tree.simulate(sims)?;
         if cfg.early_stop {
-            if let Some((bc, bo)) = &best {
+            if let Some((bc, bo)) = &tree.best {
                 let fixed = !default.correct && bo.correct;
                 let shorter = default.correct && passes(bc) + cfg.early_stop_shorter_by <= n_layer;
                 if fixed || shorter {
@@ -390,15 +311,159 @@ pub fn search<R: Rewarder>(
             }
         }
     }
-    let evaluated = seen.len();
+    let evaluated = tree.seen.len();
     Ok(SearchResult {
         default,
-        kept_outcome: best.as_ref().map(|(_, o)| *o),
-        kept: best.map(|(c, _)| c),
+        kept_outcome: tree.best.as_ref().map(|(_, o)| *o),
+        kept: tree.best.map(|(c, _)| c),
         simulations: sims,
         evaluated,
         stopped_early,
     })
+}
+
+/// The search tree of one question and what it has learnt so far.
+struct Tree<'a, R: Rewarder> {
+    cfg: &'a MctsConfig,
+    rewarder: &'a mut R,
+    rng: SplitMix64,
+    /// Every path evaluated, with its outcome (a path is evaluated once).
+    seen: HashMap<Vec<u8>, Outcome>,
+    /// Node 0 is the root (the default path).
+    nodes: Vec<Node>,
+    amaf: Amaf,
+    /// The path to keep so far.
+    best: Option<(Vec<u8>, Outcome)>,
+    /// With the margin floor: the gold margin a kept path must reach.
+    floor: Option<f64>,
+}
+
+impl<R: Rewarder> Tree<'_, R> {
+    /// The outcome of a path (evaluated once, then remembered).
+    fn eval(&mut self, counts: &[u8]) -> Result<Outcome, R::Error> {
+        if let Some(o) = self.seen.get(counts) {
+            return Ok(*o);
+        }
+        let o = self.rewarder.evaluate(counts)?;
+        self.seen.insert(counts.to_vec(), o);
+        Ok(o)
+    }
+
+    /// A new node for `counts`, its actions in a seeded random order.
+    fn node(&mut self, counts: Vec<u8>) -> Node {
+        let mut untried = actions(&counts, self.cfg);
+        self.rng.shuffle(&mut untried);
+        Node {
+            counts,
+            children: Vec::new(),
+            untried,
+            visits: 0,
+            total: 0.0,
+        }
+    }
+
+    /// Whether a path with outcome `o` should replace the kept one: correct (and above the
+    /// margin floor), then fewer passes, fewer distinct blocks, a larger margin.
+    fn better(&self, c: &[u8], o: &Outcome) -> bool {
+        if !o.correct || self.floor.is_some_and(|f| o.margin < f) {
+            return false;
+        }
+        match &self.best {
+            None => true,
+            Some((bc, bo)) => {
+                let key = (passes(c), distinct(c));
+                let bkey = (passes(bc), distinct(bc));
+                key < bkey || (key == bkey && o.margin > bo.margin)
+            }
+        }
+    }
+
+    /// One simulation (the `sims`-th): descend by UCT through nodes that have as many children
+    /// as they may, expand a new child at the first that may have one more (or re-evaluate a
+    /// node with nothing left to expand), back the outcome up the trail.
+    fn simulate(&mut self, sims: usize) -> Result<(), R::Error> {
+        let mut trail = vec![0usize];
+        let mut node = 0usize;
+        let leaf_outcome = loop {
+            if let Some(o) = self.expand(node, &mut trail)? {
+                break o;
+            }
+            if self.nodes[node].children.is_empty() {
+                // nothing left to expand below: re-evaluate (cached) and back up
+                let counts = self.nodes[node].counts.clone();
+                break self.eval(&counts)?;
+            }
+            node = self.select(node, sims);
+            trail.push(node);
+        };
+        for &i in &trail {
+            self.nodes[i].visits += 1;
+            self.nodes[i].total += leaf_outcome.reward;
+        }
+        if let Some(&leaf) = trail.last() {
+            self.amaf
+                .record(&self.nodes[leaf].counts, leaf_outcome.reward);
+        }
+        Ok(())
+    }
+
+    /// Expands a new child of `node` if progressive widening lets it have one more: the
+    /// child's outcome, the child on the trail.
+    fn expand(&mut self, node: usize, trail: &mut Vec<usize>) -> Result<Option<Outcome>, R::Error> {
+        let n = &self.nodes[node];
+        let may_have = (n.visits.max(1) as f64)
+            .powf(self.cfg.widening)
+            .ceil()
+            .max(1.0) as usize;
+        if n.children.len() >= may_have {
+            return Ok(None);
+        }
+        let pick = if self.cfg.amaf {
+            self.amaf.pick(&n.untried)
+        } else {
+            n.untried.len().checked_sub(1)
+        };
+        let Some(i) = pick else {
+            return Ok(None);
+        };
+        let a = self.nodes[node].untried.swap_remove(i);
+        let counts = apply(&self.nodes[node].counts, a);
+        let o = self.eval(&counts)?;
+        let child = self.node(counts.clone());
+        self.nodes.push(child);
+        let id = self.nodes.len() - 1;
+        self.nodes[node].children.push(id);
+        trail.push(id);
+        if self.better(&counts, &o) {
+            self.best = Some((counts, o));
+        }
+        Ok(Some(o))
+    }
+
+    /// The child of `node` to descend to: a random one `random_rate` of the time, else the
+    /// best by mean reward + c sqrt(ln t / n) - lambda passes / L.
+    fn select(&mut self, node: usize, sims: usize) -> usize {
+        let cfg = self.cfg;
+        let t = sims as f64;
+        let ch = &self.nodes[node].children;
+        if self.rng.unit() < cfg.random_rate {
+            return ch[self.rng.below(ch.len())];
+        }
+        let l = self.nodes[node].counts.len() as f64;
+        let mut bi = ch[0];
+        let mut bs = f64::NEG_INFINITY;
+        for &c in ch {
+            let n = &self.nodes[c];
+            let nv = n.visits.max(1) as f64;
+            let score = n.total / nv + cfg.c * (t.ln().max(0.0) / nv).sqrt()
+                - cfg.lambda * passes(&n.counts) as f64 / l;
+            if score > bs {
+                bs = score;
+                bi = c;
+            }
+        }
+        bi
+    }
 }
 
 /// The path as text: `0-3,5-29` style block list.

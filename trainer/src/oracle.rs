@@ -10,8 +10,13 @@
 //! resumes after block k - 1, each repeat after block k (about L^2 / 2 + L passes per question
 //! instead of 2 L^2). One JSONL line per question; resumable; `--shard i/n`.
 
+use crate::args::OracleArgs;
+use crate::error::Error;
+use crate::ledger::Ledger;
+use crate::progress::Progress;
 use crate::scoring::{kl_divergence, Judgement, Scoring};
 use crate::search::{EngineRewarder, PrefixCache, RewardKind, SearchError, Work};
+use crate::shards::check_params;
 use crate::tasks::{Example, McScorer, TaskKind};
 use drllm_engine::{Session, Tokenizer};
 use std::collections::HashSet;
@@ -186,7 +191,7 @@ pub fn oracle_question(
 
 /// Tabulates every question of this shard not yet in `out`, appending one line each.
 #[allow(clippy::too_many_arguments)]
-pub fn run_oracle(
+pub fn oracle_questions(
     session: &mut Session,
     tokenizer: &Tokenizer,
     scorer: &McScorer,
@@ -236,6 +241,88 @@ pub fn run_oracle(
         progress(&summary, i + 1, todo.len());
     }
     Ok(summary)
+}
+
+/// `drllm-train oracle`: this shard's questions tabulated (resumed where the table stops,
+/// unless `--report-only`), the questions recorded in the ledger, and the table's summary
+/// written beside it (`.report.md`, `.report.json`) and printed.
+pub fn run_oracle(a: &OracleArgs) -> Result<OracleReport, Error> {
+    let out = a.results.path(&a.common, &a.questions.set, "oracle");
+    if !a.report_only {
+        tabulate(a, &out)?;
+    }
+    let records = read_oracle(&out)?;
+    if records.is_empty() {
+        return Err(Error::refused(format!(
+            "{} holds no questions",
+            out.display()
+        )));
+    }
+    Ledger::record(
+        &a.common.run_dir(),
+        "oracle",
+        records.iter().map(|r| r.id.as_str()),
+    )?;
+    let report = report(&records, a.tau)?;
+    let md = markdown(&report);
+    let stem = out.with_extension("");
+    std::fs::write(stem.with_extension("report.md"), &md)?;
+    std::fs::write(
+        stem.with_extension("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!("{md}");
+    Ok(report)
+}
+
+/// The questions of `a`'s shard not yet in `out`, appended to it.
+fn tabulate(a: &OracleArgs, out: &Path) -> Result<OracleSummary, Error> {
+    let l = a.common.load()?;
+    let examples = a.questions.load(&a.common.data_dir)?;
+    let run = OracleRun {
+        scoring: a.common.scoring,
+        cache_bytes: a.cache.bytes(),
+        shard: a.results.shard,
+        repeats: !a.no_repeats,
+    };
+    check_params(
+        out,
+        &serde_json::json!({"task": a.questions.set.task, "split": a.questions.set.split,
+                            "scoring": run.scoring, "table": "oracle single skips",
+                            "repeats": run.repeats}),
+    )?;
+    let mut session = a.common.session(&l.model)?;
+    let (si, sn) = run.shard;
+    eprintln!(
+        "[oracle] {} {} on {} (shard {si}/{sn}), {} paths per question, table -> {}",
+        a.questions.set.task,
+        a.questions.set.split,
+        a.common.model.display(),
+        1 + l.model.n_layer() * if run.repeats { 2 } else { 1 },
+        out.display()
+    );
+    let mut p = Progress::new("oracle");
+    let s = oracle_questions(
+        &mut session,
+        &l.tokenizer,
+        &l.scorer,
+        &examples,
+        &l.fingerprint,
+        &run,
+        out,
+        &mut |s, done, total| {
+            p.tick(
+                done,
+                total,
+                &format!(
+                    "{:.0} questions/h, {} passes run, {} reused",
+                    s.questions_per_hour, s.work.passes_run, s.work.passes_reused
+                ),
+            )
+        },
+    )?;
+    eprintln!("[oracle] {}", serde_json::to_string(&s)?);
+    Ok(s)
 }
 
 /// Whether skipping a block is safe for a question: the same option is chosen and the gold

@@ -9,8 +9,20 @@
 //! safe", with a bootstrap 95% interval over questions. An AUC of 0.5 means the router knows
 //! nothing about block k that a static prune (the same decision for every question) does not.
 
-use crate::rng::SplitMix64;
+use crate::args::{Loaded, PredictArgs};
+use crate::defaults as d;
+use crate::error::Error;
+use crate::features::{self, PathItem};
+use crate::ledger::Ledger;
+use crate::oracle::{self, OracleRecord};
+use crate::plots::{self, BlockEstimate};
+use crate::progress::Progress;
+use crate::routers::{checkpoint, Origin};
 use crate::train::{candle_logits, split_ids, train, FeatureSet, TrainConfig, TrainError};
+use drllm_engine::router_format::StorageType;
+use drllm_router_format::rng::SplitMix64;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// ROC AUC: the probability that a random positive scores above a random negative (ties count
 /// half), by the rank-sum formula. None without positives or without negatives.
@@ -476,6 +488,259 @@ pub fn cross_fitted_probe_scores(
         }
     }
     out
+}
+
+/// `drllm-train predictability`: the test on the oracle tables of this model (default
+/// RUN_DIR/oracle-arc_easy-validation.jsonl): routers and linear probes cross-fitted per
+/// block, the full path's confidence as the reference, the report as markdown, JSON and two
+/// plots (`STEM.{md,json,png}`, `STEM-probe.png`); with `--export`, routers trained on every
+/// question written as a checkpoint. Gives the routers' result.
+pub fn run_predictability(a: &PredictArgs) -> Result<Predictability, Error> {
+    let run_dir = a.common.run_dir();
+    let files = if a.oracle.is_empty() {
+        vec![run_dir.join(format!("oracle-{}-{}.jsonl", d::TASK, d::SEARCH_SPLIT))]
+    } else {
+        a.oracle.clone()
+    };
+    let l = a.common.load()?;
+    let records = oracle_records(&files, &l.fingerprint)?;
+    let n_layer = l.model.n_layer();
+    let mut fs = full_path_features(a, &l, &run_dir, &records)?;
+    // the labels, and the reference score: the full path's confidence in its own choice
+    let by_id: HashMap<&str, &OracleRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut confidence_scores: Vec<Vec<f64>> = Vec::with_capacity(fs.examples.len());
+    for e in &mut fs.examples {
+        let r = by_id
+            .get(e.id.as_str())
+            .ok_or_else(|| Error::refused(format!("{} has features but no oracle row", e.id)))?;
+        e.labels = oracle::skip_labels(r, a.tau);
+        confidence_scores.push(vec![
+            full_confidence(&r.full_scores, r.full.choice);
+            n_layer
+        ]);
+    }
+    let labels: Vec<Vec<u8>> = fs.examples.iter().map(|e| e.labels.clone()).collect();
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        seed: a.seed,
+        device: a.train_device.clone(),
+        standardize: !a.raw_inputs,
+        ..TrainConfig::default()
+    };
+    eprintln!(
+        "[predict] {} questions, {} blocks, {}-fold cross-fitting",
+        fs.examples.len(),
+        n_layer,
+        a.folds
+    );
+    let mut p = Progress::new("folds");
+    let logits = cross_fitted_logits(&fs, &cfg, a.folds, &mut |d, t| p.tick(d, t, ""))?;
+    let result = block_aucs(&logits, &labels, a.folds, a.tau, a.bootstrap, a.seed);
+    // a second, simpler learner on the same folds: a linear probe per block
+    let mut p = Progress::new("probes");
+    let probe_scores =
+        cross_fitted_probe_scores(&fs, &labels, a.folds, a.seed, &mut |d, t| p.tick(d, t, ""));
+    let report = Report {
+        probe: block_aucs_of_scores(&probe_scores, &labels, a.folds, a.tau, a.bootstrap, a.seed),
+        // the reference: how much the question itself (the full path's confidence) says
+        confidence: block_aucs_of_scores(
+            &confidence_scores,
+            &labels,
+            a.folds,
+            a.tau,
+            a.bootstrap,
+            a.seed,
+        ),
+        question_trait: question_trait(&labels),
+        title: format!("{} ({})", a.common.model_stem(), file_names(&files)),
+        router: result,
+    };
+    let stem = a
+        .out
+        .clone()
+        .unwrap_or_else(|| run_dir.join("predictability"));
+    report.write(&stem)?;
+    if let Some(out) = &a.export {
+        export_routers(a, &l, &run_dir, &fs, &cfg, &report, out)?;
+    }
+    Ok(report.router)
+}
+
+/// The rows of this model in the oracle tables `files`.
+fn oracle_records(files: &[PathBuf], fingerprint: &str) -> Result<Vec<OracleRecord>, Error> {
+    let mut records = Vec::new();
+    for f in files {
+        let r = oracle::read_oracle(f).map_err(Error::at(f))?;
+        if r.is_empty() {
+            return Err(Error::refused(format!(
+                "{} holds no questions (run drllm-train oracle first)",
+                f.display()
+            )));
+        }
+        records.extend(r.into_iter().filter(|r| r.model == fingerprint));
+    }
+    if records.is_empty() {
+        return Err(Error::refused(format!(
+            "the oracle tables hold no questions of this model ({fingerprint})"
+        )));
+    }
+    Ok(records)
+}
+
+/// Router inputs along the full path for every question of the tables, cached in the run
+/// folder by model, scoring and questions.
+fn full_path_features(
+    a: &PredictArgs,
+    l: &Loaded,
+    run_dir: &Path,
+    records: &[OracleRecord],
+) -> Result<FeatureSet, Error> {
+    let n_layer = l.model.n_layer();
+    let items: Vec<PathItem> = records
+        .iter()
+        .map(|r| PathItem {
+            id: r.id.clone(),
+            counts: vec![1; n_layer],
+            labels: vec![1; n_layer],
+        })
+        .collect();
+    features::cached_along(
+        &a.common,
+        l,
+        &run_dir.join("predict-features.bin"),
+        false,
+        &items,
+        || {
+            let ids = records.iter().map(|r| r.id.as_str());
+            Ok(crate::data::examples_for_ids(&a.common.data_dir, ids)?)
+        },
+        "predict",
+    )
+}
+
+fn file_names(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|f| {
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The three learners' results and the reference, as written to the report.
+struct Report {
+    title: String,
+    router: Predictability,
+    probe: Predictability,
+    confidence: Predictability,
+    question_trait: QuestionTrait,
+}
+
+impl Report {
+    /// `STEM.md`, `STEM.json`, `STEM.png` (the routers' AUCs) and `STEM-probe.png`; the
+    /// markdown is printed too.
+    fn write(&self, stem: &Path) -> Result<(), Error> {
+        let md = format!(
+            "# Predictability test\n\n{}\n{}\nThe linear probes: ridge regression of safe (+1) / not (-1) on the standardised mean of the windows entering the block, the penalty chosen on a fifth of each training fold.\n\n{}",
+            markdown(&self.router, &self.title, "routers (the product's MLP)"),
+            markdown(&self.probe, &self.title, "linear probes"),
+            reference_markdown(&self.confidence, &self.question_trait),
+        );
+        if let Some(dir) = stem.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(stem.with_extension("md"), &md)?;
+        std::fs::write(
+            stem.with_extension("json"),
+            serde_json::to_string_pretty(&serde_json::json!({
+                "router": self.router,
+                "linear_probe": self.probe,
+                "full_confidence": self.confidence,
+                "question_trait": self.question_trait,
+            }))?,
+        )?;
+        plots::block_intervals(
+            &stem.with_extension("png"),
+            &format!(
+                "Held-out AUC of the skip decision per block, {}",
+                self.title
+            ),
+            "AUC (safe skip)",
+            &interval_rows(&self.router),
+            0.5,
+            (0.0, 1.0),
+        )?;
+        let mut probe_png = stem.as_os_str().to_os_string();
+        probe_png.push("-probe.png");
+        plots::block_intervals(
+            Path::new(&probe_png),
+            &format!("Held-out AUC of a linear probe per block, {}", self.title),
+            "AUC (safe skip)",
+            &interval_rows(&self.probe),
+            0.5,
+            (0.0, 1.0),
+        )?;
+        println!("{md}");
+        eprintln!("[predict] wrote {}.{{md,json,png}}", stem.display());
+        Ok(())
+    }
+}
+
+/// Per block, the AUC with its interval (widened to contain the estimate), for the plot.
+fn interval_rows(p: &Predictability) -> Vec<BlockEstimate> {
+    p.blocks
+        .iter()
+        .map(|b| BlockEstimate {
+            block: b.block,
+            value: b
+                .auc
+                .zip(b.interval)
+                .map(|(e, (lo, hi))| (e, lo.min(e), hi.max(e))),
+        })
+        .collect()
+}
+
+/// Routers for the product: trained on every question (a validation share picks the epoch),
+/// skip where the oracle says it is safe; written as a checkpoint to `out`.
+fn export_routers(
+    a: &PredictArgs,
+    l: &Loaded,
+    run_dir: &Path,
+    fs: &FeatureSet,
+    cfg: &TrainConfig,
+    report: &Report,
+    out: &Path,
+) -> Result<(), Error> {
+    let trained = crate::train::train_split(fs, cfg, &mut |_| {})?;
+    let ledger = Ledger::record(
+        run_dir,
+        "training",
+        fs.examples.iter().map(|e| e.id.as_str()),
+    )?;
+    let origin = Origin {
+        dataset: format!(
+            "oracle-table labels (skip where safe, tau {}) of {} questions: {}",
+            a.tau,
+            fs.examples.len(),
+            report.title
+        ),
+        search: "oracle table: every single-block skip (drllm-train oracle)".into(),
+        metrics: serde_json::to_string(&serde_json::json!({
+            "predictability_blocks_with_signal": report.router.with_signal,
+            "testable_blocks": report.router.testable,
+            "best_epoch": trained.best_epoch,
+        }))?,
+    };
+    let sc = checkpoint(&l.model, cfg, fs, trained, origin, &ledger)?;
+    sc.write(out, StorageType::F32)?;
+    eprintln!(
+        "[predict] wrote routers trained on every question: {}",
+        out.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

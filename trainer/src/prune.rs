@@ -4,7 +4,12 @@
 //! margin). Every question is judged along every candidate path with the search's prefix reuse
 //! (a path that skips block j shares blocks 0..j-1 with the path before it).
 
+use crate::args::PruneArgs;
+use crate::defaults::MAX_ANSWER_TOKENS;
+use crate::error::Error;
+use crate::ledger::Ledger;
 use crate::mcts::Rewarder;
+use crate::progress::Progress;
 use crate::scoring::Scoring;
 use crate::search::{EngineRewarder, PrefixCache, RewardKind, SearchError};
 use crate::tasks::{Example, McScorer};
@@ -143,7 +148,7 @@ pub fn greedy_prune(
                 reward: RewardKind::Binary,
                 cache: Some(&mut cache),
                 save_states: true,
-                max_answer_tokens: 256,
+                max_answer_tokens: MAX_ANSWER_TOKENS,
                 work: Default::default(),
             };
             let mut counts = vec![1u8; n_layer];
@@ -180,17 +185,7 @@ pub fn greedy_prune(
                 mean_margin: margin[ci] / n,
             })
             .collect();
-        let Some(best) = candidates
-            .iter()
-            .max_by(|a, b| {
-                a.correct
-                    .cmp(&b.correct)
-                    .then(a.mean_margin.total_cmp(&b.mean_margin))
-                    // on a full tie the earlier block wins (max_by keeps the last maximum)
-                    .then(b.block.cmp(&a.block))
-            })
-            .cloned()
-        else {
+        let Some(best) = best_candidate(&candidates) else {
             break;
         };
         skipped.push(best.block);
@@ -253,6 +248,61 @@ pub fn markdown(r: &PruneReport) -> String {
         s.push('\n');
     }
     s
+}
+
+/// The block to remove: most questions kept, then the larger mean margin, then the earlier
+/// block.
+fn best_candidate(candidates: &[Candidate]) -> Option<Candidate> {
+    candidates
+        .iter()
+        .max_by(|a, b| {
+            a.correct
+                .cmp(&b.correct)
+                .then(a.mean_margin.total_cmp(&b.mean_margin))
+                // on a full tie the earlier block wins (max_by keeps the last maximum)
+                .then(b.block.cmp(&a.block))
+        })
+        .cloned()
+}
+
+/// `drllm-train prune`: the greedy prune on the calibration questions (recorded in the
+/// ledger), its report as JSON (default RUN_DIR/prune.json) and markdown (printed).
+pub fn run_prune(a: &PruneArgs) -> Result<std::path::PathBuf, Error> {
+    let l = a.common.load()?;
+    let set = a.set.load(&a.common.data_dir)?;
+    eprintln!(
+        "[prune] {}, {} greedy steps",
+        a.set.describe(set.len()),
+        a.max_skips
+    );
+    let mut session = a.common.session(&l.model)?;
+    let mut p = Progress::new("prune");
+    let r = greedy_prune(
+        &mut session,
+        &l.tokenizer,
+        &l.scorer,
+        a.common.scoring,
+        &set,
+        a.max_skips,
+        a.cache.bytes(),
+        &mut |d, t| p.tick(d, t, "paths"),
+    )?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.common.run_dir().join("prune.json"));
+    if let Some(d) = out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&r)?)?;
+    Ledger::record(
+        &a.common.run_dir(),
+        "prune",
+        r.ids.iter().map(String::as_str),
+    )?;
+    println!("{}", markdown(&r));
+    eprintln!("[prune] wrote {} ({:.0} s)", out.display(), r.secs);
+    Ok(out)
 }
 
 #[cfg(test)]

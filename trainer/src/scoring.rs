@@ -11,13 +11,24 @@ use crate::tasks::{extract_final_number, numbers_equal, Example, McScorer, TaskK
 use drllm_engine::{argmax, EngineError, Logits, Session, Tokenizer};
 
 /// How multiple-choice answers are scored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 pub enum Scoring {
-    /// Option letters' logits after a prompt listing the options.
-    Letters,
-    /// Mean log-probability of each answer text after the bare question.
+    /// Mean log-probability of each answer text after the bare question (as llama.cpp and
+    /// lm-eval score multiple choice).
     #[default]
     Continuation,
+    /// Option letters' logits after a prompt listing the options.
+    Letters,
 }
 
 impl Scoring {

@@ -7,71 +7,22 @@
 //! Results are appended to a JSONL file, one line per example, so a run can be resumed and
 //! split across processes (`--shard i/n`) and the files concatenated.
 
+use crate::args::SearchArgs;
+use crate::defaults::MAX_ANSWER_TOKENS;
+use crate::error::Error;
+pub use crate::error::SearchError;
+use crate::ledger::Ledger;
+pub use crate::mcts::RewardKind;
 use crate::mcts::{self, passes, MctsConfig, Outcome, Rewarder};
+use crate::progress::Progress;
 use crate::scoring::{judge_all, Judgement, Scoring};
+use crate::shards::check_params;
+use crate::shards::{append_line, complete_lines, open_append};
 use crate::tasks::{Example, McScorer, TaskKind};
 use drllm_engine::{EngineError, LayerPath, Logits, PassState, Route, Session, Tokenizer};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
-
-/// How a path's answer becomes a reward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum RewardKind {
-    /// 1 when correct, else 0 (the reference).
-    Binary,
-    /// sigmoid(margin of the gold answer): smoother, for multiple choice.
-    Margin,
-}
-
-/// Errors of the search.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum SearchError {
-    /// The engine failed.
-    Engine(EngineError),
-    /// Reading or writing results failed.
-    Io(std::io::Error),
-    /// A results line could not be parsed.
-    BadResult { line: usize, reason: String },
-    /// Anything else.
-    Other(String),
-}
-
-impl std::fmt::Display for SearchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SearchError::Engine(e) => write!(f, "{e}"),
-            SearchError::Io(e) => write!(f, "{e}"),
-            SearchError::BadResult { line, reason } => {
-                write!(f, "results line {line}: {reason}")
-            }
-            SearchError::Other(s) => write!(f, "{s}"),
-        }
-    }
-}
-
-impl std::error::Error for SearchError {}
-
-impl From<crate::shards::ShardError> for SearchError {
-    fn from(e: crate::shards::ShardError) -> Self {
-        match e {
-            crate::shards::ShardError::Io { source, .. } => SearchError::Io(source),
-            other => SearchError::Other(other.to_string()),
-        }
-    }
-}
-
-impl From<EngineError> for SearchError {
-    fn from(e: EngineError) -> Self {
-        SearchError::Engine(e)
-    }
-}
-impl From<std::io::Error> for SearchError {
-    fn from(e: std::io::Error) -> Self {
-        SearchError::Io(e)
-    }
-}
 
 /// States after path prefixes (one question): the entry for a prefix of length i + 1 holds
 /// what pass i left (residual stream and the KV rows it wrote). Least recently used entries go
@@ -309,7 +260,7 @@ impl SearchRecord {
 /// A torn last line (a run killed while writing it) is not a result.
 pub fn read_results(path: &Path) -> Result<Vec<SearchRecord>, SearchError> {
     let mut out = Vec::new();
-    for (line_no, line) in crate::shards::complete_lines(path)? {
+    for (line_no, line) in complete_lines(path)? {
         let r: SearchRecord = serde_json::from_str(&line).map_err(|e| SearchError::BadResult {
             line: line_no,
             reason: e.to_string(),
@@ -363,7 +314,7 @@ pub struct RunSummary {
 
 /// Searches every example of this shard not yet in `out`, appending one line each.
 #[allow(clippy::too_many_arguments)]
-pub fn run_search(
+pub fn search_questions(
     session: &mut Session,
     tokenizer: &Tokenizer,
     scorer: &McScorer,
@@ -396,7 +347,7 @@ pub fn run_search(
         .filter(|e| !done.contains(&e.id))
         .collect();
     summary.resumed = mine.len() - todo.len();
-    let mut file = crate::shards::open_append(out)?;
+    let mut file = open_append(out)?;
     let mut cache = PrefixCache::new(run.cache_bytes);
     let t0 = Instant::now();
     let total = todo.len();
@@ -439,7 +390,7 @@ pub fn run_search(
             secs: t.elapsed().as_secs_f64(),
         };
         let line = serde_json::to_string(&rec).map_err(|e| SearchError::Other(e.to_string()))?;
-        crate::shards::append_line(&mut file, out, &line)?;
+        append_line(&mut file, out, &line)?;
         summary.searched += 1;
         if rec.originally_correct {
             summary.originally_correct += 1;
@@ -461,17 +412,79 @@ pub fn run_search(
     Ok(summary)
 }
 
-/// Parses `--shard i/n` (i < n).
-pub fn parse_shard(s: &str) -> Result<(usize, usize), SearchError> {
-    s.split_once('/')
-        .and_then(|(i, n)| {
-            Some((
-                i.trim().parse::<usize>().ok()?,
-                n.trim().parse::<usize>().ok()?,
-            ))
-        })
-        .filter(|(i, n)| *n > 0 && i < n)
-        .ok_or_else(|| SearchError::Other(format!("--shard {s}: expected i/n with i < n")))
+/// `drllm-train search`: the search of this shard's questions, resumed where its results
+/// file stops; the questions go into the run's ledger.
+pub fn run_search(a: &SearchArgs) -> Result<RunSummary, Error> {
+    let l = a.common.load()?;
+    let examples = a.questions.load(&a.common.data_dir)?;
+    let run = SearchRun {
+        mcts: a.mcts(),
+        reward: a.reward,
+        prefix_reuse: !a.no_prefix_reuse,
+        cache_bytes: a.cache.bytes(),
+        shard: a.results.shard,
+        max_answer_tokens: MAX_ANSWER_TOKENS,
+        scoring: a.common.scoring,
+    };
+    let out = a.results.path(&a.common, &a.questions.set, "search");
+    check_params(
+        &out,
+        &serde_json::json!({
+            "task": a.questions.set.task, "split": a.questions.set.split, "mcts": run.mcts,
+            "reward": run.reward, "scoring": run.scoring,
+            "max_answer_tokens": run.max_answer_tokens,
+        }),
+    )?;
+    let mut session = a.common.session(&l.model)?;
+    let (si, sn) = run.shard;
+    let mine = || {
+        examples
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| a.results.takes(*i))
+            .map(|(_, e)| e.id.as_str())
+    };
+    eprintln!(
+        "[search] {} {} on {} ({} questions in shard {si}/{sn}), {} simulations, prefix reuse {}, results -> {}",
+        a.questions.set.task,
+        a.questions.set.split,
+        a.common.model.display(),
+        mine().count(),
+        run.mcts.simulations,
+        if run.prefix_reuse { "on" } else { "off" },
+        out.display()
+    );
+    let mut p = Progress::new("search");
+    let s = search_questions(
+        &mut session,
+        &l.tokenizer,
+        &l.scorer,
+        &examples,
+        &l.fingerprint,
+        &run,
+        &out,
+        &mut |s, done, total| {
+            p.tick(
+                done,
+                total,
+                &format!(
+                    "fixed {} shortened {} dropped {} | {:.1} rollouts/s",
+                    s.fixed, s.shortened, s.dropped, s.rollouts_per_sec
+                ),
+            )
+        },
+    )?;
+    eprintln!("[search] {}", serde_json::to_string(&s)?);
+    let recs: Vec<_> = read_results(&out)?
+        .into_iter()
+        .filter(|r| r.model == l.fingerprint)
+        .collect();
+    eprintln!(
+        "[search] kept paths by number of edits (0, 1, 2, ...): {:?}",
+        edit_histogram(&recs)
+    );
+    Ledger::record(&a.common.run_dir(), "search", mine())?;
+    Ok(s)
 }
 
 /// How many kept paths carry 0, 1, 2, ... edits (blocks run 0 or 2 times), in order; dropped
@@ -513,48 +526,6 @@ fn hash(s: &str) -> u64 {
     h
 }
 
-/// Where the search settings of a results file are kept (`RESULTS.params.json`).
-pub fn params_path(results: &Path) -> PathBuf {
-    let mut name = results.file_name().unwrap_or_default().to_os_string();
-    name.push(".params.json");
-    results.with_file_name(name)
-}
-
-/// Records the search settings (any JSON object; `mcts.simulations` may differ between runs)
-/// next to the results file, or refuses a search whose settings differ from those the file's
-/// results were found with: resuming must not mix two searches in one file.
-pub fn check_params(results: &Path, params: &serde_json::Value) -> Result<(), SearchError> {
-    let path = params_path(results);
-    if path.exists() {
-        let text = std::fs::read_to_string(&path).map_err(SearchError::Io)?;
-        let old: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
-        // a search may be resumed with another simulation budget, nothing else
-        let key = |v: &serde_json::Value| {
-            let mut v = v.clone();
-            if let Some(m) = v.get_mut("mcts").and_then(|m| m.as_object_mut()) {
-                m.remove("simulations");
-            }
-            v
-        };
-        if key(&old) != key(params) {
-            return Err(SearchError::Other(format!(
-                "{} holds results searched with other settings ({}); this search: {params}. \
-                 Use another --out or --run-dir",
-                results.display(),
-                text.trim()
-            )));
-        }
-        return Ok(());
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(SearchError::Io)?;
-    }
-    let text = serde_json::to_string_pretty(params)
-        .map_err(|e| SearchError::Other(format!("settings: {e}")))?;
-    std::fs::write(&path, text).map_err(SearchError::Io)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,6 +551,7 @@ mod tests {
 
     #[test]
     fn shards_histograms_and_summaries() {
+        use crate::args::parse_shard;
         assert_eq!(parse_shard("0/1").unwrap(), (0, 1));
         assert_eq!(parse_shard(" 3 / 4 ").unwrap(), (3, 4));
         for bad in ["4/4", "1/0", "x/2", "1", ""] {

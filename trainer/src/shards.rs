@@ -7,94 +7,14 @@
 //! a torn tail, which readers ignore and the next append cuts off (so the question is simply
 //! searched again).
 
+use crate::args::MergeArgs;
+pub use crate::error::ShardError;
+use crate::error::{Error, SearchError};
+use crate::ledger::Ledger;
 use crate::tasks::Example;
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// Errors of reading, appending and merging shard files.
-#[derive(Debug)]
-pub enum ShardError {
-    /// Reading or writing a file failed.
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// A complete line is not a JSON object with string fields `id` and `model`.
-    BadLine {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
-    /// A shard's file is missing.
-    MissingShard { shard: usize, path: PathBuf },
-    /// A shard has not finished: questions of it have no line.
-    Unfinished {
-        shard: usize,
-        of: usize,
-        missing: usize,
-        first: String,
-        path: PathBuf,
-    },
-    /// A question appears twice (in one shard or in two).
-    Duplicate { id: String, paths: Vec<PathBuf> },
-    /// A line for a question that belongs to another shard, or to no question of the data.
-    Misplaced {
-        id: String,
-        path: PathBuf,
-        reason: String,
-    },
-    /// The shards were run with other settings or on other models.
-    Mismatch { what: String },
-    /// The merged file exists already.
-    Exists { path: PathBuf },
-}
-
-impl fmt::Display for ShardError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ShardError::Io { path, source } => write!(f, "{}: {source}", path.display()),
-            ShardError::BadLine { path, line, reason } => {
-                write!(f, "{} line {line}: {reason}", path.display())
-            }
-            ShardError::MissingShard { shard, path } => {
-                write!(f, "shard {shard} has no results file ({})", path.display())
-            }
-            ShardError::Unfinished {
-                shard,
-                of,
-                missing,
-                first,
-                path,
-            } => write!(
-                f,
-                "shard {shard} has not finished: {missing} of its {of} questions have no result \
-                 in {} (first: {first}); resubmit it (it resumes) and merge again",
-                path.display()
-            ),
-            ShardError::Duplicate { id, paths } => {
-                let p: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-                write!(
-                    f,
-                    "question {id} has more than one result ({})",
-                    p.join(", ")
-                )
-            }
-            ShardError::Misplaced { id, path, reason } => {
-                write!(f, "{}: question {id} {reason}", path.display())
-            }
-            ShardError::Mismatch { what } => write!(f, "the shards differ: {what}"),
-            ShardError::Exists { path } => write!(
-                f,
-                "{} exists already (merge writes a new file; move it away or pass --force)",
-                path.display()
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ShardError {}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
     move |source| ShardError::Io {
@@ -198,21 +118,49 @@ pub fn merge(
             path: out.to_path_buf(),
         });
     }
-    let index: HashMap<&str, usize> = examples
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.id.as_str(), i))
-        .collect();
-    let mut lines: BTreeMap<usize, (String, PathBuf)> = BTreeMap::new();
-    let mut model: Option<(String, PathBuf)> = None;
-    let mut params: Option<(serde_json::Value, PathBuf)> = None;
+    let mut m = Merging {
+        index: examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id.as_str(), i))
+            .collect(),
+        n,
+        lines: BTreeMap::new(),
+        model: None,
+        params: None,
+    };
     let mut per_shard = Vec::with_capacity(n);
     for shard in 0..n {
         let path = shard_path(base, (shard, n));
         if !path.is_file() {
             return Err(ShardError::MissingShard { shard, path });
         }
-        let pp = crate::search::params_path(&path);
+        m.settings_of(&path)?;
+        per_shard.push(m.lines_of(&path, shard)?);
+        m.complete(&path, shard, examples)?;
+    }
+    write_merged(out, &m.lines, m.params.as_ref().map(|(p, _)| p))?;
+    Ok(MergeReport {
+        per_shard,
+        lines: m.lines.len(),
+        out: out.to_path_buf(),
+    })
+}
+
+/// The state of a merge: the lines read so far by question index, and the model and
+/// settings of the first shard (every other must have the same).
+struct Merging<'a> {
+    index: HashMap<&'a str, usize>,
+    n: usize,
+    lines: BTreeMap<usize, (String, PathBuf)>,
+    model: Option<(String, PathBuf)>,
+    params: Option<(serde_json::Value, PathBuf)>,
+}
+
+impl Merging<'_> {
+    /// The shard's settings file, which must equal the first shard's.
+    fn settings_of(&mut self, path: &Path) -> Result<(), ShardError> {
+        let pp = params_path(path);
         let p: serde_json::Value = match std::fs::read_to_string(&pp) {
             Ok(t) => serde_json::from_str(&t).map_err(|e| ShardError::BadLine {
                 path: pp.clone(),
@@ -221,8 +169,8 @@ pub fn merge(
             })?,
             Err(e) => return Err(io(&pp)(e)),
         };
-        match &params {
-            None => params = Some((p, pp)),
+        match &self.params {
+            None => self.params = Some((p, pp)),
             Some((first, fp)) if *first != p => {
                 return Err(ShardError::Mismatch {
                     what: format!(
@@ -234,10 +182,17 @@ pub fn merge(
             }
             Some(_) => {}
         }
+        Ok(())
+    }
+
+    /// The complete lines of shard `shard`'s file, each checked (its model, a question of
+    /// this shard, not seen before); gives how many.
+    fn lines_of(&mut self, path: &Path, shard: usize) -> Result<usize, ShardError> {
+        let n = self.n;
         let mut count = 0;
-        for (line_no, line) in complete_lines(&path)? {
+        for (line_no, line) in complete_lines(path)? {
             let bad = |reason: String| ShardError::BadLine {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 line: line_no,
                 reason,
             };
@@ -250,8 +205,8 @@ pub fn merge(
                     .ok_or_else(|| bad(format!("no string field '{k}'")))
             };
             let (id, m) = (field("id")?, field("model")?);
-            match &model {
-                None => model = Some((m, path.clone())),
+            match &self.model {
+                None => self.model = Some((m, path.to_path_buf())),
                 Some((first, fp)) if *first != m => {
                     return Err(ShardError::Mismatch {
                         what: format!(
@@ -263,34 +218,39 @@ pub fn merge(
                 }
                 Some(_) => {}
             }
-            let Some(&i) = index.get(id.as_str()) else {
+            let Some(&i) = self.index.get(id.as_str()) else {
                 return Err(ShardError::Misplaced {
                     id,
-                    path,
+                    path: path.to_path_buf(),
                     reason: "is not a question of this data set".into(),
                 });
             };
             if i % n != shard {
                 return Err(ShardError::Misplaced {
                     id,
-                    path,
+                    path: path.to_path_buf(),
                     reason: format!("belongs to shard {} of {n}, not {shard}", i % n),
                 });
             }
-            if let Some((_, other)) = lines.get(&i) {
+            if let Some((_, other)) = self.lines.get(&i) {
                 return Err(ShardError::Duplicate {
                     id,
-                    paths: vec![other.clone(), path.clone()],
+                    paths: vec![other.clone(), path.to_path_buf()],
                 });
             }
-            lines.insert(i, (line, path.clone()));
+            self.lines.insert(i, (line, path.to_path_buf()));
             count += 1;
         }
-        let expected: Vec<usize> = (shard..examples.len()).step_by(n).collect();
+        Ok(count)
+    }
+
+    /// Every question of shard `shard` has its line.
+    fn complete(&self, path: &Path, shard: usize, examples: &[Example]) -> Result<(), ShardError> {
+        let expected: Vec<usize> = (shard..examples.len()).step_by(self.n).collect();
         let missing: Vec<usize> = expected
             .iter()
             .copied()
-            .filter(|i| !lines.contains_key(i))
+            .filter(|i| !self.lines.contains_key(i))
             .collect();
         if let Some(&first) = missing.first() {
             return Err(ShardError::Unfinished {
@@ -298,12 +258,20 @@ pub fn merge(
                 of: expected.len(),
                 missing: missing.len(),
                 first: examples[first].id.clone(),
-                path,
+                path: path.to_path_buf(),
             });
         }
-        per_shard.push(count);
+        Ok(())
     }
-    // write to a temporary file, then rename: a reader never sees half a merge
+}
+
+/// The merged lines in data order, through a temporary file renamed into place (a reader never
+/// sees half a merge), with the shards' settings beside it.
+fn write_merged(
+    out: &Path,
+    lines: &BTreeMap<usize, (String, PathBuf)>,
+    params: Option<&serde_json::Value>,
+) -> Result<(), ShardError> {
     let tmp = out.with_extension("jsonl.merging");
     {
         if let Some(dir) = out.parent() {
@@ -318,17 +286,98 @@ pub fn merge(
         f.write_all(text.as_bytes()).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
     }
-    if let Some((p, _)) = &params {
-        let pp = crate::search::params_path(out);
+    if let Some(p) = params {
+        let pp = params_path(out);
         let text = serde_json::to_string_pretty(p).unwrap_or_default();
         std::fs::write(&pp, text).map_err(io(&pp))?;
     }
-    std::fs::rename(&tmp, out).map_err(io(out))?;
-    Ok(MergeReport {
-        per_shard,
-        lines: lines.len(),
-        out: out.to_path_buf(),
-    })
+    std::fs::rename(&tmp, out).map_err(io(out))
+}
+
+/// `drllm-train merge`: [`merge`] of the shards of a search or oracle run into the file one
+/// unsharded run writes; every merged question goes into the run's ledger.
+pub fn run_merge(a: &MergeArgs) -> Result<MergeReport, Error> {
+    let kind = a.kind.as_str();
+    let examples = a.questions.load(&a.common.data_dir)?;
+    let base = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.questions.set.results_in(&a.common.run_dir(), kind));
+    let r = merge(&base, a.shards, &examples, &base, a.force)?;
+    // the shards recorded their questions already; the merge records them all again (the
+    // ledger keeps a set), so a ledger copied without the shards' updates is complete too
+    Ledger::record(
+        &a.common.run_dir(),
+        kind,
+        examples.iter().map(|e| e.id.as_str()),
+    )?;
+    eprintln!(
+        "[merge] {kind}: {} shards complete ({:?} questions) -> {} ({} lines)",
+        a.shards,
+        r.per_shard,
+        r.out.display(),
+        r.lines
+    );
+    Ok(r)
+}
+
+impl crate::args::Sharded {
+    /// This shard's results file: `--out`, else RUN_DIR/KIND-TASK-SPLIT.jsonl, with
+    /// `.shard-i-of-n` before `.jsonl` when there is more than one shard ([`shard_path`]).
+    pub fn path(
+        &self,
+        common: &crate::args::Common,
+        set: &crate::args::TaskSplit,
+        kind: &str,
+    ) -> PathBuf {
+        let base = self
+            .out
+            .clone()
+            .unwrap_or_else(|| set.results_in(&common.run_dir(), kind));
+        shard_path(&base, self.shard)
+    }
+}
+
+/// Where the search settings of a results file are kept (`RESULTS.params.json`).
+pub fn params_path(results: &Path) -> PathBuf {
+    let mut name = results.file_name().unwrap_or_default().to_os_string();
+    name.push(".params.json");
+    results.with_file_name(name)
+}
+
+/// Records the search settings (any JSON object; `mcts.simulations` may differ between runs)
+/// next to the results file, or refuses a search whose settings differ from those the file's
+/// results were found with: resuming must not mix two searches in one file.
+pub fn check_params(results: &Path, params: &serde_json::Value) -> Result<(), SearchError> {
+    let path = params_path(results);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(SearchError::Io)?;
+        let old: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
+        // a search may be resumed with another simulation budget, nothing else
+        let key = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(m) = v.get_mut("mcts").and_then(|m| m.as_object_mut()) {
+                m.remove("simulations");
+            }
+            v
+        };
+        if key(&old) != key(params) {
+            return Err(SearchError::Other(format!(
+                "{} holds results searched with other settings ({}); this search: {params}. \
+                 Use another --out or --run-dir",
+                results.display(),
+                text.trim()
+            )));
+        }
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(SearchError::Io)?;
+    }
+    let text = serde_json::to_string_pretty(params)
+        .map_err(|e| SearchError::Other(format!("settings: {e}")))?;
+    std::fs::write(&path, text).map_err(SearchError::Io)
 }
 
 #[cfg(test)]
@@ -366,7 +415,7 @@ mod tests {
                 }
             }
             std::fs::write(&p, text).unwrap();
-            std::fs::write(crate::search::params_path(&p), "{\"a\":1}").unwrap();
+            std::fs::write(params_path(&p), "{\"a\":1}").unwrap();
         }
     }
 
@@ -417,7 +466,7 @@ mod tests {
         let want: String = (0..10).map(|i| line(i, "m") + "\n").collect();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
         assert_eq!(
-            std::fs::read_to_string(crate::search::params_path(&out)).unwrap(),
+            std::fs::read_to_string(params_path(&out)).unwrap(),
             "{\n  \"a\": 1\n}"
         );
         // an existing merge is not overwritten without --force
@@ -468,7 +517,7 @@ mod tests {
             Err(ShardError::Mismatch { .. })
         ));
         write_shards(&base, 3, 10, None);
-        std::fs::write(crate::search::params_path(&p1), "{\"a\":2}").unwrap();
+        std::fs::write(params_path(&p1), "{\"a\":2}").unwrap();
         assert!(matches!(
             merge(&base, 3, &examples, &out2, false),
             Err(ShardError::Mismatch { .. })

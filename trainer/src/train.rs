@@ -555,6 +555,29 @@ pub enum ClassWeights {
     Balanced,
 }
 
+/// Which searched examples the routers learn from.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+pub enum Labels {
+    /// Every example with a correct path, fixed ones included, at least `min_fixed_frac` of
+    /// them fixed (the reference).
+    #[default]
+    All,
+    /// Only examples the plain model answered correctly: their kept paths keep the answer with
+    /// fewer passes. Fixes of wrong answers are dropped: at 135M-270M most of them come from
+    /// paths that damage the model (skipping block 1 fixes some questions and breaks most).
+    OriginallyCorrect,
+}
+
 /// Parses a block list such as `8-20,25` (sorted, without repeats).
 pub fn parse_blocks(s: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();
@@ -886,7 +909,7 @@ pub fn parse_device(name: &str) -> Result<Device, TrainError> {
     Device::new_cuda(ordinal).map_err(|e| TrainError::Device(format!("cannot open {name:?}: {e}")))
 }
 
-use crate::rng::SplitMix64;
+use drllm_router_format::rng::SplitMix64;
 
 const SALT_INIT: u64 = 0x1A2B_3C4D_5E6F_7081;
 const SALT_SPLIT: u64 = 0x5EED_5B17_0000_0001;
@@ -1261,103 +1284,27 @@ pub fn train(
             class_weights(fs.class_counts_of(train_ids.iter().copied()), cfg.beta)
         }
     };
-    if let Some(b) = cfg.blocks.iter().find(|&&b| b >= l) {
-        return Err(TrainError::InvalidConfig(format!(
-            "blocks: block {b} does not exist ({l} blocks)"
-        )));
-    }
-    let mut disabled = disabled_classes(&fs.block_class_counts(train_ids), cfg.min_class_count);
-    if !cfg.blocks.is_empty() {
-        for (b, off) in disabled.iter_mut().enumerate() {
-            if !cfg.blocks.contains(&b) {
-                *off = [true, false, true];
-            }
-        }
-    }
+    let disabled = disabled_by_config(cfg, fs, train_ids)?;
     let mask_host: Vec<f32> = disabled
         .iter()
         .flat_map(|d| d.map(|off| if off { DISABLED_LOGIT } else { 0.0 }))
         .collect();
     let mask = Tensor::from_vec(mask_host, (l, 1, 3), &dev)?;
-    let init: Vec<BlockRouter> = (0..l)
-        .map(|i| BlockRouter::xavier(d, hidden, block_init_seed(cfg.seed, i)))
-        .collect();
-    let p0 = Params::from_routers(&init, d, hidden, &dev)?;
-    let vars = [
-        Var::from_tensor(&p0.w1)?,
-        Var::from_tensor(&p0.b1)?,
-        Var::from_tensor(&p0.w2)?,
-        Var::from_tensor(&p0.b2)?,
-    ];
-    // The forward pass needs no graph (gradients are written out by hand); the tensors share
-    // the variables' storage, so they see every optimiser update.
-    let params = Params {
-        w1: vars[0].as_detached_tensor(),
-        b1: vars[1].as_detached_tensor(),
-        w2: vars[2].as_detached_tensor(),
-        b2: vars[3].as_detached_tensor(),
-    };
-    let mut opt = AdamW::new(
-        vars.to_vec(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..ParamsAdamW::default()
-        },
-    )?;
-
-    let steps_per_epoch = train_ids.len().div_ceil(cfg.batch_size);
-    let total = steps_per_epoch * cfg.epochs;
-    let warmup = ((cfg.warmup_frac * total as f64).round() as usize).min(total);
+    let mut run = Optimisation::new(fs, cfg, train_ids.len(), d, hidden, &dev, alpha)?;
     let mut rng = SplitMix64(cfg.seed ^ SALT_ORDER);
     let mut order = train_ids.to_vec();
-    let mut step = 0usize;
     let mut history = Vec::with_capacity(cfg.epochs);
     let mut best: Option<(f64, f64, usize, Vec<BlockRouter>)> = None;
 
     for epoch in 1..=cfg.epochs {
         rng.shuffle(&mut order);
-        let mut loss_sum = 0f64;
-        let mut lr = cfg.lr;
-        let mut train_conf = Confusion::default();
-        for chunk in order.chunks(cfg.batch_size) {
-            let batch = make_batch(fs, chunk, &dev)?;
-            let fwd = params.forward_full(&batch.x, &batch.avg)?;
-            let (b, n) = (chunk.len(), batch.labels.len());
-            let flat = fwd.logits.reshape((n, 3))?;
-            // Autograd for the loss only (from the averaged logits); the MLP's gradients are
-            // written out in `Params::backward`.
-            let leaf = Var::from_tensor(&flat)?;
-            let mean = focal_loss_unchecked(
-                leaf.as_tensor(),
-                &batch.targets,
-                &alpha,
-                cfg.gamma,
-                cfg.label_smoothing,
-            )?;
-            // Sum over blocks of each block's mean over the batch.
-            let loss = (&mean * l as f64)?;
-            let mut grads = loss.backward()?;
-            let g_logits = grads
-                .remove(leaf.as_tensor())
-                .ok_or_else(|| TrainError::InvalidInput("no gradient for the logits".into()))?
-                .reshape((l, b, 3))?;
-            let g = params.backward(&batch.x, &batch.avg, &fwd, &g_logits)?;
-            for (var, g) in vars.iter().zip(g) {
-                grads.insert(var.as_tensor(), g);
-            }
-            lr = lr_at(step, total, warmup, cfg.lr);
-            opt.set_learning_rate(lr);
-            opt.step(&grads)?;
-            step += 1;
-            loss_sum += f64::from(mean.to_scalar::<f32>()?) * chunk.len() as f64;
-            train_conf.add(&flat.flatten_all()?.to_vec1::<f32>()?, &batch.labels);
-        }
+        let (loss_sum, lr, train_conf) = run.epoch(&order)?;
         let train_loss = loss_sum / train_ids.len() as f64;
         if !train_loss.is_finite() {
             return Err(TrainError::Diverged { epoch });
         }
-        let (val_loss, val_conf) = evaluate(&params, fs, val_ids, &alpha, cfg.gamma, &mask, &dev)?;
+        let (val_loss, val_conf) =
+            evaluate(&run.params, fs, val_ids, &alpha, cfg.gamma, &mask, &dev)?;
         if !val_loss.is_finite() {
             return Err(TrainError::Diverged { epoch });
         }
@@ -1380,17 +1327,7 @@ pub fn train(
             Some((s, bl, _, _)) => score > *s || (score == *s && tie_loss < *bl),
         };
         if better {
-            let mut routers = params.to_routers()?;
-            if let Some(n) = &norm {
-                n.fold(&mut routers);
-            }
-            for (r, off) in routers.iter_mut().zip(&disabled) {
-                for (b, &o) in r.b2.iter_mut().zip(off) {
-                    if o {
-                        *b = DISABLED_LOGIT;
-                    }
-                }
-            }
+            let routers = exported_routers(&run.params, norm.as_ref(), &disabled)?;
             best = Some((score, tie_loss, epoch, routers));
         }
         progress(&report);
@@ -1404,6 +1341,167 @@ pub fn train(
         history,
         best_epoch,
     })
+}
+
+/// Per block, the classes its router may never predict: those with fewer than
+/// `min_class_count` training labels, and skip and repeat of every block outside `blocks`
+/// (when given).
+fn disabled_by_config(
+    cfg: &TrainConfig,
+    fs: &FeatureSet,
+    train_ids: &[usize],
+) -> Result<Vec<[bool; 3]>, TrainError> {
+    let l = fs.n_layer;
+    if let Some(b) = cfg.blocks.iter().find(|&&b| b >= l) {
+        return Err(TrainError::InvalidConfig(format!(
+            "blocks: block {b} does not exist ({l} blocks)"
+        )));
+    }
+    let mut disabled = disabled_classes(&fs.block_class_counts(train_ids), cfg.min_class_count);
+    if !cfg.blocks.is_empty() {
+        for (b, off) in disabled.iter_mut().enumerate() {
+            if !cfg.blocks.contains(&b) {
+                *off = [true, false, true];
+            }
+        }
+    }
+    Ok(disabled)
+}
+
+/// The routers of the current weights as they are exported: the standardisation folded into
+/// the first layer, disabled classes' output biases at [`DISABLED_LOGIT`].
+fn exported_routers(
+    params: &Params,
+    norm: Option<&Standardizer>,
+    disabled: &[[bool; 3]],
+) -> Result<Vec<BlockRouter>, TrainError> {
+    let mut routers = params.to_routers()?;
+    if let Some(n) = norm {
+        n.fold(&mut routers);
+    }
+    for (r, off) in routers.iter_mut().zip(disabled) {
+        for (b, &o) in r.b2.iter_mut().zip(off) {
+            if o {
+                *b = DISABLED_LOGIT;
+            }
+        }
+    }
+    Ok(routers)
+}
+
+/// The weights being trained, their optimiser and its schedule.
+struct Optimisation<'a> {
+    fs: &'a FeatureSet,
+    cfg: &'a TrainConfig,
+    dev: &'a Device,
+    alpha: [f32; 3],
+    vars: [Var; 4],
+    /// Tensors sharing the variables' storage (they see every optimiser update).
+    params: Params,
+    opt: AdamW,
+    total: usize,
+    warmup: usize,
+    step: usize,
+}
+
+impl<'a> Optimisation<'a> {
+    /// Xavier-initialised routers (block `i` from [`block_init_seed`]) and AdamW.
+    fn new(
+        fs: &'a FeatureSet,
+        cfg: &'a TrainConfig,
+        n_train: usize,
+        d: usize,
+        hidden: usize,
+        dev: &'a Device,
+        alpha: [f32; 3],
+    ) -> Result<Self, TrainError> {
+        let init: Vec<BlockRouter> = (0..fs.n_layer)
+            .map(|i| BlockRouter::xavier(d, hidden, block_init_seed(cfg.seed, i)))
+            .collect();
+        let p0 = Params::from_routers(&init, d, hidden, dev)?;
+        let vars = [
+            Var::from_tensor(&p0.w1)?,
+            Var::from_tensor(&p0.b1)?,
+            Var::from_tensor(&p0.w2)?,
+            Var::from_tensor(&p0.b2)?,
+        ];
+        // The forward pass needs no graph (gradients are written out by hand); the tensors
+        // share the variables' storage, so they see every optimiser update.
+        let params = Params {
+            w1: vars[0].as_detached_tensor(),
+            b1: vars[1].as_detached_tensor(),
+            w2: vars[2].as_detached_tensor(),
+            b2: vars[3].as_detached_tensor(),
+        };
+        let opt = AdamW::new(
+            vars.to_vec(),
+            ParamsAdamW {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )?;
+        let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
+        let total = steps_per_epoch * cfg.epochs;
+        let warmup = ((cfg.warmup_frac * total as f64).round() as usize).min(total);
+        Ok(Optimisation {
+            fs,
+            cfg,
+            dev,
+            alpha,
+            vars,
+            params,
+            opt,
+            total,
+            warmup,
+            step: 0,
+        })
+    }
+
+    /// One pass over `order` in batches: the summed loss (times batch sizes), the last
+    /// learning rate and the training confusion.
+    fn epoch(&mut self, order: &[usize]) -> Result<(f64, f64, Confusion), TrainError> {
+        let (cfg, l) = (self.cfg, self.fs.n_layer);
+        let mut loss_sum = 0f64;
+        let mut lr = cfg.lr;
+        let mut train_conf = Confusion::default();
+        for chunk in order.chunks(cfg.batch_size) {
+            let batch = make_batch(self.fs, chunk, self.dev)?;
+            let fwd = self.params.forward_full(&batch.x, &batch.avg)?;
+            let (b, n) = (chunk.len(), batch.labels.len());
+            let flat = fwd.logits.reshape((n, 3))?;
+            // Autograd for the loss only (from the averaged logits); the MLP's gradients are
+            // written out in `Params::backward`.
+            let leaf = Var::from_tensor(&flat)?;
+            let mean = focal_loss_unchecked(
+                leaf.as_tensor(),
+                &batch.targets,
+                &self.alpha,
+                cfg.gamma,
+                cfg.label_smoothing,
+            )?;
+            // Sum over blocks of each block's mean over the batch.
+            let loss = (&mean * l as f64)?;
+            let mut grads = loss.backward()?;
+            let g_logits = grads
+                .remove(leaf.as_tensor())
+                .ok_or_else(|| TrainError::InvalidInput("no gradient for the logits".into()))?
+                .reshape((l, b, 3))?;
+            let g = self
+                .params
+                .backward(&batch.x, &batch.avg, &fwd, &g_logits)?;
+            for (var, g) in self.vars.iter().zip(g) {
+                grads.insert(var.as_tensor(), g);
+            }
+            lr = lr_at(self.step, self.total, self.warmup, cfg.lr);
+            self.opt.set_learning_rate(lr);
+            self.opt.step(&grads)?;
+            self.step += 1;
+            loss_sum += f64::from(mean.to_scalar::<f32>()?) * chunk.len() as f64;
+            train_conf.add(&flat.flatten_all()?.to_vec1::<f32>()?, &batch.labels);
+        }
+        Ok((loss_sum, lr, train_conf))
+    }
 }
 
 /// Per block and input dimension, the mean and inverse standard deviation of the router inputs

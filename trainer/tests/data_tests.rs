@@ -14,20 +14,9 @@ use drllm_train::tasks::{
 use flate2::write::GzEncoder;
 use serde_json::json;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-const SMOLLM2: &str = "../models/SmolLM2-135M-Instruct.Q4_1.gguf";
-const GEMMA3: &str = "../models/gemma-3-270m-q4_k_m.gguf";
-
-fn real_model(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {rel} not present (run scripts/setup.sh --models)");
-        None
-    }
-}
+use drllm_testkit::{real_model, GEMMA3, SMOLLM2};
 
 // ---------------------------------------------------------------------------------------------
 // tasks: McScorer

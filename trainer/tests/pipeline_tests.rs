@@ -6,7 +6,7 @@ use drllm_engine::{DeviceChoice, Model, Routers, Session, SessionOptions, Tokeni
 use drllm_testkit::{write_tiny_model, Family, TinySpec};
 use drllm_train::mcts::MctsConfig;
 use drllm_train::scoring::Scoring;
-use drllm_train::search::{read_results, run_search, RewardKind, SearchRun};
+use drllm_train::search::{read_results, search_questions, RewardKind, SearchRun};
 use drllm_train::tasks::{Example, McScorer, TaskKind};
 use drllm_train::train::{train_split, TrainConfig};
 use drllm_train::{eval, features};
@@ -111,7 +111,7 @@ fn run(
         max_answer_tokens: 8,
     };
     let mut s = session(m);
-    run_search(&mut s, tok, sc, qs, fp, &cfg, out, &mut |_, _, _| {}).unwrap();
+    search_questions(&mut s, tok, sc, qs, fp, &cfg, out, &mut |_, _, _| {}).unwrap();
 }
 
 #[test]
@@ -167,7 +167,7 @@ fn prefix_reuse_case(scoring: Scoring) {
             scoring,
         };
         let mut s = session(&m);
-        run_search(&mut s, &tok, &sc, &qs, &fp, &cfg, &c, &mut |_, _, _| {}).unwrap();
+        search_questions(&mut s, &tok, &sc, &qs, &fp, &cfg, &c, &mut |_, _, _| {}).unwrap();
     }
     let mut ids: Vec<String> = read_results(&c)
         .unwrap()
@@ -365,7 +365,7 @@ fn every_rollout_with_prefix_reuse_equals_recomputing() {
 /// another simulation budget is not.
 #[test]
 fn search_settings_are_recorded_and_checked() {
-    use drllm_train::search::{check_params, params_path};
+    use drllm_train::shards::{check_params, params_path};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("runs").join("search-x-y.jsonl");
     let p = |mcts: MctsConfig| {
@@ -539,7 +539,7 @@ fn static_prune_counts_match_judging_each_path_afresh() {
 /// shards split the questions.
 #[test]
 fn oracle_rows_equal_judging_each_path_afresh_and_resume() {
-    use drllm_train::oracle::{read_oracle, report, run_oracle, OracleRun};
+    use drllm_train::oracle::{oracle_questions, read_oracle, report, OracleRun};
     use drllm_train::scoring::kl_divergence;
     use drllm_train::search::EngineRewarder;
     let dir = tempfile::tempdir().unwrap();
@@ -555,7 +555,7 @@ fn oracle_rows_equal_judging_each_path_afresh_and_resume() {
             repeats: true,
         };
         let mut s = session(&m);
-        let first = run_oracle(
+        let first = oracle_questions(
             &mut s,
             &tok,
             &sc,
@@ -572,7 +572,8 @@ fn oracle_rows_equal_judging_each_path_afresh_and_resume() {
         // and the full path keeps no state after its last pass): one pass less each
         let reused: u64 = (0..n_layer as u64).map(|k| 2 * k + 1).sum::<u64>() - 2;
         assert_eq!(first.work.passes_reused, 3 * reused);
-        let again = run_oracle(&mut s, &tok, &sc, &qs, &fp, &run, &out, &mut |_, _, _| {}).unwrap();
+        let again =
+            oracle_questions(&mut s, &tok, &sc, &qs, &fp, &run, &out, &mut |_, _, _| {}).unwrap();
         assert_eq!((again.done, again.resumed), (2, 3));
         let rows = read_oracle(&out).unwrap();
         assert_eq!(rows.len(), 5);
@@ -637,7 +638,8 @@ fn oracle_rows_equal_judging_each_path_afresh_and_resume() {
             shard: (1, 2),
             ..run.clone()
         };
-        let s2 = run_oracle(&mut s, &tok, &sc, &qs, &fp, &run2, &out, &mut |_, _, _| {}).unwrap();
+        let s2 =
+            oracle_questions(&mut s, &tok, &sc, &qs, &fp, &run2, &out, &mut |_, _, _| {}).unwrap();
         assert_eq!((s2.done, s2.resumed), (0, 2));
         // without repeats: the same skips, no repeat columns
         let out3 = dir.path().join(format!("oracle-{scoring:?}-skips.jsonl"));
@@ -645,7 +647,7 @@ fn oracle_rows_equal_judging_each_path_afresh_and_resume() {
             repeats: false,
             ..run.clone()
         };
-        run_oracle(
+        oracle_questions(
             &mut s,
             &tok,
             &sc,
@@ -730,7 +732,7 @@ fn predictability_finds_a_planted_signal_and_not_noise() {
     let mut sorted = x.clone();
     sorted.sort_by(f32::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let mut rng = drllm_train::rng::SplitMix64(5);
+    let mut rng = drllm_router_format::rng::SplitMix64(5);
     for (e, &v) in fs.examples.iter_mut().zip(&x) {
         e.labels = (0..n_layer)
             .map(|b| {

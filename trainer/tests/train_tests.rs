@@ -12,27 +12,7 @@ use drllm_train::train::{
     ExampleFeatures, FeatureSet, TrainConfig, TrainError, Trained, FEATURE_MAGIC,
 };
 
-/// SplitMix64 for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    fn normal(&mut self) -> f32 {
-        let u1 = self.unit().max(1e-300);
-        let u2 = self.unit();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-}
+use drllm_router_format::rng::SplitMix64 as Rng;
 
 /// `n` examples, `l` blocks, hidden size `d`: labels 15% skip, 70% execute, 15% repeat
 /// (per block, independently), 1 to 8 windows per example, each window mean drawn from

@@ -2,8 +2,9 @@
 //! 4096 unless the file says), soft-capped attention logits (50) and final logits (30), norms
 //! after attention and FFN, GELU gate, scaled embeddings, Q scaled before attention.
 
-use super::{scale_q_first, Arch, Base, Extras, Ffn, QkNorm};
-use crate::config::{swa_pattern, Family, Keys, ROPE_TYPE_NEOX};
+use super::{
+    scale_q_first, swa_pattern, Arch, Base, Extras, Family, Ffn, Keys, QkNorm, ROPE_TYPE_NEOX,
+};
 use crate::error::Result;
 
 pub const ARCH: Arch = Arch {

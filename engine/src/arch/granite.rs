@@ -5,8 +5,7 @@
 //! switched by `rope.scaling.finetuned` (on unless the file says false). Files with experts
 //! (Granite MoE) or vision deepstack inputs are refused.
 
-use super::{attention_scale, Arch, Base, Extras, Ffn, QkNorm};
-use crate::config::{Family, Keys, ROPE_TYPE_NORM};
+use super::{attention_scale, Arch, Base, Extras, Family, Ffn, Keys, QkNorm, ROPE_TYPE_NORM};
 use crate::error::{EngineError, Result};
 
 pub const ARCH: Arch = Arch {

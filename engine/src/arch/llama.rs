@@ -1,8 +1,7 @@
 //! `llama`: Llama 2/3.x, SmolLM2, and other files of that architecture
 //! (llama.cpp `src/models/llama.cpp`).
 
-use super::{attention_scale, Arch, Ffn, QkNorm};
-use crate::config::{Family, ROPE_TYPE_NORM};
+use super::{attention_scale, Arch, Family, Ffn, QkNorm, ROPE_TYPE_NORM};
 
 pub const ARCH: Arch = Arch {
     name: "llama",

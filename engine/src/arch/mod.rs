@@ -1,10 +1,21 @@
 //! One description per architecture: what a family's GGUF file and block graph add to the
 //! llama-style block every family shares (RMS norm, attention with RoPE and grouped KV heads,
-//! a gated FFN). A new family is one file here (plus its tiny-model builder in testkit);
-//! `config.rs`, `model.rs` and `graph.rs` read these descriptions and never name a family.
+//! a gated FFN). A new family is one file here, one entry in [`ARCHES`] and one [`Family`]
+//! variant at the same place (checked when the crate compiles), plus its tiny-model builder
+//! in testkit; `config.rs`, `model.rs` and `graph.rs` read these descriptions and never name
+//! a family.
+//!
+//! Everything the descriptions are written with lives here too: [`Family`] (whose list and
+//! names come from [`ARCHES`]), the metadata [`Keys`] and [`swa_pattern`] (`keys.rs`), and the
+//! RoPE modes. The dependency is one-way: `config.rs` reads this module, never the reverse.
 
-use crate::config::{Family, Keys};
 use crate::error::Result;
+
+mod family;
+mod keys;
+
+pub use family::Family;
+pub use keys::{swa_pattern, Keys};
 
 mod gemma2;
 mod gemma3;
@@ -15,6 +26,11 @@ mod phi3;
 mod qwen2;
 mod qwen3;
 mod qwen3moe;
+
+/// ggml RoPE mode that rotates adjacent pairs of a head (llama, granite).
+pub const ROPE_TYPE_NORM: i32 = 0;
+/// NeoX-style rope (rotates the two halves of a head).
+pub const ROPE_TYPE_NEOX: i32 = 2;
 
 /// The FFN's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +135,17 @@ pub const ARCHES: &[&Arch] = &[
     &qwen3moe::ARCH,
 ];
 
+/// `general.architecture` of every architecture the engine implements, in table order.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &{
+    let mut names = [""; ARCHES.len()];
+    let mut i = 0;
+    while i < ARCHES.len() {
+        names[i] = ARCHES[i].name;
+        i += 1;
+    }
+    names
+};
+
 /// The description of `general.architecture` = `name`.
 pub fn by_name(name: &str) -> Option<&'static Arch> {
     ARCHES.iter().copied().find(|a| a.name == name)
@@ -159,5 +186,15 @@ mod tests {
         }
         let names: Vec<&str> = ARCHES.iter().map(|a| a.name).collect();
         assert_eq!(names, crate::SUPPORTED_ARCHITECTURES);
+        let families: Vec<Family> = ARCHES.iter().map(|a| a.family).collect();
+        assert_eq!(families, Family::ALL);
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            names.len(),
+            "architecture names must be unique"
+        );
     }
 }

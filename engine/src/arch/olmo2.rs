@@ -2,8 +2,7 @@
 //! inputs, RMS norms on their outputs instead, and Q/K norms over the whole projections.
 //! Files with sliding-window blocks (the OLMo 3 layout) are refused.
 
-use super::{Arch, Base, Extras, Ffn, QkNorm};
-use crate::config::{Family, Keys, ROPE_TYPE_NEOX};
+use super::{Arch, Base, Extras, Family, Ffn, Keys, QkNorm, ROPE_TYPE_NEOX};
 use crate::error::{EngineError, Result};
 
 pub const ARCH: Arch = Arch {

@@ -3,8 +3,7 @@
 //! without sliding windows (it disables Phi's window), and so does drllm. Files with
 //! long/short RoPE factors (the 128k-context variants) are refused (their tensors are not used).
 
-use super::{scale_q_first, Arch, Base, Extras, Ffn, QkNorm};
-use crate::config::{Family, Keys, ROPE_TYPE_NEOX};
+use super::{scale_q_first, Arch, Base, Extras, Family, Ffn, Keys, QkNorm, ROPE_TYPE_NEOX};
 use crate::error::Result;
 
 pub const ARCH: Arch = Arch {

@@ -1,7 +1,6 @@
 //! `qwen2`: Qwen2 / Qwen2.5 (llama.cpp `src/models/qwen2.cpp`): biases on Q, K and V.
 
-use super::{attention_scale, Arch, Ffn, QkNorm};
-use crate::config::{Family, ROPE_TYPE_NEOX};
+use super::{attention_scale, Arch, Family, Ffn, QkNorm, ROPE_TYPE_NEOX};
 
 pub const ARCH: Arch = Arch {
     name: "qwen2",

@@ -1,7 +1,6 @@
 //! `qwen3`: Qwen3 dense (llama.cpp `src/models/qwen3.cpp`): per-head RMS norms of Q and K.
 
-use super::{attention_scale, Arch, Ffn, QkNorm};
-use crate::config::{Family, ROPE_TYPE_NEOX};
+use super::{attention_scale, Arch, Family, Ffn, QkNorm, ROPE_TYPE_NEOX};
 
 pub const ARCH: Arch = Arch {
     name: "qwen3",

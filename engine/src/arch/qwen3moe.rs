@@ -4,8 +4,7 @@
 //! renormalised to sum to one. The layer router skips or repeats whole blocks; which experts
 //! run inside a block is chosen per token as llama.cpp does.
 
-use super::{Arch, Ffn, QkNorm};
-use crate::config::{Family, ROPE_TYPE_NEOX};
+use super::{Arch, Family, Ffn, QkNorm, ROPE_TYPE_NEOX};
 
 pub const ARCH: Arch = Arch {
     name: "qwen3moe",
