@@ -205,7 +205,9 @@ impl Sharded {
 /// Memory for cached prefix states.
 #[derive(Args, Clone, Copy, Debug)]
 pub struct Cache {
-    /// Memory for cached prefix states (rollouts resume from the longest shared prefix), MiB.
+    /// Memory for cached states of path prefixes, MiB: a path resumes after the longest prefix
+    /// it shares with one already run (search rollouts, oracle tables, prune candidates,
+    /// compare's --oracle arm).
     #[arg(long, default_value_t = d::PREFIX_CACHE_MB)]
     pub cache_mb: usize,
 }

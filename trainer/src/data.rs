@@ -202,7 +202,10 @@ impl fmt::Display for DataError {
                 "{} is missing: run `drllm-train data fetch --data-dir {}` first (on a cluster, \
                  into a folder every node sees, and pass the same --data-dir to every command)",
                 path.display(),
-                path.parent().map(|d| d.display().to_string()).unwrap_or_else(|| ".".into())
+                path.parent()
+                    .map(|d| d.display().to_string())
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| ".".into())
             )
             }
             DataError::UnknownDataset { task, split } => {

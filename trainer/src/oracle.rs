@@ -265,12 +265,9 @@ pub fn run_oracle(a: &OracleArgs) -> Result<OracleReport, Error> {
     )?;
     let report = report(&records, a.tau)?;
     let md = markdown(&report);
-    let stem = out.with_extension("");
-    std::fs::write(stem.with_extension("report.md"), &md)?;
-    std::fs::write(
-        stem.with_extension("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
+    let (md_path, json_path) = crate::shards::report_paths(&out);
+    std::fs::write(md_path, &md)?;
+    std::fs::write(json_path, serde_json::to_string_pretty(&report)?)?;
     println!("{md}");
     Ok(report)
 }

@@ -18,6 +18,7 @@ use crate::oracle::{self, OracleRecord};
 use crate::plots::{self, BlockEstimate};
 use crate::progress::Progress;
 use crate::routers::{checkpoint, Origin};
+use crate::shards::with_suffix;
 use crate::train::{candle_logits, split_ids, train, FeatureSet, TrainConfig, TrainError};
 use drllm_engine::router_format::StorageType;
 use drllm_router_format::rng::SplitMix64;
@@ -652,9 +653,9 @@ impl Report {
         if let Some(dir) = stem.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::write(stem.with_extension("md"), &md)?;
+        std::fs::write(with_suffix(stem, ".md"), &md)?;
         std::fs::write(
-            stem.with_extension("json"),
+            with_suffix(stem, ".json"),
             serde_json::to_string_pretty(&serde_json::json!({
                 "router": self.router,
                 "linear_probe": self.probe,
@@ -663,7 +664,7 @@ impl Report {
             }))?,
         )?;
         plots::block_intervals(
-            &stem.with_extension("png"),
+            &with_suffix(stem, ".png"),
             &format!(
                 "Held-out AUC of the skip decision per block, {}",
                 self.title
@@ -673,10 +674,8 @@ impl Report {
             0.5,
             (0.0, 1.0),
         )?;
-        let mut probe_png = stem.as_os_str().to_os_string();
-        probe_png.push("-probe.png");
         plots::block_intervals(
-            Path::new(&probe_png),
+            &with_suffix(stem, "-probe.png"),
             &format!("Held-out AUC of a linear probe per block, {}", self.title),
             "AUC (safe skip)",
             &interval_rows(&self.probe),

@@ -338,6 +338,26 @@ impl crate::args::Sharded {
     }
 }
 
+/// `path` with `suffix` appended to its file name (`a.b` + `.md` -> `a.b.md`), unlike
+/// `with_extension`, which would replace `.b`.
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// The summary files of a results file: `X.jsonl` -> `X.report.md`, `X.report.json` (a
+/// shard's `X.shard-i-of-n.jsonl` -> `X.shard-i-of-n.report.md`, so shards never overwrite
+/// each other's).
+pub fn report_paths(results: &Path) -> (PathBuf, PathBuf) {
+    let name = results.to_string_lossy();
+    let stem = Path::new(name.strip_suffix(".jsonl").unwrap_or(&name));
+    (
+        with_suffix(stem, ".report.md"),
+        with_suffix(stem, ".report.json"),
+    )
+}
+
 /// Where the search settings of a results file are kept (`RESULTS.params.json`).
 pub fn params_path(results: &Path) -> PathBuf {
     let mut name = results.file_name().unwrap_or_default().to_os_string();
@@ -417,6 +437,19 @@ mod tests {
             std::fs::write(&p, text).unwrap();
             std::fs::write(params_path(&p), "{\"a\":1}").unwrap();
         }
+    }
+
+    #[test]
+    fn report_names_keep_the_shard() {
+        let (md, js) = report_paths(Path::new("r/oracle-a-b.jsonl"));
+        assert_eq!(md, PathBuf::from("r/oracle-a-b.report.md"));
+        assert_eq!(js, PathBuf::from("r/oracle-a-b.report.json"));
+        let (md, _) = report_paths(&shard_path(Path::new("r/oracle-a-b.jsonl"), (1, 4)));
+        assert_eq!(md, PathBuf::from("r/oracle-a-b.shard-1-of-4.report.md"));
+        assert_eq!(
+            with_suffix(Path::new("x/pred.v2"), ".md"),
+            PathBuf::from("x/pred.v2.md")
+        );
     }
 
     #[test]
