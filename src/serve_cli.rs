@@ -70,9 +70,16 @@ pub struct ServeArgs {
     /// show in `ps`).
     #[arg(long, env = "DRLLM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Model id in the API [default: the file name without .gguf].
-    #[arg(long, env = "DRLLM_MODEL_ALIAS")]
-    model_alias: Option<String>,
+    /// A name of the model in the API (repeatable, or comma-separated): the first is its id in
+    /// /v1/models and in responses, the others are listed beside it; a request naming any
+    /// model is answered by the one served [default: the file name without .gguf].
+    #[arg(
+        long,
+        env = "DRLLM_MODEL_ALIAS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    model_alias: Option<Vec<String>>,
     #[arg(long, env = "DRLLM_DEFAULT_MAX_TOKENS", help = with_default(
         "max_tokens of requests that give none (at most --ctx-size)",
         defaults::DEFAULT_MAX_TOKENS,

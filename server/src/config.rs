@@ -96,8 +96,12 @@ pub struct Settings {
     pub no_db: Option<bool>,
     /// Bearer token every /v1 and /metrics request must carry (default: none).
     pub api_key: Option<String>,
-    /// Model id in the API (default: the file name without .gguf).
-    pub model_alias: Option<String>,
+    /// Names of the model in the API: the first is its id in `/v1/models` and in every
+    /// response, the others are listed beside it (default: the file name without .gguf). A
+    /// TOML string or list of strings. With one model served, a request naming any model is
+    /// answered by it.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub model_alias: Option<Vec<String>>,
     /// max_tokens when a request gives none ([`defaults::DEFAULT_MAX_TOKENS`]).
     pub default_max_tokens: Option<usize>,
     /// Largest request body, bytes ([`defaults::MAX_BODY_BYTES`]).
@@ -170,6 +174,27 @@ every_key!(
     log_days,
     api_key_file,
 );
+
+/// A string or a list of strings (`model_alias = "a"` or `["a", "b"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    }))
+}
+
+impl ServeConfig {
+    /// The model's id in the API (the first of its names).
+    pub fn model_id(&self) -> &str {
+        self.model_alias.first().map_or("model", String::as_str)
+    }
+}
 
 fn invalid(key: &'static str, message: String) -> ConfigError {
     ConfigError::Invalid { key, message }
@@ -254,7 +279,7 @@ impl Settings {
             db: self.db()?,
             device: self.device()?,
             api_key: self.api_key()?,
-            model_alias: self.model_alias(&model)?,
+            model_alias: self.model_aliases(&model)?,
             body_timeout: self.body_timeout()?,
             allowed_hosts: checked_names("allowed_hosts", &self.allowed_hosts)?,
             allowed_origins: checked_names("allowed_origins", &self.allowed_origins)?,
@@ -327,19 +352,32 @@ impl Settings {
         Ok(key)
     }
 
-    /// `model_alias`, else the model's file name without `.gguf`.
-    fn model_alias(&self, model: &Path) -> Result<String, ConfigError> {
+    /// `model_alias` (every name non-empty, none twice), else the model's file name without
+    /// `.gguf`.
+    fn model_aliases(&self, model: &Path) -> Result<Vec<String>, ConfigError> {
         match &self.model_alias {
-            Some(a) if a.is_empty() => Err(invalid("model_alias", "is empty".into())),
-            Some(a) => Ok(a.clone()),
-            None => Ok(model
+            Some(v) if v.is_empty() => Err(invalid("model_alias", "names no model".into())),
+            Some(v) => {
+                if v.iter().any(|a| a.trim().is_empty()) {
+                    return Err(invalid("model_alias", "a name is empty".into()));
+                }
+                if let Some(a) = v
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, a)| v[..i].contains(a).then_some(a))
+                {
+                    return Err(invalid("model_alias", format!("'{a}' is given twice")));
+                }
+                Ok(v.clone())
+            }
+            None => Ok(vec![model
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .map(|n| match n.strip_suffix(".gguf") {
                     Some(s) => s.to_string(),
                     None => n,
                 })
-                .unwrap_or_else(|| "model".into())),
+                .unwrap_or_else(|| "model".into())]),
         }
     }
 
@@ -477,7 +515,8 @@ pub struct ServeConfig {
     pub batch: usize,
     pub db: Option<PathBuf>,
     pub api_key: Option<String>,
-    pub model_alias: String,
+    /// The model's names in the API, at least one; the first is its id.
+    pub model_alias: Vec<String>,
     pub default_max_tokens: usize,
     pub max_body_bytes: usize,
     pub max_connections: usize,
@@ -519,7 +558,7 @@ mod tests {
         assert_eq!(c.ctx_size, 1024);
         assert_eq!(c.queue, 4);
         assert_eq!(c.host, IpAddr::from([127, 0, 0, 1]));
-        assert_eq!(c.model_alias, "a");
+        assert_eq!(c.model_alias, ["a"]);
         assert_eq!(c.routers, Some(PathBuf::from("/m/a.routers.gguf")));
         assert_eq!(c.db, Some(PathBuf::from("/tmp/x.sqlite")));
         let c = Settings {

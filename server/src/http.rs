@@ -352,8 +352,8 @@ fn metrics(r: &Ready) -> Response<ResBody> {
 fn models(state: &State, r: &Ready) -> Response<ResBody> {
     json_response(
         200,
-        &json!({"object": "list", "data": [{
-            "id": state.config.model_alias,
+        &json!({"object": "list", "data": state.config.model_alias.iter().map(|name| json!({
+            "id": name,
             "object": "model",
             "created": r.created,
             "owned_by": "drllm",
@@ -361,8 +361,9 @@ fn models(state: &State, r: &Ready) -> Response<ResBody> {
                 "n_layer": r.model.n_layer(),
                 "n_ctx": state.config.ctx_size,
                 "router_generation": r.routers.current().map(|g| g.generation().to_string()),
+                "model_id": state.config.model_id(),
             },
-        }]}),
+        })).collect::<Vec<_>>()}),
     )
 }
 
@@ -416,7 +417,7 @@ fn routers_info(state: &State, r: &Ready) -> Value {
         "loaded_at": loaded_at,
         "last_error": last_error,
         "reload_failures": r.metrics.reload_failures(),
-        "model": state.config.model_alias,
+        "model": state.config.model_id(),
         "sidecar": current.as_ref().map(|g| {
             let s = g.sidecar();
             json!({
@@ -446,19 +447,6 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 fn new_id(prefix: &str) -> String {
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}-{:x}{n:06x}", std::process::id())
-}
-
-fn check_model(state: &State, model: &Option<String>) -> Result<(), ApiError> {
-    match model {
-        Some(m) if !m.is_empty() && *m != state.config.model_alias => Err(ApiError::not_found(
-            format!(
-                "the model '{m}' does not exist; this server serves '{}'",
-                state.config.model_alias
-            ),
-            "model_not_found",
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// Turns the request into prompt tokens, checked against the context.
@@ -535,7 +523,6 @@ fn prompt_tokens(
 }
 
 struct Parsed {
-    model: Option<String>,
     messages: Option<Vec<(String, String)>>,
     prompt: Option<Prompt>,
     settings: GenSettings,
@@ -552,7 +539,6 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
             let q = ChatRequest::from_body(body)?;
             let settings = q.common.validate(&limits)?;
             Ok(Parsed {
-                model: q.common.model.clone(),
                 messages: Some(q.messages()?),
                 prompt: None,
                 settings,
@@ -562,7 +548,6 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
             let q = CompletionRequest::from_body(body)?;
             let settings = q.common.validate(&limits)?;
             Ok(Parsed {
-                model: q.common.model.clone(),
                 messages: None,
                 prompt: Some(q.prompt),
                 settings,
@@ -591,7 +576,6 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
                 return Err(ApiError::invalid("give messages or prompt, not both", None));
             }
             Ok(Parsed {
-                model: q.model,
                 messages,
                 prompt: q.prompt,
                 settings,
@@ -653,7 +637,7 @@ async fn completion(
     };
     r.pool.submit(job).map_err(refused)?;
     let created = clock::unix_now() as u64;
-    let model = state.config.model_alias.clone();
+    let model = state.config.model_id().to_string();
     if streamed {
         return Ok(stream_response(
             rx,
@@ -683,7 +667,8 @@ async fn prepare(
     let (st, rd) = (state.clone(), r.clone());
     tokio::task::spawn_blocking(move || {
         let p = parse(&st, &rd, endpoint, &body)?;
-        check_model(&st, &p.model)?;
+        // with one model served, whatever model a request names is answered by it (the
+        // response's `model` says which), as llama-server does
         // a grammar (JSON mode, a schema, GBNF) compiled against the model's vocabulary
         let grammar = match &p.settings.constraint {
             None => None,
