@@ -114,17 +114,30 @@ struct GenerateArgs {
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     ctx: usize,
     /// Temperature (0 = greedy).
-    #[arg(long = "temp", default_value_t = 0.8)]
+    #[arg(long = "temp", default_value_t = SamplingParams::default().temperature)]
     temperature: f32,
     /// Top-k (0 = off).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = SamplingParams::default().top_k)]
     top_k: i32,
     /// Top-p (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = SamplingParams::default().top_p)]
     top_p: f32,
     /// Min-p (0 = off).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = SamplingParams::default().min_p)]
     min_p: f32,
+    /// Repeat penalty: a token seen in the last --repeat-last-n tokens has its logit divided
+    /// by this (1 = off), as llama.cpp's.
+    #[arg(long, default_value_t = SamplingParams::default().repeat_penalty)]
+    repeat_penalty: f32,
+    /// Tokens (prompt included) the penalties look back at (0 = off).
+    #[arg(long, default_value_t = SamplingParams::default().repeat_last_n)]
+    repeat_last_n: i32,
+    /// Subtracted from a token's logit per time it was seen (0 = off).
+    #[arg(long, default_value_t = SamplingParams::default().frequency_penalty, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Subtracted once from the logit of a token seen at all (0 = off).
+    #[arg(long, default_value_t = SamplingParams::default().presence_penalty, allow_negative_numbers = true)]
+    presence_penalty: f32,
     /// Sampling seed (default: random).
     #[arg(long)]
     seed: Option<u32>,
@@ -165,6 +178,11 @@ impl GenerateArgs {
             seed: self
                 .seed
                 .unwrap_or_else(|| drllm_server::clock::random_seed(u64::from(std::process::id()))),
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: Vec::new(),
         };
         sampling.validate().map_err(anyhow::Error::msg)?;
         Ok(sampling)

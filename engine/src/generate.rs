@@ -179,19 +179,22 @@ impl Stepper {
         opts: &GenerateOptions,
     ) -> Result<Stepper> {
         let t0 = Instant::now();
-        let sampler = Self::sampler(tokenizer, opts)?;
+        let sampler = Self::sampler(tokenizer, opts, prompt)?;
         let pre = session.prefill(prompt, route, Logits::Last)?;
         let n_vocab = session.model().n_vocab();
         let last = pre.logits[pre.logits.len() - n_vocab..].to_vec();
         Ok(Self::ready(prompt, pre.path, last, opts, sampler, t0))
     }
 
-    fn sampler(tokenizer: &Tokenizer, opts: &GenerateOptions) -> Result<Sampler> {
-        let s = Sampler::new(&opts.sampling);
-        Ok(match &opts.grammar {
+    /// The request's sampler, told the prompt (the penalties count it, as in llama-server).
+    fn sampler(tokenizer: &Tokenizer, opts: &GenerateOptions, prompt: &[i32]) -> Result<Sampler> {
+        let s = Sampler::new(&opts.sampling, tokenizer.n_vocab());
+        let mut s = match &opts.grammar {
             Some(g) => s.with_grammar(tokenizer.grammar_sampler(g)?),
             None => s,
-        })
+        };
+        s.accept_prompt(prompt);
+        Ok(s)
     }
 
     /// Like [`Stepper::start`] for a session that already holds the first `reused` tokens of
@@ -216,7 +219,7 @@ impl Stepper {
                 prompt.len()
             )));
         }
-        let sampler = Self::sampler(tokenizer, opts)?;
+        let sampler = Self::sampler(tokenizer, opts, prompt)?;
         let (logits, _) = session.append(&prompt[reused..], Logits::Last)?;
         let n_vocab = session.model().n_vocab();
         let last = logits[logits.len() - n_vocab..].to_vec();

@@ -3,12 +3,13 @@
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 
 /// Sampling settings (llama.cpp's defaults, except that temperature 0 means greedy).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// Temperature; 0 = greedy (argmax).
+    /// Temperature; 0 = greedy (argmax, after the logit bias and the penalties).
     pub temperature: f32,
     /// Keep the k most likely tokens (0 = off).
     pub top_k: i32,
@@ -18,6 +19,17 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// RNG seed.
     pub seed: u32,
+    /// Divides the logit of a token seen in the last `repeat_last_n` tokens (multiplies a
+    /// negative one) by this (1 = off; llama.cpp's `repeat_penalty`).
+    pub repeat_penalty: f32,
+    /// How many of the last tokens (prompt included) the penalties look at (0 = off).
+    pub repeat_last_n: i32,
+    /// Subtracted from a token's logit per time it was seen (OpenAI's `frequency_penalty`).
+    pub frequency_penalty: f32,
+    /// Subtracted once from the logit of a token seen at all (`presence_penalty`).
+    pub presence_penalty: f32,
+    /// Added to these tokens' logits before anything else (`-inf` bans a token).
+    pub logit_bias: Vec<(i32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -28,6 +40,11 @@ impl Default for SamplingParams {
             top_p: 0.95,
             min_p: 0.05,
             seed: 0xFFFF_FFFF,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -39,6 +56,14 @@ impl SamplingParams {
             temperature: 0.0,
             ..Default::default()
         }
+    }
+
+    /// Whether the penalty sampler changes anything.
+    pub fn penalized(&self) -> bool {
+        self.repeat_last_n != 0
+            && (self.repeat_penalty != 1.0
+                || self.frequency_penalty != 0.0
+                || self.presence_penalty != 0.0)
     }
 
     /// Checks ranges; returns a message naming the bad field.
@@ -55,11 +80,29 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err("min_p must be in [0, 1]".into());
         }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return Err("repeat_penalty must be > 0".into());
+        }
+        if self.repeat_last_n < 0 {
+            return Err("repeat_last_n must be >= 0".into());
+        }
+        if !(self.frequency_penalty.is_finite() && self.presence_penalty.is_finite()) {
+            return Err("frequency_penalty and presence_penalty must be finite".into());
+        }
+        if self
+            .logit_bias
+            .iter()
+            .any(|&(_, b)| b.is_nan() || b == f32::INFINITY)
+        {
+            return Err("a logit bias must be a number or -inf".into());
+        }
         Ok(())
     }
 }
 
-/// A sampler chain, optionally constrained by a grammar.
+/// A sampler chain, optionally constrained by a grammar, in llama.cpp's order
+/// (`common_sampler_init`): logit bias, penalties, top-k, top-p, min-p, temperature, a seeded
+/// draw (greedy at temperature 0).
 pub struct Sampler {
     chain: Option<LlamaSampler>,
     grammar: Option<LlamaSampler>,
@@ -67,16 +110,40 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Builds the chain: top-k, top-p, min-p, temperature, then a seeded draw.
-    pub fn new(p: &SamplingParams) -> Sampler {
+    /// Builds the chain for a vocabulary of `n_vocab` tokens. Greedy decoding without a logit
+    /// bias or penalties needs no chain (argmax).
+    pub fn new(p: &SamplingParams, n_vocab: usize) -> Sampler {
+        let n_vocab = i32::try_from(n_vocab).unwrap_or(i32::MAX);
+        let mut s = Vec::new();
+        if !p.logit_bias.is_empty() {
+            let biases: Vec<LlamaLogitBias> = p
+                .logit_bias
+                .iter()
+                .filter(|&&(t, _)| (0..n_vocab).contains(&t))
+                .map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t), b))
+                .collect();
+            s.push(LlamaSampler::logit_bias(n_vocab, &biases));
+        }
+        if p.penalized() {
+            s.push(LlamaSampler::penalties(
+                n_vocab,
+                p.repeat_last_n,
+                p.repeat_penalty,
+                p.frequency_penalty,
+                p.presence_penalty,
+            ));
+        }
         if p.temperature <= 0.0 {
+            let chain = (!s.is_empty()).then(|| {
+                s.push(LlamaSampler::greedy());
+                LlamaSampler::chain_simple(s)
+            });
             return Sampler {
-                chain: None,
+                chain,
                 grammar: None,
                 data: Vec::new(),
             };
         }
-        let mut s = Vec::new();
         if p.top_k > 0 {
             s.push(LlamaSampler::top_k(p.top_k));
         }
@@ -102,24 +169,32 @@ impl Sampler {
         self
     }
 
+    /// Tells the chain the prompt's tokens, as llama-server does before sampling, so that the
+    /// penalties count them (the grammar only sees generated tokens).
+    pub fn accept_prompt(&mut self, tokens: &[i32]) {
+        if let Some(chain) = self.chain.as_mut() {
+            chain.accept_many(tokens.iter().map(|&t| LlamaToken(t)));
+        }
+    }
+
     /// Picks the next token from one row of logits. With a grammar, as llama.cpp does: the
     /// token drawn freely is kept if the grammar allows it, else the draw is repeated over the
-    /// tokens the grammar allows.
+    /// tokens the grammar allows. The chain and the grammar then accept the token chosen.
     pub fn sample(&mut self, logits: &[f32]) -> i32 {
-        let t = self.draw(logits, false);
-        let Some(g) = self.grammar.as_mut() else {
-            return t;
-        };
-        let lone = vec![LlamaTokenData::new(LlamaToken(t), logits[t as usize], 0.0)];
-        let mut one = LlamaTokenDataArray::new(lone, false);
-        one.apply_sampler(g);
-        let t = if one.data[0].logit().is_finite() {
-            t
-        } else {
-            self.draw(logits, true)
-        };
+        let mut t = self.draw(logits, false);
+        if let Some(g) = self.grammar.as_mut() {
+            let lone = vec![LlamaTokenData::new(LlamaToken(t), logits[t as usize], 0.0)];
+            let mut one = LlamaTokenDataArray::new(lone, false);
+            one.apply_sampler(g);
+            if !one.data[0].logit().is_finite() {
+                t = self.draw(logits, true);
+            }
+        }
         if let Some(g) = self.grammar.as_mut() {
             g.accept(LlamaToken(t));
+        }
+        if let Some(chain) = self.chain.as_mut() {
+            chain.accept(LlamaToken(t));
         }
         t
     }
@@ -145,12 +220,9 @@ impl Sampler {
         let t = match self.chain.as_mut() {
             Some(chain) => {
                 arr.apply_sampler(chain);
-                let t = arr
-                    .selected_token()
+                arr.selected_token()
                     .map(|t| t.0)
-                    .unwrap_or_else(|| best(&arr.data));
-                chain.accept(LlamaToken(t));
-                t
+                    .unwrap_or_else(|| best(&arr.data))
             }
             None => best(&arr.data),
         };

@@ -204,6 +204,9 @@ const COMMON_FIELDS: &[&str] = &[
     "stream_options",
     "presence_penalty",
     "frequency_penalty",
+    "repeat_penalty",
+    "repeat_last_n",
+    "logit_bias",
     "logprobs",
     "ignore_eos",
     "routing",
@@ -229,10 +232,6 @@ fn noop_value(endpoint: Endpoint, key: &str, v: &Value) -> Option<(bool, &'stati
             "\"auto\" or \"default\"",
         ),
         (_, "top_logprobs") => (v == &json!(0), "0 (logprobs are not supported)"),
-        (_, "logit_bias") => (
-            v.as_object().is_some_and(|o| o.is_empty()),
-            "{} (logit bias is not supported)",
-        ),
         (_, "tools" | "functions") => (
             v.as_array().is_some_and(|a| a.is_empty()),
             "[] (tool calls are not supported)",
@@ -401,6 +400,13 @@ pub struct CommonFields {
     pub stream_options: Option<StreamOptions>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// llama.cpp's repeat penalty (1: off).
+    pub repeat_penalty: Option<f64>,
+    /// Tokens the penalties look back at (llama-server's field; -1: the whole context, 0: off).
+    pub repeat_last_n: Option<i64>,
+    /// `{"TOKEN_ID": bias}` (OpenAI's, bias in [-100, 100]; `false` bans the token, as
+    /// llama-server allows), or llama-server's `[[TOKEN_ID, bias], ...]`.
+    pub logit_bias: Option<Value>,
     pub logprobs: Option<Value>,
     /// Keep generating past end-of-generation tokens (llama-server's extension).
     #[serde(default)]
@@ -575,6 +581,9 @@ pub struct GenSettings {
     pub min_p: f32,
     pub seed: Option<u32>,
     pub stop: Vec<String>,
+    pub penalties: Penalties,
+    /// (token, bias) pairs; a ban is `-inf`.
+    pub logit_bias: Vec<(i32, f32)>,
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
@@ -583,6 +592,16 @@ pub struct GenSettings {
     /// vocabulary by the caller.
     pub constraint: Option<Constraint>,
     pub routing: RoutingSettings,
+}
+
+/// Validated penalties (llama.cpp's penalty sampler).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Penalties {
+    pub repeat: f32,
+    /// Tokens looked back at (the context length for a request's -1; 0: off).
+    pub last_n: i32,
+    pub frequency: f32,
+    pub presence: f32,
 }
 
 /// Validated per-request routing controls.
@@ -604,6 +623,8 @@ pub struct Limits {
     pub default_max_tokens: usize,
     /// Blocks of the model (bounds max_passes).
     pub n_layer: usize,
+    /// Tokens of the vocabulary (bounds logit_bias).
+    pub n_vocab: usize,
 }
 
 fn range_f(v: Option<f64>, name: &str, lo: f64, hi: f64, default: f64) -> Result<f32, ApiError> {
@@ -623,7 +644,15 @@ impl CommonFields {
     pub fn validate(&self, limits: &Limits) -> Result<GenSettings, ApiError> {
         let max_tokens = self.checked_max_tokens(limits)?;
         self.refuse_unsupported()?;
-        let temperature = range_f(self.temperature, "temperature", 0.0, 2.0, 0.8)?;
+        // the defaults are the engine's (llama.cpp's), as `drllm generate`'s
+        let d = drllm_engine::SamplingParams::default();
+        let temperature = range_f(
+            self.temperature,
+            "temperature",
+            0.0,
+            2.0,
+            f64::from(d.temperature),
+        )?;
         let top_p = match self.top_p {
             Some(x) if !(x.is_finite() && x > 0.0 && x <= 1.0) => {
                 return Err(ApiError::invalid(
@@ -631,11 +660,11 @@ impl CommonFields {
                     Some("top_p"),
                 ))
             }
-            v => v.unwrap_or(0.95) as f32,
+            v => v.map_or(d.top_p, |x| x as f32),
         };
-        let min_p = range_f(self.min_p, "min_p", 0.0, 1.0, 0.05)?;
+        let min_p = range_f(self.min_p, "min_p", 0.0, 1.0, f64::from(d.min_p))?;
         let top_k = match self.top_k {
-            None => 40,
+            None => d.top_k,
             Some(k) if (0..=1_000_000).contains(&k) => k as i32,
             Some(k) => {
                 return Err(ApiError::invalid(
@@ -655,6 +684,8 @@ impl CommonFields {
             }
         };
         let stop = self.checked_stop()?;
+        let penalties = self.penalties(limits)?;
+        let logit_bias = self.checked_logit_bias(limits)?;
         let routing = self.routing_settings(limits)?;
         Ok(GenSettings {
             max_tokens,
@@ -664,6 +695,8 @@ impl CommonFields {
             min_p,
             seed,
             stop,
+            penalties,
+            logit_bias,
             stream: self.stream,
             include_usage: self
                 .stream_options
@@ -702,8 +735,7 @@ impl CommonFields {
         }
     }
 
-    /// The OpenAI fields accepted only at the value that means "off": n = 1, zero penalties,
-    /// no logprobs.
+    /// The OpenAI fields accepted only at the value that means "off": n = 1, no logprobs.
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
         if let Some(n) = self.n {
             if n != 1 {
@@ -713,19 +745,6 @@ impl CommonFields {
                 ));
             }
         }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if let Some(x) = v {
-                if x != 0.0 {
-                    return Err(ApiError::invalid(
-                        format!("{name} is not supported (only 0)"),
-                        Some(name),
-                    ));
-                }
-            }
-        }
         match &self.logprobs {
             None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
             Some(_) => Err(ApiError::invalid(
@@ -733,6 +752,113 @@ impl CommonFields {
                 Some("logprobs"),
             )),
         }
+    }
+
+    /// The penalties: frequency and presence in [-2, 2] (OpenAI's range), repeat in (0, 10],
+    /// repeat_last_n from -1 (the context) to the context length (llama-server's defaults:
+    /// 1, 64, 0, 0).
+    fn penalties(&self, limits: &Limits) -> Result<Penalties, ApiError> {
+        let d = drllm_engine::SamplingParams::default();
+        let frequency = range_f(
+            self.frequency_penalty,
+            "frequency_penalty",
+            -2.0,
+            2.0,
+            f64::from(d.frequency_penalty),
+        )?;
+        let presence = range_f(
+            self.presence_penalty,
+            "presence_penalty",
+            -2.0,
+            2.0,
+            f64::from(d.presence_penalty),
+        )?;
+        let repeat = match self.repeat_penalty {
+            Some(x) if !(x.is_finite() && x > 0.0 && x <= 10.0) => {
+                return Err(ApiError::invalid(
+                    format!("repeat_penalty must be in (0, 10] (got {x})"),
+                    Some("repeat_penalty"),
+                ))
+            }
+            v => v.map_or(d.repeat_penalty, |x| x as f32),
+        };
+        let n_ctx = limits.n_ctx as i64;
+        let last_n = match self.repeat_last_n {
+            None => i64::from(d.repeat_last_n),
+            Some(-1) => n_ctx,
+            Some(n) if (0..=n_ctx).contains(&n) => n,
+            Some(n) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "repeat_last_n must be -1 (the whole context) or between 0 and {n_ctx} (got {n})"
+                    ),
+                    Some("repeat_last_n"),
+                ))
+            }
+        };
+        Ok(Penalties {
+            repeat,
+            last_n: i32::try_from(last_n).unwrap_or(i32::MAX),
+            frequency,
+            presence,
+        })
+    }
+
+    /// `logit_bias`: token ids of the vocabulary, biases in [-100, 100] (or `false`: banned),
+    /// at most 1024 of them.
+    fn checked_logit_bias(&self, limits: &Limits) -> Result<Vec<(i32, f32)>, ApiError> {
+        let bad = |m: String| ApiError::invalid(m, Some("logit_bias"));
+        let entries: Vec<(String, &Value)> = match &self.logit_bias {
+            None => return Ok(Vec::new()),
+            Some(Value::Object(o)) => o.iter().map(|(k, v)| (k.clone(), v)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                    Some([t, b]) => Ok((t.to_string(), b)),
+                    _ => Err(bad(format!(
+                        "logit_bias as a list takes [TOKEN_ID, BIAS] pairs (got {pair})"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(v) => {
+                return Err(bad(format!(
+                    "logit_bias must be an object {{\"TOKEN_ID\": BIAS}} (got {v})"
+                )))
+            }
+        };
+        if entries.len() > 1024 {
+            return Err(bad(format!(
+                "logit_bias takes at most 1024 tokens (got {})",
+                entries.len()
+            )));
+        }
+        entries
+            .into_iter()
+            .map(|(k, v)| {
+                let token = k
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|t| (0..limits.n_vocab as i64).contains(t))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "logit_bias: '{k}' is not a token id of this model (0 to {})",
+                            limits.n_vocab.saturating_sub(1)
+                        ))
+                    })?;
+                let bias = match v {
+                    Value::Bool(false) => f32::NEG_INFINITY,
+                    v => match v.as_f64() {
+                        Some(b) if (-100.0..=100.0).contains(&b) => b as f32,
+                        _ => {
+                            return Err(bad(format!(
+                                "logit_bias of token {k} must be a number in [-100, 100] or false (got {v})"
+                            )))
+                        }
+                    },
+                };
+                Ok((token as i32, bias))
+            })
+            .collect()
     }
 
     /// The stop strings: at most 16, of at most 256 bytes each.
@@ -943,6 +1069,7 @@ mod tests {
         n_ctx: 2048,
         default_max_tokens: 256,
         n_layer: 30,
+        n_vocab: 49152,
     };
 
     fn settings(body: &str) -> Result<GenSettings, ApiError> {

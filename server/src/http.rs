@@ -533,6 +533,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
         n_ctx: state.config.ctx_size,
         default_max_tokens: state.config.default_max_tokens,
         n_layer: r.model.n_layer(),
+        n_vocab: r.model.n_vocab(),
     };
     match endpoint {
         Endpoint::Chat => {
@@ -706,6 +707,11 @@ fn task(endpoint: Endpoint, s: &GenSettings, prompt: Vec<i32>, grammar: Option<G
                 seed: s
                     .seed
                     .unwrap_or_else(|| clock::random_seed(NEXT_ID.load(Ordering::Relaxed))),
+                repeat_penalty: s.penalties.repeat,
+                repeat_last_n: s.penalties.last_n,
+                frequency_penalty: s.penalties.frequency,
+                presence_penalty: s.penalties.presence,
+                logit_bias: s.logit_bias.clone(),
             },
             stop: s.stop.clone(),
             ignore_eos: s.ignore_eos,

@@ -449,6 +449,93 @@ fn any_model_name_is_served_and_every_alias_is_listed() {
     }
 }
 
+#[test]
+fn penalties_and_logit_bias_are_llama_cpp_samplers_checked_by_range() {
+    let s = server(|c| c.no_routers = Some(true));
+    let tok = Tokenizer::load(&s.model).unwrap();
+    let cat = *tok.tokenize(" cat", false, false).last().unwrap();
+    let completion = |extra: Value| {
+        let mut b = json!({"prompt": "the dog sat on", "max_tokens": 4, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        post(s.addr, "/v1/completions", &b)
+    };
+    // a +100 bias makes the token every greedy choice; a ban keeps it out
+    let r = completion(json!({"logit_bias": {cat.to_string(): 100}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let piece = String::from_utf8(tok.token_bytes(cat)).unwrap();
+    assert_eq!(r.v()["choices"][0]["text"], piece.repeat(4));
+    let r = completion(json!({"logit_bias": [[cat, 100]], "frequency_penalty": 2.0,
+                              "presence_penalty": 2.0, "repeat_penalty": 1.5}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // banning the plain model's first token changes the first token
+    let first = |extra: Value| {
+        let mut e = extra;
+        e["max_tokens"] = json!(1);
+        let r = completion(e);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.v()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let plain = first(json!({}));
+    let id = *tok.tokenize(&plain, false, false).last().unwrap();
+    assert_eq!(String::from_utf8(tok.token_bytes(id)).unwrap(), plain);
+    let banned = first(json!({"logit_bias": {id.to_string(): false}}));
+    assert_ne!(banned, plain);
+    // the same through the engine directly: the server passes the settings on unchanged
+    let m = Arc::new(Model::load(&s.model, DeviceChoice::Cpu).unwrap());
+    let opts = GenerateOptions {
+        max_tokens: 4,
+        sampling: SamplingParams {
+            frequency_penalty: 1.0,
+            presence_penalty: 0.5,
+            repeat_penalty: 1.2,
+            repeat_last_n: 8,
+            ..SamplingParams::greedy()
+        },
+        ..Default::default()
+    };
+    let mut sess = Session::new(
+        m.clone(),
+        SessionOptions {
+            n_ctx: 256,
+            n_threads: 1,
+            n_ubatch: 512,
+        },
+    )
+    .unwrap();
+    let prompt = tok.tokenize("the dog sat on", true, false);
+    let g = generate(
+        &mut sess,
+        &tok,
+        &prompt,
+        Route::Fixed(&LayerPath::full(m.n_layer())),
+        &opts,
+        |_| true,
+    )
+    .unwrap();
+    let r = completion(json!({"frequency_penalty": 1.0, "presence_penalty": 0.5,
+                              "repeat_penalty": 1.2, "repeat_last_n": 8}));
+    assert_eq!(r.v()["choices"][0]["text"], g.text);
+    // out of range, or not a token of the model: 400 naming the field
+    for (extra, param) in [
+        (json!({"frequency_penalty": 2.5}), "frequency_penalty"),
+        (json!({"presence_penalty": -3}), "presence_penalty"),
+        (json!({"repeat_penalty": 0}), "repeat_penalty"),
+        (json!({"repeat_last_n": -2}), "repeat_last_n"),
+        (json!({"repeat_last_n": 100000}), "repeat_last_n"),
+        (json!({"logit_bias": {"cat": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"999999": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"5": 101}}), "logit_bias"),
+        (json!({"logit_bias": [[5]]}), "logit_bias"),
+        (json!({"logit_bias": "5"}), "logit_bias"),
+    ] {
+        let r = completion(extra.clone());
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        assert_eq!(r.error().1.as_deref(), Some(param), "{extra}");
+    }
+}
+
 fn generation(s: &Server) -> Value {
     get(s.addr, "/v1/routers").v()["generation"].clone()
 }
@@ -1217,9 +1304,7 @@ fn fields_drllm_does_not_implement_are_refused_by_name() {
             "tools",
         ),
         (json!({"tool_choice": "required"}), "tool_choice"),
-        (json!({"logit_bias": {"42": 5}}), "logit_bias"),
         (json!({"top_logprobs": 3}), "top_logprobs"),
-        (json!({"repeat_penalty": 1.1}), "repeat_penalty"),
         (json!({"store": true}), "store"),
         (
             json!({"stream_options": {"include_usage": true, "chunk_size": 4}}),
