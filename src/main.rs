@@ -253,7 +253,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         sampling,
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
-        grammar: None,
+        ..Default::default()
     };
     let mut out = std::io::stdout().lock();
     let g = generate(&mut session, &tok, &prompt, route, &opts, |s| {

@@ -20,6 +20,12 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Only text this grammar allows (JSON mode, schemas, GBNF).
     pub grammar: Option<crate::grammar::Grammar>,
+    /// Each generated token's log-probability and the `n` most likely tokens at its place
+    /// (None: none recorded). See [`TokenLogprob`] for the distribution.
+    pub logprobs: Option<usize>,
+    /// The same for every prompt token after the first (the prompt is then prefilled with
+    /// every row's logits).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -30,6 +36,49 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             ignore_eos: false,
             grammar: None,
+            logprobs: None,
+            prompt_logprobs: None,
+        }
+    }
+}
+
+/// Most alternatives a [`TokenLogprob`] lists (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A token's log-probability and the most likely tokens at its place, under the model's own
+/// distribution: the log-softmax of the raw logits, before the logit bias, penalties,
+/// truncation, temperature and grammar (what llama-server reports by default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: i32,
+    pub logprob: f32,
+    /// The most likely tokens, most likely first (ties: the lower id first).
+    pub top: Vec<(i32, f32)>,
+}
+
+impl TokenLogprob {
+    /// `token`'s entry in a row of logits, with the `n` most likely tokens (at most
+    /// [`MAX_TOP_LOGPROBS`]).
+    pub fn of(logits: &[f32], token: i32, n: usize) -> TokenLogprob {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let log_z = f64::from(max) + sum.ln();
+        let lp = |l: f32| (f64::from(l) - log_z) as f32;
+        let n = n.min(MAX_TOP_LOGPROBS).min(logits.len());
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if n > 0 && n < idx.len() {
+            idx.select_nth_unstable_by(n - 1, by_logit);
+            idx.truncate(n);
+        }
+        idx.truncate(n);
+        idx.sort_by(by_logit);
+        TokenLogprob {
+            token,
+            logprob: logits
+                .get(token as usize)
+                .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+            top: idx.into_iter().map(|i| (i as i32, lp(logits[i]))).collect(),
         }
     }
 }
@@ -69,6 +118,10 @@ pub struct Generation {
     pub path: LayerPath,
     /// Why it ended.
     pub finish: FinishReason,
+    /// Each generated token's log-probability (with `logprobs`).
+    pub logprobs: Vec<TokenLogprob>,
+    /// Each prompt token's after the first (with `prompt_logprobs`).
+    pub prompt_logprobs: Vec<TokenLogprob>,
     /// Seconds spent in prefill (routing included).
     pub prefill_secs: f64,
     /// Seconds spent generating.
@@ -146,8 +199,13 @@ impl StopScanner {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// A token was sampled: `show` is the text that became final (maybe empty), `decode` the
-    /// token to run through the model next (None: the generation is over).
-    Token { show: String, decode: Option<i32> },
+    /// token to run through the model next (None: the generation is over), `logprob` the
+    /// sampled token's (with `logprobs`; not for an end-of-generation token).
+    Token {
+        show: String,
+        decode: Option<i32>,
+        logprob: Option<TokenLogprob>,
+    },
     /// The generation was already over.
     Done,
 }
@@ -161,6 +219,8 @@ pub struct Stepper {
     stops: StopScanner,
     tokens: Vec<i32>,
     logits: Vec<f32>,
+    logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Vec<TokenLogprob>,
     n_prompt: usize,
     path: crate::path::LayerPath,
     finish: Option<FinishReason>,
@@ -180,10 +240,25 @@ impl Stepper {
     ) -> Result<Stepper> {
         let t0 = Instant::now();
         let sampler = Self::sampler(tokenizer, opts, prompt)?;
-        let pre = session.prefill(prompt, route, Logits::Last)?;
+        let rows = match opts.prompt_logprobs {
+            Some(_) => Logits::All,
+            None => Logits::Last,
+        };
+        let pre = session.prefill(prompt, route, rows)?;
         let n_vocab = session.model().n_vocab();
         let last = pre.logits[pre.logits.len() - n_vocab..].to_vec();
-        Ok(Self::ready(prompt, pre.path, last, opts, sampler, t0))
+        let prompt_logprobs = match opts.prompt_logprobs {
+            Some(n) => pre
+                .logits
+                .chunks(n_vocab)
+                .zip(&prompt[1..])
+                .map(|(row, &t)| TokenLogprob::of(row, t, n))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut st = Self::ready(prompt, pre.path, last, opts, sampler, t0);
+        st.prompt_logprobs = prompt_logprobs;
+        Ok(st)
     }
 
     /// The request's sampler, told the prompt (the penalties count it, as in llama-server).
@@ -212,6 +287,11 @@ impl Stepper {
             .path()
             .cloned()
             .ok_or_else(|| crate::EngineError::State("resume without a sequence".into()))?;
+        if opts.prompt_logprobs.is_some() {
+            return Err(crate::EngineError::State(
+                "resume: prompt logprobs need the whole prompt prefilled".into(),
+            ));
+        }
         if reused == 0 || reused >= prompt.len() || session.n_past() != reused {
             return Err(crate::EngineError::State(format!(
                 "resume: the session holds {} tokens, {reused} of a prompt of {} asked",
@@ -242,6 +322,8 @@ impl Stepper {
             stops: StopScanner::new(&opts.stop),
             tokens: Vec::new(),
             logits,
+            logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
             n_prompt: prompt.len(),
             path,
             finish: None,
@@ -277,7 +359,15 @@ impl Stepper {
             return Step::Token {
                 show: String::new(),
                 decode: None,
+                logprob: None,
             };
+        }
+        let logprob = self
+            .opts
+            .logprobs
+            .map(|n| TokenLogprob::of(&self.logits, t, n));
+        if let Some(lp) = &logprob {
+            self.logprobs.push(lp.clone());
         }
         self.tokens.push(t);
         let piece = self.stream.push(&tokenizer.token_bytes(t));
@@ -292,7 +382,11 @@ impl Stepper {
         } else {
             Some(t)
         };
-        Step::Token { show, decode }
+        Step::Token {
+            show,
+            decode,
+            logprob,
+        }
     }
 
     /// The logits after decoding the token [`Stepper::step`] asked for.
@@ -325,6 +419,8 @@ impl Stepper {
             n_prompt: self.n_prompt,
             path: self.path,
             finish,
+            logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
             prefill_secs: self.prefill_secs,
             decode_secs: self.t_decode.elapsed().as_secs_f64(),
         };
@@ -340,26 +436,38 @@ pub fn generate(
     prompt: &[i32],
     route: Route<'_>,
     opts: &GenerateOptions,
-    on_text: impl FnMut(&str) -> bool,
+    mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let st = Stepper::start(session, tokenizer, prompt, route, opts)?;
-    run_to_end(st, session, tokenizer, on_text)
+    run_to_end(st, session, tokenizer, |t, _| on_text(t))
 }
 
 /// Runs a started generation ([`Stepper::start`] or [`Stepper::resume`]) to its end, decoding
-/// one token at a time. `on_text` receives text as it becomes final and returns false to stop
-/// (the generation then ends as cancelled); the held-back rest is given to it at the end.
+/// one token at a time. `on_text` receives text as it becomes final, with the log-probabilities
+/// of the tokens sampled since its last call (with `logprobs`), and returns false to stop (the
+/// generation then ends as cancelled); the held-back rest is given to it at the end.
 pub fn run_to_end(
     mut st: Stepper,
     session: &mut Session,
     tokenizer: &Tokenizer,
-    mut on_text: impl FnMut(&str) -> bool,
+    mut on_text: impl FnMut(&str, &[TokenLogprob]) -> bool,
 ) -> Result<Generation> {
     let n_ctx = session.options().n_ctx;
-    while let Step::Token { show, decode } = st.step(tokenizer, session.n_past(), n_ctx) {
-        if !show.is_empty() && !on_text(&show) {
-            st.cancel();
-            break;
+    let mut pending = Vec::new();
+    while let Step::Token {
+        show,
+        decode,
+        logprob,
+    } = st.step(tokenizer, session.n_past(), n_ctx)
+    {
+        pending.extend(logprob);
+        if !show.is_empty() {
+            let go_on = on_text(&show, &pending);
+            pending.clear();
+            if !go_on {
+                st.cancel();
+                break;
+            }
         }
         match decode {
             Some(t) => {
@@ -370,8 +478,8 @@ pub fn run_to_end(
         }
     }
     let (g, rest) = st.end();
-    if !rest.is_empty() {
-        on_text(&rest);
+    if !rest.is_empty() || !pending.is_empty() {
+        on_text(&rest, &pending);
     }
     Ok(g)
 }

@@ -29,6 +29,7 @@ pub use drllm_router_format as router_format;
 pub use error::{EngineError, Result};
 pub use generate::{
     generate, run_to_end, FinishReason, GenerateOptions, Generation, Step, Stepper, StopScanner,
+    TokenLogprob, MAX_TOP_LOGPROBS,
 };
 pub use grammar::{json_schema_to_gbnf, Grammar, GrammarError};
 pub use model::{DeviceChoice, Model};

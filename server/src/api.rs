@@ -208,6 +208,7 @@ const COMMON_FIELDS: &[&str] = &[
     "repeat_last_n",
     "logit_bias",
     "logprobs",
+    "top_logprobs",
     "ignore_eos",
     "routing",
     "depth_bias",
@@ -231,7 +232,6 @@ fn noop_value(endpoint: Endpoint, key: &str, v: &Value) -> Option<(bool, &'stati
             v == &json!("auto") || v == &json!("default"),
             "\"auto\" or \"default\"",
         ),
-        (_, "top_logprobs") => (v == &json!(0), "0 (logprobs are not supported)"),
         (_, "tools" | "functions") => (
             v.as_array().is_some_and(|a| a.is_empty()),
             "[] (tool calls are not supported)",
@@ -242,7 +242,6 @@ fn noop_value(endpoint: Endpoint, key: &str, v: &Value) -> Option<(bool, &'stati
         ),
         (_, "parallel_tool_calls") => (v.is_boolean(), "a boolean, without tools"),
         (_, "modalities") => (v == &json!(["text"]), "[\"text\"]"),
-        (Endpoint::Completion, "echo") => (v == &json!(false), "false"),
         (Endpoint::Completion, "best_of") => (v == &json!(1), "1"),
         (Endpoint::Completion, "suffix") => (v == &json!(""), "\"\""),
         _ => return None,
@@ -266,7 +265,9 @@ pub fn check_fields(endpoint: Endpoint, body: &Value) -> Result<(), ApiError> {
         }
         let implemented = match endpoint {
             Endpoint::Chat => key == "messages" || COMMON_FIELDS.contains(&key.as_str()),
-            Endpoint::Completion => key == "prompt" || COMMON_FIELDS.contains(&key.as_str()),
+            Endpoint::Completion => {
+                key == "prompt" || key == "echo" || COMMON_FIELDS.contains(&key.as_str())
+            }
             Endpoint::Route => matches!(
                 key.as_str(),
                 "model" | "messages" | "prompt" | "routing" | "depth_bias" | "max_passes"
@@ -407,7 +408,16 @@ pub struct CommonFields {
     /// `{"TOKEN_ID": bias}` (OpenAI's, bias in [-100, 100]; `false` bans the token, as
     /// llama-server allows), or llama-server's `[[TOKEN_ID, bias], ...]`.
     pub logit_bias: Option<Value>,
+    /// Chat: true for each token's log-probability; completions: the number of alternatives
+    /// (0 to 20) listed with each token's.
     pub logprobs: Option<Value>,
+    /// Chat: alternatives listed with each token's log-probability (0 to 20; needs
+    /// `logprobs: true`).
+    pub top_logprobs: Option<i64>,
+    /// Completions: the prompt comes back before the answer (with its tokens' log-probabilities
+    /// when `logprobs` is given; with `max_tokens: 0`, only the prompt: scoring).
+    #[serde(default)]
+    pub echo: bool,
     /// Keep generating past end-of-generation tokens (llama-server's extension).
     #[serde(default)]
     pub ignore_eos: bool,
@@ -586,6 +596,10 @@ pub struct GenSettings {
     pub logit_bias: Vec<(i32, f32)>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Each generated token's log-probability with this many alternatives (None: none).
+    pub logprobs: Option<usize>,
+    /// Completions: the prompt comes back first (with its logprobs when `logprobs` is set).
+    pub echo: bool,
     pub ignore_eos: bool,
     pub cache_prompt: bool,
     /// The grammar the answer must follow (JSON mode, a schema, GBNF); compiled against the
@@ -641,9 +655,10 @@ fn range_f(v: Option<f64>, name: &str, lo: f64, hi: f64, default: f64) -> Result
 impl CommonFields {
     /// Checks every field's range; gives the settings. The checks run in the order written
     /// (the first bad field is the one reported).
-    pub fn validate(&self, limits: &Limits) -> Result<GenSettings, ApiError> {
+    pub fn validate(&self, limits: &Limits, endpoint: Endpoint) -> Result<GenSettings, ApiError> {
         let max_tokens = self.checked_max_tokens(limits)?;
         self.refuse_unsupported()?;
+        let logprobs = self.checked_logprobs(endpoint)?;
         // the defaults are the engine's (llama.cpp's), as `drllm generate`'s
         let d = drllm_engine::SamplingParams::default();
         let temperature = range_f(
@@ -702,6 +717,8 @@ impl CommonFields {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            logprobs,
+            echo: self.echo,
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt.unwrap_or(true),
             constraint: constraint(self.response_format.as_ref(), self.grammar.as_ref())?,
@@ -724,6 +741,8 @@ impl CommonFields {
         };
         match mt {
             None => Ok(limits.default_max_tokens.min(limits.n_ctx)),
+            // nothing generated: the echoed prompt is the answer (scoring by logprobs)
+            Some(0) if self.echo => Ok(0),
             Some(v) if v >= 1 && (v as u64) <= limits.n_ctx as u64 => Ok(v as usize),
             Some(v) => Err(ApiError::invalid(
                 format!(
@@ -735,7 +754,7 @@ impl CommonFields {
         }
     }
 
-    /// The OpenAI fields accepted only at the value that means "off": n = 1, no logprobs.
+    /// The OpenAI fields accepted only at the value that means "off": n = 1.
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
         if let Some(n) = self.n {
             if n != 1 {
@@ -745,12 +764,67 @@ impl CommonFields {
                 ));
             }
         }
-        match &self.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
-            Some(_) => Err(ApiError::invalid(
-                "logprobs are not supported",
-                Some("logprobs"),
-            )),
+        Ok(())
+    }
+
+    /// The alternatives listed with each token's log-probability (None: no logprobs). Chat:
+    /// `logprobs: true` and `top_logprobs` (0 to 20, only with logprobs); completions:
+    /// `logprobs: N` (0 to 20). `echo` is for completions and not with `stream`.
+    fn checked_logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+        let max = drllm_engine::MAX_TOP_LOGPROBS as i64;
+        let bad = |m: String, p: &str| ApiError::invalid(m, Some(p));
+        if self.echo && self.stream {
+            return Err(bad(
+                "echo with stream is not supported (ask without stream)".into(),
+                "echo",
+            )
+            .with_code("unsupported_parameter"));
+        }
+        let lp = self.logprobs.as_ref().filter(|v| !v.is_null());
+        match endpoint {
+            Endpoint::Chat => {
+                let on = match lp {
+                    None | Some(Value::Bool(false)) => false,
+                    Some(Value::Bool(true)) => true,
+                    Some(v) => {
+                        return Err(bad(
+                            format!("logprobs must be true or false in chat completions (got {v})"),
+                            "logprobs",
+                        ))
+                    }
+                };
+                match self.top_logprobs {
+                    Some(n) if !(0..=max).contains(&n) => Err(bad(
+                        format!("top_logprobs must be between 0 and {max} (got {n})"),
+                        "top_logprobs",
+                    )),
+                    Some(n) if n > 0 && !on => Err(bad(
+                        "top_logprobs needs logprobs: true".into(),
+                        "top_logprobs",
+                    )),
+                    n => Ok(on.then(|| n.unwrap_or(0) as usize)),
+                }
+            }
+            _ => {
+                if self.top_logprobs.is_some_and(|n| n != 0) {
+                    return Err(bad(
+                        "top_logprobs is for chat completions; completions take logprobs: N".into(),
+                        "top_logprobs",
+                    ));
+                }
+                match lp {
+                    None => Ok(None),
+                    Some(v) => match v.as_i64() {
+                        Some(n) if (0..=max).contains(&n) => Ok(Some(n as usize)),
+                        _ => Err(bad(
+                            format!(
+                                "logprobs must be the number of alternatives, 0 to {max}, in completions (got {v})"
+                            ),
+                            "logprobs",
+                        )),
+                    },
+                }
+            }
         }
     }
 
@@ -1074,7 +1148,7 @@ mod tests {
 
     fn settings(body: &str) -> Result<GenSettings, ApiError> {
         let r = ChatRequest::from_body(body.as_bytes())?;
-        r.common.validate(&LIMITS)
+        r.common.validate(&LIMITS, Endpoint::Chat)
     }
 
     #[test]
@@ -1120,10 +1194,11 @@ mod tests {
             (r#"{"messages":[],"max_passes":61}"#, "max_passes"),
             (r#"{"messages":[],"max_passes":0}"#, "max_passes"),
             (
-                r#"{"messages":[],"presence_penalty":1}"#,
+                r#"{"messages":[],"presence_penalty":2.5}"#,
                 "presence_penalty",
             ),
-            (r#"{"messages":[],"logprobs":true}"#, "logprobs"),
+            (r#"{"messages":[],"logprobs":2}"#, "logprobs"),
+            (r#"{"messages":[],"top_logprobs":1}"#, "top_logprobs"),
         ] {
             let e = settings(body).unwrap_err();
             assert_eq!(e.status, 400, "{body}");

@@ -6,11 +6,12 @@ use crate::api::{
     RouteRequest, Usage,
 };
 use crate::clock;
+use crate::logprobs;
 use crate::pool::{Event, Job, Outcome, Refused, Task};
 use crate::reload::Reload;
 use crate::{Ready, State};
 use bytes::Bytes;
-use drllm_engine::{ChatMessage, GenerateOptions, Grammar, SamplingParams};
+use drllm_engine::{ChatMessage, GenerateOptions, Grammar, SamplingParams, Tokenizer};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -538,7 +539,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
     match endpoint {
         Endpoint::Chat => {
             let q = ChatRequest::from_body(body)?;
-            let settings = q.common.validate(&limits)?;
+            let settings = q.common.validate(&limits, endpoint)?;
             Ok(Parsed {
                 messages: Some(q.messages()?),
                 prompt: None,
@@ -547,7 +548,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
         }
         Endpoint::Completion => {
             let q = CompletionRequest::from_body(body)?;
-            let settings = q.common.validate(&limits)?;
+            let settings = q.common.validate(&limits, endpoint)?;
             Ok(Parsed {
                 messages: None,
                 prompt: Some(q.prompt),
@@ -562,7 +563,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
                 max_passes: q.max_passes,
                 ..Default::default()
             };
-            let settings = common.validate(&limits)?;
+            let settings = common.validate(&limits, endpoint)?;
             let messages = match &q.messages {
                 Some(m) => Some(
                     ChatRequest {
@@ -612,7 +613,12 @@ async fn completion(
     endpoint: Endpoint,
     body: Bytes,
 ) -> Result<Response<ResBody>, ApiError> {
-    let (s, prompt, grammar) = prepare(state, r, endpoint, body).await?;
+    let Prepared {
+        settings: s,
+        prompt,
+        grammar,
+        echo,
+    } = prepare(state, r, endpoint, body).await?;
     if s.routing.routing == Some(true) && r.routers.current().is_none() {
         return Err(ApiError::no_routers());
     }
@@ -621,6 +627,11 @@ async fn completion(
         Endpoint::Completion => "cmpl",
         Endpoint::Route => "route",
     });
+    let shape = Shape {
+        tokenizer: r.tokenizer.clone(),
+        logprobs: s.logprobs.is_some(),
+        echo: echo.map(|text| (text, prompt.first().copied().unwrap_or(0))),
+    };
     let task = task(endpoint, &s, prompt, grammar);
     let streamed = s.stream && endpoint != Endpoint::Route;
     // small buffers: a worker runs at most a few tokens ahead of a client, so a disconnect
@@ -647,24 +658,46 @@ async fn completion(
             model,
             endpoint == Endpoint::Chat,
             s.include_usage,
+            shape,
         ));
     }
     let o = collect(rx).await?;
     Ok(json_response(
         200,
-        &answer(endpoint, id, created, model, &o),
+        &answer(endpoint, id, created, model, &o, &shape),
     ))
 }
 
-/// Parses the body, checks the model name, compiles the grammar and tokenizes the prompt.
-/// CPU work on bodies of up to max_body_bytes: off the async threads, so /health, /metrics
-/// and streams stay responsive.
+/// What a request runs with, once parsed.
+struct Prepared {
+    settings: GenSettings,
+    prompt: Vec<i32>,
+    grammar: Option<Grammar>,
+    /// With `echo`: the prompt's text, returned before the answer.
+    echo: Option<String>,
+}
+
+/// How an answer is written beyond its text: token texts for logprobs, the echoed prompt.
+struct Shape {
+    tokenizer: Arc<Tokenizer>,
+    /// The request asked for logprobs.
+    logprobs: bool,
+    /// With `echo`: the prompt's text and its first token (which has no logprob).
+    echo: Option<(String, i32)>,
+}
+
+/// Most bytes of prompt logits an `echo` with `logprobs` may hold (every prompt row's).
+const MAX_PROMPT_LOGITS_BYTES: usize = 1 << 30;
+
+/// Parses the body, compiles the grammar and tokenizes the prompt. CPU work on bodies of up
+/// to max_body_bytes: off the async threads, so /health, /metrics and streams stay
+/// responsive.
 async fn prepare(
     state: &Arc<State>,
     r: &Arc<Ready>,
     endpoint: Endpoint,
     body: Bytes,
-) -> Result<(GenSettings, Vec<i32>, Option<Grammar>), ApiError> {
+) -> Result<Prepared, ApiError> {
     let (st, rd) = (state.clone(), r.clone());
     tokio::task::spawn_blocking(move || {
         let p = parse(&st, &rd, endpoint, &body)?;
@@ -684,7 +717,32 @@ async fn prepare(
             })?),
         };
         let prompt = prompt_tokens(&st, &rd, p.messages, p.prompt.as_ref())?;
-        Ok::<_, ApiError>((p.settings, prompt, grammar))
+        let echo = p.settings.echo.then(|| match &p.prompt {
+            Some(Prompt::Text(t)) => t.clone(),
+            Some(Prompt::Texts(v)) => v.concat(),
+            _ => rd.tokenizer.detokenize(&prompt),
+        });
+        let logits_bytes = prompt
+            .len()
+            .saturating_mul(rd.model.n_vocab())
+            .saturating_mul(4);
+        if echo.is_some() && p.settings.logprobs.is_some() && logits_bytes > MAX_PROMPT_LOGITS_BYTES {
+            return Err(ApiError::invalid(
+                format!(
+                    "echo with logprobs keeps every prompt token's logits: {} tokens of a {}-token vocabulary are more than {} MiB",
+                    prompt.len(),
+                    rd.model.n_vocab(),
+                    MAX_PROMPT_LOGITS_BYTES >> 20
+                ),
+                Some("echo"),
+            ));
+        }
+        Ok::<_, ApiError>(Prepared {
+            settings: p.settings,
+            prompt,
+            grammar,
+            echo,
+        })
     })
     .await
     .map_err(|e| ApiError::internal(format!("request parsing task: {e}")))?
@@ -716,31 +774,57 @@ fn task(endpoint: Endpoint, s: &GenSettings, prompt: Vec<i32>, grammar: Option<G
             stop: s.stop.clone(),
             ignore_eos: s.ignore_eos,
             grammar,
+            logprobs: s.logprobs,
+            prompt_logprobs: if s.echo { s.logprobs } else { None },
         },
         cache_prompt: s.cache_prompt,
     }
 }
 
 /// The whole (non-streamed) answer to a finished job.
-fn answer(endpoint: Endpoint, id: String, created: u64, model: String, o: &Outcome) -> Value {
+fn answer(
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    model: String,
+    o: &Outcome,
+    shape: &Shape,
+) -> Value {
     let usage = Usage::new(o.n_prompt, o.n_completion, o.n_cached);
+    let tok = &shape.tokenizer;
     match endpoint {
         Endpoint::Chat => json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0,
                          "message": {"role": "assistant", "content": o.text},
-                         "logprobs": null,
+                         "logprobs": shape.logprobs.then(|| logprobs::chat(tok, &o.logprobs)),
                          "finish_reason": o.finish.as_str()}],
             "usage": usage,
             "drllm": drllm_object(o),
         }),
-        Endpoint::Completion => json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": o.text, "logprobs": null,
-                         "finish_reason": o.finish.as_str()}],
-            "usage": usage,
-            "drllm": drllm_object(o),
-        }),
+        Endpoint::Completion => {
+            let mut text = String::new();
+            let mut lp = logprobs::Completion::at(0);
+            if let Some((prompt, first)) = &shape.echo {
+                text.push_str(prompt);
+                lp.push_first(tok, *first);
+                for l in &o.prompt_logprobs {
+                    lp.push(tok, l);
+                }
+            }
+            text.push_str(&o.text);
+            for l in &o.logprobs {
+                lp.push(tok, l);
+            }
+            json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text,
+                             "logprobs": shape.logprobs.then(|| lp.take()),
+                             "finish_reason": o.finish.as_str()}],
+                "usage": usage,
+                "drllm": drllm_object(o),
+            })
+        }
         Endpoint::Route => {
             let decisions: Vec<Value> = o
                 .decisions
@@ -764,7 +848,7 @@ fn answer(endpoint: Endpoint, id: String, created: u64, model: String, o: &Outco
 async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Outcome, ApiError> {
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Text(_) => {}
+            Event::Text { .. } => {}
             Event::Done(o) => return Ok(*o),
             Event::Failed(e) => return Err(e),
         }
@@ -800,6 +884,9 @@ struct Chunks {
     created: u64,
     model: String,
     chat: bool,
+    shape: Shape,
+    /// Completions' logprobs so far (their text offsets run across chunks).
+    completion_logprobs: logprobs::Completion,
 }
 
 impl Chunks {
@@ -811,14 +898,39 @@ impl Chunks {
         finish: Option<&str>,
         extra: Option<(&str, Value)>,
     ) -> Value {
+        self.chunk_with(content, Value::Null, finish, extra)
+    }
+
+    /// A text chunk with the log-probabilities of its tokens (when the request asked).
+    fn text(&mut self, text: &str, lps: &[drllm_engine::TokenLogprob]) -> Value {
+        let logprobs = if !self.shape.logprobs {
+            Value::Null
+        } else if self.chat {
+            logprobs::chat(&self.shape.tokenizer, lps)
+        } else {
+            for l in lps {
+                self.completion_logprobs.push(&self.shape.tokenizer, l);
+            }
+            self.completion_logprobs.take()
+        };
+        self.chunk_with(Some(text), logprobs, None, None)
+    }
+
+    fn chunk_with(
+        &self,
+        content: Option<&str>,
+        logprobs: Value,
+        finish: Option<&str>,
+        extra: Option<(&str, Value)>,
+    ) -> Value {
         let choice = if self.chat {
             let delta = match content {
                 Some(c) => json!({"content": c}),
                 None => json!({}),
             };
-            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         } else {
-            json!({"index": 0, "text": content.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "text": content.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
         };
         let mut v = json!({"id": self.id, "object": self.object, "created": self.created,
                            "model": self.model, "choices": [choice]});
@@ -837,6 +949,7 @@ fn stream_response(
     model: String,
     chat: bool,
     include_usage: bool,
+    shape: Shape,
 ) -> Response<ResBody> {
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let object = if chat {
@@ -850,6 +963,8 @@ fn stream_response(
         created,
         model,
         chat,
+        shape,
+        completion_logprobs: logprobs::Completion::at(0),
     };
     tokio::spawn(pump(events, tx, chunks, include_usage));
     let mut r = Response::new(ResBody::Stream(rx));
@@ -871,7 +986,7 @@ fn stream_response(
 async fn pump(
     mut events: mpsc::Receiver<Event>,
     tx: mpsc::Sender<Bytes>,
-    chunks: Chunks,
+    mut chunks: Chunks,
     include_usage: bool,
 ) {
     // the first chunk names the role, as OpenAI's streams do
@@ -901,8 +1016,8 @@ async fn pump(
             Ok(Some(ev)) => ev,
         };
         match ev {
-            Event::Text(t) => {
-                if !send(&tx, sse(&chunks.chunk(Some(&t), None, None))).await {
+            Event::Text { text, logprobs } => {
+                if !send(&tx, sse(&chunks.text(&text, &logprobs))).await {
                     return;
                 }
             }

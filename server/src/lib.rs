@@ -20,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod logprobs;
 pub mod metrics;
 pub mod notify;
 pub mod pool;

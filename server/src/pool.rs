@@ -9,7 +9,8 @@ use crate::metrics::Metrics;
 use crate::reload::RouterSlot;
 use drllm_engine::{
     run_to_end, BlockDecision, EngineError, FinishReason, GenerateOptions, Generation, LayerPath,
-    Logits, Model, Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper, Tokenizer,
+    Logits, Model, Route, RouteOptions, Routers, Session, SessionOptions, Step, Stepper,
+    TokenLogprob, Tokenizer,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -54,8 +55,12 @@ pub struct Job {
 /// What a job reports.
 #[derive(Debug)]
 pub enum Event {
-    /// Generated text that is final (stop strings already cut).
-    Text(String),
+    /// Generated text that is final (stop strings already cut), with the log-probabilities of
+    /// the tokens sampled since the last event (when the request asked for them).
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The job ended.
     Done(Box<Outcome>),
     /// The job failed.
@@ -77,6 +82,10 @@ pub struct Outcome {
     pub n_completion: usize,
     pub text: String,
     pub finish: FinishReason,
+    /// Each generated token's log-probability (when asked for).
+    pub logprobs: Vec<TokenLogprob>,
+    /// Each prompt token's after the first (when asked for).
+    pub prompt_logprobs: Vec<TokenLogprob>,
     pub queue_secs: f64,
     pub prefill_secs: f64,
     pub decode_secs: f64,
@@ -531,7 +540,8 @@ fn begin(
         .take()
         .filter(|r| session.n_past() == r.tokens.len() && session.path() == Some(r.snap.path()));
     let cache = &shared.cache;
-    if *cache_prompt && cache.enabled() {
+    // prompt logprobs need every prompt token prefilled: no cached prefix
+    if *cache_prompt && cache.enabled() && opts.prompt_logprobs.is_none() {
         let current = routers.as_ref().map(|r| r.generation());
         let found = cache.lookup(&key, prompt, current);
         let own_n = own
@@ -643,6 +653,8 @@ fn conclude(
         n_completion: g.tokens.len(),
         text: g.text,
         finish: g.finish,
+        logprobs: g.logprobs,
+        prompt_logprobs: g.prompt_logprobs,
         queue_secs,
         prefill_secs: g.prefill_secs,
         decode_secs: g.decode_secs,
@@ -713,10 +725,14 @@ fn run_job(
             begin(shared, session, resident, job, routers, &ropts).and_then(|b| {
                 let Begun { stepper, origin } = b;
                 let mut cancelled = false;
-                let on_text = |s: &str| {
+                let on_text = |s: &str, lps: &[TokenLogprob]| {
                     shared.fault(FaultPoint::Decode, job);
                     let gone = if job.stream_text {
-                        events.blocking_send(Event::Text(s.to_string())).is_err()
+                        let ev = Event::Text {
+                            text: s.to_string(),
+                            logprobs: lps.to_vec(),
+                        };
+                        events.blocking_send(ev).is_err()
                     } else {
                         events.is_closed()
                     };
@@ -751,6 +767,8 @@ fn run_job(
                     n_completion: 0,
                     text: String::new(),
                     finish: FinishReason::Stop,
+                    logprobs: Vec::new(),
+                    prompt_logprobs: Vec::new(),
                     queue_secs,
                     prefill_secs: t0.elapsed().as_secs_f64(),
                     decode_secs: 0.0,
@@ -804,6 +822,8 @@ struct Active {
     next: Option<i32>,
     /// Failed (its client told): ends at the next round without a report.
     failed: bool,
+    /// Log-probabilities of tokens whose text is still held back (sent with the next text).
+    pending: Vec<TokenLogprob>,
 }
 
 /// A worker with several sessions: admits jobs while a session is free, then in rounds
@@ -929,6 +949,7 @@ impl Batch<'_> {
                     queue_secs,
                     next: None,
                     failed: false,
+                    pending: Vec::new(),
                 });
             }
         }
@@ -948,9 +969,18 @@ impl Batch<'_> {
                     panicked(shared, &a.job.events, &message);
                     a.failed = true;
                 }
-                Ok(Step::Token { show, decode }) => {
+                Ok(Step::Token {
+                    show,
+                    decode,
+                    logprob,
+                }) => {
+                    a.pending.extend(logprob);
                     let gone = if a.job.stream_text && !show.is_empty() {
-                        a.job.events.blocking_send(Event::Text(show)).is_err()
+                        let ev = Event::Text {
+                            text: show,
+                            logprobs: std::mem::take(&mut a.pending),
+                        };
+                        a.job.events.blocking_send(ev).is_err()
                     } else {
                         a.job.events.is_closed()
                     };
@@ -1084,8 +1114,11 @@ impl Batch<'_> {
 /// outcome and what to cache.
 fn end_generation(shared: &Shared, session: &Session, a: Active) -> (Job, Outcome, Option<Keep>) {
     let (g, rest) = a.stepper.end();
-    if a.job.stream_text && !rest.is_empty() {
-        let _ = a.job.events.blocking_send(Event::Text(rest));
+    if a.job.stream_text && (!rest.is_empty() || !a.pending.is_empty()) {
+        let _ = a.job.events.blocking_send(Event::Text {
+            text: rest,
+            logprobs: a.pending,
+        });
     }
     let (outcome, keep) = conclude(shared, session, &a.job, a.origin, g, a.queue_secs);
     (a.job, outcome, keep)

@@ -194,7 +194,7 @@ fn direct(
             sampling: SamplingParams::greedy(),
             stop: vec![],
             ignore_eos: true,
-            grammar: None,
+            ..Default::default()
         },
         |_| true,
     )
@@ -534,6 +534,215 @@ fn penalties_and_logit_bias_are_llama_cpp_samplers_checked_by_range() {
         assert_eq!(r.status, 400, "{extra}: {}", r.body);
         assert_eq!(r.error().1.as_deref(), Some(param), "{extra}");
     }
+}
+
+/// log-softmax of a row of logits.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = row.iter().map(|&l| f64::from(l - max).exp()).sum();
+    row.iter()
+        .map(|&l| f64::from(l) - f64::from(max) - z.ln())
+        .collect()
+}
+
+/// The `n` most likely tokens of a row, most likely first.
+fn top_of(lp: &[f64], n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..lp.len()).collect();
+    idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
+    idx.truncate(n);
+    idx
+}
+
+#[test]
+fn logprobs_are_stock_llama_cpp_log_softmax_for_prompt_and_answer() {
+    let s = server(|c| c.no_routers = Some(true));
+    let tok = Tokenizer::load(&s.model).unwrap();
+    let text = "the red dog sat on the big mat by the cat";
+    let prompt = tok.tokenize(text, true, false);
+    // stock llama.cpp: every prompt row, then three greedy steps
+    let sm = drllm_engine::stock::StockModel::load(&s.model, DeviceChoice::Cpu).unwrap();
+    let mut c = sm.context(256, 1, 512).unwrap();
+    let n_vocab = c.n_vocab();
+    let rows: Vec<Vec<f32>> = c
+        .eval(&prompt, true)
+        .unwrap()
+        .chunks(n_vocab)
+        .map(<[f32]>::to_vec)
+        .collect();
+    // generation as llama.cpp runs it: the prompt's last row only, then one token at a time
+    // (a last-row-only prefill rounds differently from an all-rows one)
+    c.reset();
+    let mut gen_rows = vec![c.eval(&prompt, false).unwrap()];
+    let mut answer = Vec::new();
+    for _ in 0..3 {
+        let t = drllm_engine::argmax(gen_rows.last().unwrap());
+        answer.push(t);
+        gen_rows.push(c.decode(t).unwrap().to_vec());
+    }
+    // echo + logprobs + max_tokens 0: the prompt's tokens scored, the first without a value
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": text, "echo": true, "logprobs": 3, "max_tokens": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.v();
+    let ch = &v["choices"][0];
+    assert_eq!(ch["text"], text);
+    let lp = &ch["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), prompt.len());
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    for i in 1..prompt.len() {
+        let want = log_softmax(&rows[i - 1]);
+        let got = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(
+            (got - want[prompt[i] as usize]).abs() < 1e-3,
+            "token {i}: {got} vs {}",
+            want[prompt[i] as usize]
+        );
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for t in top_of(&want, 3) {
+            let key = String::from_utf8_lossy(&tok.token_bytes(t as i32)).into_owned();
+            // tokens of the same text share a key: the more likely one's value is kept
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            let x = top[&key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("token {i}: {key:?} missing in {top:?}"));
+            assert!((x - want[t]).abs() < 1e-3);
+        }
+        assert_eq!(
+            tokens[i],
+            String::from_utf8_lossy(&tok.token_bytes(prompt[i])).as_ref()
+        );
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    // the answer's tokens: greedy, each with its log-probability under the raw logits
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        &json!({"prompt": text, "logprobs": 2, "max_tokens": 3, "temperature": 0,
+                "cache_prompt": false}),
+    );
+    let lp = r.v()["choices"][0]["logprobs"].clone();
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{lp}");
+    let mut offset = 0;
+    for (k, &t) in answer.iter().enumerate() {
+        let want = log_softmax(&gen_rows[k])[t as usize];
+        let got = lp["token_logprobs"][k].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-3, "step {k}: {got} vs {want}");
+        assert_eq!(lp["text_offset"][k], offset);
+        offset += String::from_utf8_lossy(&tok.token_bytes(t)).chars().count();
+    }
+    // chat: logprobs true with top_logprobs; streamed, the chunks carry the same values
+    let body = json!({"messages": [{"role": "user", "content": "a b c"}], "max_tokens": 4,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let whole = post(s.addr, "/v1/chat/completions", &body).v();
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(content.len(), 4, "{whole}");
+    for e in &content {
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2);
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(e["top_logprobs"][0]["logprob"].as_f64() >= e["logprob"].as_f64());
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            e["token"].as_str().unwrap()
+        );
+    }
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let streamed = post(s.addr, "/v1/chat/completions", &sbody);
+    let mut chunked = Vec::new();
+    for d in streamed.sse_data() {
+        if d == "[DONE]" {
+            continue;
+        }
+        let c: Value = serde_json::from_str(d).unwrap();
+        if let Some(a) = c["choices"][0]["logprobs"]["content"].as_array() {
+            chunked.extend(a.iter().cloned());
+        }
+    }
+    assert_eq!(chunked, content);
+    // without logprobs: null, as OpenAI answers
+    let plain = post(s.addr, "/v1/chat/completions", &chat_body(3, 2)).v();
+    assert!(plain["choices"][0]["logprobs"].is_null());
+    // bad combinations: 400 naming the field
+    for (path, extra, param) in [
+        ("/v1/chat/completions", json!({"logprobs": 3}), "logprobs"),
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        ("/v1/chat/completions", json!({"echo": true}), "echo"),
+        ("/v1/completions", json!({"logprobs": true}), "logprobs"),
+        ("/v1/completions", json!({"logprobs": 21}), "logprobs"),
+        (
+            "/v1/completions",
+            json!({"echo": true, "stream": true}),
+            "echo",
+        ),
+        ("/v1/completions", json!({"max_tokens": 0}), "max_tokens"),
+    ] {
+        let mut b = if path.contains("chat") {
+            chat_body(3, 2)
+        } else {
+            json!({"prompt": "a b", "max_tokens": 2})
+        };
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = post(s.addr, path, &b);
+        assert_eq!(r.status, 400, "{path} {extra}: {}", r.body);
+        assert_eq!(r.error().1.as_deref(), Some(param), "{path} {extra}");
+    }
+}
+
+#[test]
+fn a_batched_worker_gives_the_same_logprobs_whole_and_streamed() {
+    let s = server(|c| {
+        c.no_routers = Some(true);
+        c.batch = Some(2);
+    });
+    let body = json!({"prompt": "the cat sat", "max_tokens": 5, "temperature": 0,
+                      "logprobs": 1, "cache_prompt": false, "ignore_eos": true});
+    let whole = post(s.addr, "/v1/completions", &body).v();
+    let lp = &whole["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5, "{whole}");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (mut tokens, mut values, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
+    for d in post(s.addr, "/v1/completions", &sbody).sse_data() {
+        let Ok(c) = serde_json::from_str::<Value>(d) else {
+            continue;
+        };
+        let l = &c["choices"][0]["logprobs"];
+        if l.is_object() {
+            tokens.extend(l["tokens"].as_array().unwrap().iter().cloned());
+            values.extend(l["token_logprobs"].as_array().unwrap().iter().cloned());
+            offsets.extend(l["text_offset"].as_array().unwrap().iter().cloned());
+        }
+    }
+    assert_eq!(&Value::from(tokens), &lp["tokens"]);
+    assert_eq!(&Value::from(values), &lp["token_logprobs"]);
+    assert_eq!(&Value::from(offsets), &lp["text_offset"]);
 }
 
 fn generation(s: &Server) -> Value {
@@ -1304,7 +1513,6 @@ fn fields_drllm_does_not_implement_are_refused_by_name() {
             "tools",
         ),
         (json!({"tool_choice": "required"}), "tool_choice"),
-        (json!({"top_logprobs": 3}), "top_logprobs"),
         (json!({"store": true}), "store"),
         (
             json!({"stream_options": {"include_usage": true, "chunk_size": 4}}),
@@ -1322,11 +1530,8 @@ fn fields_drllm_does_not_implement_are_refused_by_name() {
         assert_eq!(p.as_deref(), Some(param), "{extra}");
         assert_eq!(code.as_deref(), Some("unsupported_parameter"), "{extra}");
     }
-    let r = post(
-        addr,
-        "/v1/completions",
-        &json!({"prompt": "a", "echo": true, "max_tokens": 2}),
-    );
+    // echo is a completions field: chat refuses it by name
+    let r = with(json!({"echo": true}));
     assert_eq!((r.status, r.error().1.as_deref()), (400, Some("echo")));
     let r = post(addr, "/v1/route", &json!({"prompt": "a", "max_tokens": 2}));
     assert_eq!(
@@ -1804,4 +2009,35 @@ fn json_mode_schemas_and_grammars_shape_smollm2_answers() {
     b["stream"] = json!(false);
     let free = post(s.addr, "/v1/chat/completions", &b).v();
     assert_ne!(free["choices"][0]["message"]["content"], "yes.");
+}
+
+#[test]
+fn echo_logprobs_score_a_continuation_on_smollm2() {
+    let Some(s) = smollm2_server() else { return };
+    // loglikelihood scoring as lm-evaluation-harness does it: the prompt with each candidate,
+    // echoed with logprobs, nothing generated; the candidate's tokens summed
+    let score = |cand: &str| {
+        let text = format!("The capital of France is{cand}");
+        let r = post(
+            s.addr,
+            "/v1/completions",
+            &json!({"prompt": text, "echo": true, "logprobs": 1, "max_tokens": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.v();
+        let lp = &v["choices"][0]["logprobs"];
+        assert_eq!(v["choices"][0]["text"], text);
+        let offsets = lp["text_offset"].as_array().unwrap();
+        let start = "The capital of France is".chars().count() as u64;
+        lp["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(offsets)
+            .filter(|(_, o)| o.as_u64().unwrap() >= start)
+            .map(|(x, _)| x.as_f64().unwrap())
+            .sum::<f64>()
+    };
+    let (paris, london) = (score(" Paris"), score(" London"));
+    assert!(paris > london, "Paris {paris} vs London {london}");
 }
