@@ -333,6 +333,35 @@ impl Stepper {
         }
     }
 
+    /// Another generation from the same prefilled prompt, with its own settings (e.g. another
+    /// seed: `n` choices of one request). Only before this one's first step: it starts from
+    /// the prompt's logits, so the session must hold the prompt alone when it decodes (restore
+    /// a snapshot of it between choices).
+    pub fn sibling(
+        &self,
+        tokenizer: &Tokenizer,
+        opts: &GenerateOptions,
+        prompt: &[i32],
+    ) -> Result<Stepper> {
+        if !self.tokens.is_empty() || self.finish.is_some() {
+            return Err(crate::EngineError::State(
+                "a sibling generation starts before the first token".into(),
+            ));
+        }
+        let sampler = Self::sampler(tokenizer, opts, prompt)?;
+        let mut st = Self::ready(
+            prompt,
+            self.path.clone(),
+            self.logits.clone(),
+            opts,
+            sampler,
+            Instant::now(),
+        );
+        st.prefill_secs = self.prefill_secs;
+        st.prompt_logprobs = self.prompt_logprobs.clone();
+        Ok(st)
+    }
+
     /// The path the request follows.
     pub fn path(&self) -> &crate::path::LayerPath {
         &self.path

@@ -581,6 +581,9 @@ fn constraint(
     }
 }
 
+/// Most choices (`n`) a request may ask for: each is a generation of up to max_tokens.
+pub const MAX_CHOICES: usize = 16;
+
 /// Validated generation settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenSettings {
@@ -600,6 +603,8 @@ pub struct GenSettings {
     pub logprobs: Option<usize>,
     /// Completions: the prompt comes back first (with its logprobs when `logprobs` is set).
     pub echo: bool,
+    /// Choices generated from the one prompt.
+    pub n: usize,
     pub ignore_eos: bool,
     pub cache_prompt: bool,
     /// The grammar the answer must follow (JSON mode, a schema, GBNF); compiled against the
@@ -657,7 +662,7 @@ impl CommonFields {
     /// (the first bad field is the one reported).
     pub fn validate(&self, limits: &Limits, endpoint: Endpoint) -> Result<GenSettings, ApiError> {
         let max_tokens = self.checked_max_tokens(limits)?;
-        self.refuse_unsupported()?;
+        let n = self.checked_n()?;
         let logprobs = self.checked_logprobs(endpoint)?;
         // the defaults are the engine's (llama.cpp's), as `drllm generate`'s
         let d = drllm_engine::SamplingParams::default();
@@ -719,6 +724,7 @@ impl CommonFields {
                 .is_some_and(|o| o.include_usage),
             logprobs,
             echo: self.echo,
+            n,
             ignore_eos: self.ignore_eos,
             cache_prompt: self.cache_prompt.unwrap_or(true),
             constraint: constraint(self.response_format.as_ref(), self.grammar.as_ref())?,
@@ -754,17 +760,16 @@ impl CommonFields {
         }
     }
 
-    /// The OpenAI fields accepted only at the value that means "off": n = 1.
-    fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid(
-                    format!("n must be 1 (one choice per request); got {n}"),
-                    Some("n"),
-                ));
-            }
+    /// `n`: choices, 1 to [`MAX_CHOICES`].
+    fn checked_n(&self) -> Result<usize, ApiError> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => Ok(n as usize),
+            Some(n) => Err(ApiError::invalid(
+                format!("n must be between 1 and {MAX_CHOICES} (got {n})"),
+                Some("n"),
+            )),
         }
-        Ok(())
     }
 
     /// The alternatives listed with each token's log-probability (None: no logprobs). Chat:
@@ -1189,7 +1194,8 @@ mod tests {
             (r#"{"messages":[],"temperature":-0.1}"#, "temperature"),
             (r#"{"messages":[],"top_p":0}"#, "top_p"),
             (r#"{"messages":[],"top_k":-3}"#, "top_k"),
-            (r#"{"messages":[],"n":2}"#, "n"),
+            (r#"{"messages":[],"n":0}"#, "n"),
+            (r#"{"messages":[],"n":17}"#, "n"),
             (r#"{"messages":[],"seed":-1}"#, "seed"),
             (r#"{"messages":[],"max_passes":61}"#, "max_passes"),
             (r#"{"messages":[],"max_passes":0}"#, "max_passes"),

@@ -11,7 +11,9 @@ use crate::pool::{Event, Job, Outcome, Refused, Task};
 use crate::reload::Reload;
 use crate::{Ready, State};
 use bytes::Bytes;
-use drllm_engine::{ChatMessage, GenerateOptions, Grammar, SamplingParams, Tokenizer};
+use drllm_engine::{
+    ChatMessage, FinishReason, GenerateOptions, Grammar, SamplingParams, Tokenizer,
+};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -631,6 +633,7 @@ async fn completion(
         tokenizer: r.tokenizer.clone(),
         logprobs: s.logprobs.is_some(),
         echo: echo.map(|text| (text, prompt.first().copied().unwrap_or(0))),
+        n: s.n,
     };
     let task = task(endpoint, &s, prompt, grammar);
     let streamed = s.stream && endpoint != Endpoint::Route;
@@ -684,6 +687,8 @@ struct Shape {
     logprobs: bool,
     /// With `echo`: the prompt's text and its first token (which has no logprob).
     echo: Option<(String, i32)>,
+    /// Choices.
+    n: usize,
 }
 
 /// Most bytes of prompt logits an `echo` with `logprobs` may hold (every prompt row's).
@@ -778,6 +783,7 @@ fn task(endpoint: Endpoint, s: &GenSettings, prompt: Vec<i32>, grammar: Option<G
             prompt_logprobs: if s.echo { s.logprobs } else { None },
         },
         cache_prompt: s.cache_prompt,
+        n: s.n,
     }
 }
 
@@ -792,35 +798,52 @@ fn answer(
 ) -> Value {
     let usage = Usage::new(o.n_prompt, o.n_completion, o.n_cached);
     let tok = &shape.tokenizer;
+    // every choice: the first is the outcome's own fields
+    let first = (&o.text, o.finish, &o.logprobs);
+    let all = std::iter::once(first).chain(o.more.iter().map(|c| (&c.text, c.finish, &c.logprobs)));
     match endpoint {
-        Endpoint::Chat => json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0,
-                         "message": {"role": "assistant", "content": o.text},
-                         "logprobs": shape.logprobs.then(|| logprobs::chat(tok, &o.logprobs)),
-                         "finish_reason": o.finish.as_str()}],
-            "usage": usage,
-            "drllm": drllm_object(o),
-        }),
+        Endpoint::Chat => {
+            let choices: Vec<Value> = all
+                .enumerate()
+                .map(|(i, (text, finish, lps))| {
+                    json!({"index": i,
+                           "message": {"role": "assistant", "content": text},
+                           "logprobs": shape.logprobs.then(|| logprobs::chat(tok, lps)),
+                           "finish_reason": finish.as_str()})
+                })
+                .collect();
+            json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": choices,
+                "usage": usage,
+                "drllm": drllm_object(o),
+            })
+        }
         Endpoint::Completion => {
-            let mut text = String::new();
-            let mut lp = logprobs::Completion::at(0);
-            if let Some((prompt, first)) = &shape.echo {
-                text.push_str(prompt);
-                lp.push_first(tok, *first);
-                for l in &o.prompt_logprobs {
-                    lp.push(tok, l);
-                }
-            }
-            text.push_str(&o.text);
-            for l in &o.logprobs {
-                lp.push(tok, l);
-            }
+            let choices: Vec<Value> = all
+                .enumerate()
+                .map(|(i, (generated, finish, lps))| {
+                    let mut text = String::new();
+                    let mut lp = logprobs::Completion::at(0);
+                    if let Some((prompt, first)) = &shape.echo {
+                        text.push_str(prompt);
+                        lp.push_first(tok, *first);
+                        for l in &o.prompt_logprobs {
+                            lp.push(tok, l);
+                        }
+                    }
+                    text.push_str(generated);
+                    for l in lps {
+                        lp.push(tok, l);
+                    }
+                    json!({"index": i, "text": text,
+                           "logprobs": shape.logprobs.then(|| lp.take()),
+                           "finish_reason": finish.as_str()})
+                })
+                .collect();
             json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text,
-                             "logprobs": shape.logprobs.then(|| lp.take()),
-                             "finish_reason": o.finish.as_str()}],
+                "choices": choices,
                 "usage": usage,
                 "drllm": drllm_object(o),
             })
@@ -885,8 +908,8 @@ struct Chunks {
     model: String,
     chat: bool,
     shape: Shape,
-    /// Completions' logprobs so far (their text offsets run across chunks).
-    completion_logprobs: logprobs::Completion,
+    /// Each choice's completions logprobs so far (their text offsets run across chunks).
+    completion_logprobs: Vec<logprobs::Completion>,
 }
 
 impl Chunks {
@@ -898,26 +921,33 @@ impl Chunks {
         finish: Option<&str>,
         extra: Option<(&str, Value)>,
     ) -> Value {
-        self.chunk_with(content, Value::Null, finish, extra)
+        self.chunk_with(0, content, Value::Null, finish, extra)
     }
 
-    /// A text chunk with the log-probabilities of its tokens (when the request asked).
-    fn text(&mut self, text: &str, lps: &[drllm_engine::TokenLogprob]) -> Value {
+    /// A text chunk of choice `index` with the log-probabilities of its tokens (when the
+    /// request asked).
+    fn text(&mut self, index: usize, text: &str, lps: &[drllm_engine::TokenLogprob]) -> Value {
         let logprobs = if !self.shape.logprobs {
             Value::Null
         } else if self.chat {
             logprobs::chat(&self.shape.tokenizer, lps)
         } else {
-            for l in lps {
-                self.completion_logprobs.push(&self.shape.tokenizer, l);
+            if self.completion_logprobs.len() <= index {
+                self.completion_logprobs
+                    .resize_with(index + 1, || logprobs::Completion::at(0));
             }
-            self.completion_logprobs.take()
+            let c = &mut self.completion_logprobs[index];
+            for l in lps {
+                c.push(&self.shape.tokenizer, l);
+            }
+            c.take()
         };
-        self.chunk_with(Some(text), logprobs, None, None)
+        self.chunk_with(index, Some(text), logprobs, None, None)
     }
 
     fn chunk_with(
         &self,
+        index: usize,
         content: Option<&str>,
         logprobs: Value,
         finish: Option<&str>,
@@ -928,9 +958,9 @@ impl Chunks {
                 Some(c) => json!({"content": c}),
                 None => json!({}),
             };
-            json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         } else {
-            json!({"index": 0, "text": content.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
+            json!({"index": index, "text": content.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
         };
         let mut v = json!({"id": self.id, "object": self.object, "created": self.created,
                            "model": self.model, "choices": [choice]});
@@ -964,7 +994,7 @@ fn stream_response(
         model,
         chat,
         shape,
-        completion_logprobs: logprobs::Completion::at(0),
+        completion_logprobs: Vec::new(),
     };
     tokio::spawn(pump(events, tx, chunks, include_usage));
     let mut r = Response::new(ResBody::Stream(rx));
@@ -989,12 +1019,14 @@ async fn pump(
     mut chunks: Chunks,
     include_usage: bool,
 ) {
-    // the first chunk names the role, as OpenAI's streams do
+    // the first chunk of each choice names the role, as OpenAI's streams do
     if chunks.chat {
-        let mut first = chunks.chunk(None, None, None);
-        first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-        if !send(&tx, sse(&first)).await {
-            return;
+        for index in 0..chunks.shape.n.max(1) {
+            let mut first = chunks.chunk_with(index, None, Value::Null, None, None);
+            first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+            if !send(&tx, sse(&first)).await {
+                return;
+            }
         }
     }
     loop {
@@ -1016,8 +1048,12 @@ async fn pump(
             Ok(Some(ev)) => ev,
         };
         match ev {
-            Event::Text { text, logprobs } => {
-                if !send(&tx, sse(&chunks.text(&text, &logprobs))).await {
+            Event::Text {
+                index,
+                text,
+                logprobs,
+            } => {
+                if !send(&tx, sse(&chunks.text(index, &text, &logprobs))).await {
                     return;
                 }
             }
@@ -1034,14 +1070,17 @@ async fn send_error(tx: &mpsc::Sender<Bytes>, e: &ApiError) {
     }
 }
 
-/// The finish chunk (with the drllm object), the usage chunk when asked for, `[DONE]`.
+/// The finish chunk of each choice (the last with the drllm object), the usage chunk when
+/// asked for, `[DONE]`.
 async fn send_end(tx: &mpsc::Sender<Bytes>, chunks: &Chunks, o: &Outcome, include_usage: bool) {
-    let last = chunks.chunk(
-        None,
-        Some(o.finish.as_str()),
-        Some(("drllm", drllm_object(o))),
-    );
-    let _ = send(tx, sse(&last)).await;
+    let finishes: Vec<FinishReason> = std::iter::once(o.finish)
+        .chain(o.more.iter().map(|c| c.finish))
+        .collect();
+    for (index, f) in finishes.iter().enumerate() {
+        let extra = (index + 1 == finishes.len()).then(|| ("drllm", drllm_object(o)));
+        let last = chunks.chunk_with(index, None, Value::Null, Some(f.as_str()), extra);
+        let _ = send(tx, sse(&last)).await;
+    }
     if include_usage {
         let mut u = chunks.chunk(None, None, None);
         u["choices"] = json!([]);

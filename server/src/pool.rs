@@ -28,6 +28,8 @@ pub enum Task {
         /// Reuse a cached prefix of the prompt and keep this conversation's KV cache for its
         /// next turn (llama-server's `cache_prompt`).
         cache_prompt: bool,
+        /// Choices: generations from the one prefill, choice i seeded with seed + i.
+        n: usize,
     },
     /// Only choose the path (a prefill with the routers), no generation.
     Route { prompt: Vec<i32> },
@@ -58,6 +60,8 @@ pub enum Event {
     /// Generated text that is final (stop strings already cut), with the log-probabilities of
     /// the tokens sampled since the last event (when the request asked for them).
     Text {
+        /// The choice (0 unless the request asked for several).
+        index: usize,
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
@@ -86,9 +90,21 @@ pub struct Outcome {
     pub logprobs: Vec<TokenLogprob>,
     /// Each prompt token's after the first (when asked for).
     pub prompt_logprobs: Vec<TokenLogprob>,
+    /// The choices after the first (`n` > 1); the fields above are the first's, except
+    /// `n_completion`, which counts every choice's tokens.
+    pub more: Vec<Choice>,
     pub queue_secs: f64,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+}
+
+/// One more choice of a request that asked for several.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub text: String,
+    pub finish: FinishReason,
+    pub logprobs: Vec<TokenLogprob>,
+    pub n_completion: usize,
 }
 
 /// Why a job was not queued.
@@ -526,6 +542,7 @@ fn begin(
         prompt,
         opts,
         cache_prompt,
+        ..
     } = &job.task
     else {
         return Err(EngineError::State("not a generation".into()));
@@ -623,7 +640,8 @@ fn conclude(
         cache_prompt,
     } = origin;
     let keep = match &job.task {
-        Task::Generate { prompt, .. }
+        // several choices: the session holds the last one's, not this outcome's first
+        Task::Generate { prompt, n: 1, .. }
             if cache_prompt
                 && shared.cache.enabled()
                 && g.finish != FinishReason::Cancelled
@@ -655,6 +673,7 @@ fn conclude(
         finish: g.finish,
         logprobs: g.logprobs,
         prompt_logprobs: g.prompt_logprobs,
+        more: Vec::new(),
         queue_secs,
         prefill_secs: g.prefill_secs,
         decode_secs: g.decode_secs,
@@ -721,32 +740,8 @@ fn run_job(
     let (routers, ropts) = job_routing(shared, job)?;
     let events = &job.events;
     let result = match &job.task {
-        Task::Generate { .. } => {
-            begin(shared, session, resident, job, routers, &ropts).and_then(|b| {
-                let Begun { stepper, origin } = b;
-                let mut cancelled = false;
-                let on_text = |s: &str, lps: &[TokenLogprob]| {
-                    shared.fault(FaultPoint::Decode, job);
-                    let gone = if job.stream_text {
-                        let ev = Event::Text {
-                            text: s.to_string(),
-                            logprobs: lps.to_vec(),
-                        };
-                        events.blocking_send(ev).is_err()
-                    } else {
-                        events.is_closed()
-                    };
-                    cancelled |= gone;
-                    !cancelled
-                };
-                let mut g = run_to_end(stepper, session, &shared.tokenizer, on_text)?;
-                // the client went away before it had all the text
-                if cancelled {
-                    g.finish = FinishReason::Cancelled;
-                }
-                Ok(conclude(shared, session, job, origin, g, queue_secs))
-            })
-        }
+        Task::Generate { .. } => begin(shared, session, resident, job, routers, &ropts)
+            .and_then(|b| run_choices(shared, session, job, b, queue_secs)),
         Task::Route { prompt } => {
             *resident = None;
             let t0 = Instant::now();
@@ -769,6 +764,7 @@ fn run_job(
                     finish: FinishReason::Stop,
                     logprobs: Vec::new(),
                     prompt_logprobs: Vec::new(),
+                    more: Vec::new(),
                     queue_secs,
                     prefill_secs: t0.elapsed().as_secs_f64(),
                     decode_secs: 0.0,
@@ -787,6 +783,90 @@ fn run_job(
         }
         Ok(done) => Some(done),
     }
+}
+
+/// Runs the choices of a started generation: the first from the prefill, each further one
+/// (`n` > 1) from a copy of the prompt's KV rows, with its own sampler seeded with seed + i.
+fn run_choices(
+    shared: &Shared,
+    session: &mut Session,
+    job: &Job,
+    begun: Begun,
+    queue_secs: f64,
+) -> Result<(Outcome, Option<Keep>), EngineError> {
+    let Begun { stepper, origin } = begun;
+    let Task::Generate {
+        prompt, opts, n, ..
+    } = &job.task
+    else {
+        return Err(EngineError::State("not a generation".into()));
+    };
+    let mut siblings = Vec::new();
+    let snap = if *n > 1 {
+        for i in 1..*n {
+            let mut o = opts.clone();
+            o.sampling.seed = o.sampling.seed.wrapping_add(i as u32);
+            siblings.push(stepper.sibling(&shared.tokenizer, &o, prompt)?);
+        }
+        Some(session.snapshot()?)
+    } else {
+        None
+    };
+    let g = run_choice(shared, session, job, 0, stepper)?;
+    let mut more = Vec::new();
+    for (i, st) in siblings.into_iter().enumerate() {
+        if let Some(snap) = &snap {
+            session.restore(snap, snap.n_tokens())?;
+        }
+        let c = run_choice(shared, session, job, i + 1, st)?;
+        let gone = c.finish == FinishReason::Cancelled;
+        more.push(Choice {
+            text: c.text,
+            finish: c.finish,
+            n_completion: c.tokens.len(),
+            logprobs: c.logprobs,
+        });
+        if gone {
+            break;
+        }
+    }
+    let (mut outcome, keep) = conclude(shared, session, job, origin, g, queue_secs);
+    outcome.n_completion += more.iter().map(|c| c.n_completion).sum::<usize>();
+    outcome.more = more;
+    Ok((outcome, keep))
+}
+
+/// One choice to its end, its text streamed as choice `index` when the client streams; ends
+/// as cancelled when the client went away before it had all the text.
+fn run_choice(
+    shared: &Shared,
+    session: &mut Session,
+    job: &Job,
+    index: usize,
+    stepper: Stepper,
+) -> Result<Generation, EngineError> {
+    let events = &job.events;
+    let mut cancelled = false;
+    let on_text = |s: &str, lps: &[TokenLogprob]| {
+        shared.fault(FaultPoint::Decode, job);
+        let gone = if job.stream_text {
+            let ev = Event::Text {
+                index,
+                text: s.to_string(),
+                logprobs: lps.to_vec(),
+            };
+            events.blocking_send(ev).is_err()
+        } else {
+            events.is_closed()
+        };
+        cancelled |= gone;
+        !cancelled
+    };
+    let mut g = run_to_end(stepper, session, &shared.tokenizer, on_text)?;
+    if cancelled {
+        g.finish = FinishReason::Cancelled;
+    }
+    Ok(g)
 }
 
 /// The generation of routers a job runs with (None: the plain model) and its routing options;
@@ -877,7 +957,8 @@ impl Batch<'_> {
                 self.lanes.release();
                 continue;
             }
-            if matches!(job.task, Task::Generate { .. }) {
+            // several choices of one request run one after the other, on one lane
+            if matches!(job.task, Task::Generate { n: 1, .. }) {
                 self.start(lane, job);
             } else {
                 self.run_alone(lane, &job);
@@ -886,7 +967,8 @@ impl Batch<'_> {
         true
     }
 
-    /// A job that is not a generation (a route) runs on the lane from start to end.
+    /// A job that is not one generation (a route, several choices) runs on the lane from
+    /// start to end.
     fn run_alone(&mut self, lane: usize, job: &Job) {
         let shared = self.shared;
         let events = job.events.clone();
@@ -977,6 +1059,7 @@ impl Batch<'_> {
                     a.pending.extend(logprob);
                     let gone = if a.job.stream_text && !show.is_empty() {
                         let ev = Event::Text {
+                            index: 0,
                             text: show,
                             logprobs: std::mem::take(&mut a.pending),
                         };
@@ -1116,6 +1199,7 @@ fn end_generation(shared: &Shared, session: &Session, a: Active) -> (Job, Outcom
     let (g, rest) = a.stepper.end();
     if a.job.stream_text && (!rest.is_empty() || !a.pending.is_empty()) {
         let _ = a.job.events.blocking_send(Event::Text {
+            index: 0,
             text: rest,
             logprobs: a.pending,
         });

@@ -745,6 +745,93 @@ fn a_batched_worker_gives_the_same_logprobs_whole_and_streamed() {
     assert_eq!(&Value::from(offsets), &lp["text_offset"]);
 }
 
+#[test]
+fn n_choices_come_from_one_prefill_each_with_its_own_seed() {
+    for batch in [1, 2] {
+        let s = server(|c| {
+            c.no_routers = Some(true);
+            c.batch = Some(batch);
+        });
+        let tok = Tokenizer::load(&s.model).unwrap();
+        let m = Arc::new(Model::load(&s.model, DeviceChoice::Cpu).unwrap());
+        let text = "the dog sat on the";
+        let body = json!({"prompt": text, "max_tokens": 6, "temperature": 1.0, "seed": 40,
+                          "n": 3, "ignore_eos": true, "cache_prompt": false});
+        let v = post(s.addr, "/v1/completions", &body).v();
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 18);
+        // each choice is the generation the engine gives alone with seed 40 + i
+        let prompt = tok.tokenize(text, true, false);
+        let mut texts = Vec::new();
+        for (i, c) in choices.iter().enumerate() {
+            assert_eq!(c["index"], i);
+            let mut sess = Session::new(
+                m.clone(),
+                SessionOptions {
+                    n_ctx: 256,
+                    n_threads: 1,
+                    n_ubatch: 512,
+                },
+            )
+            .unwrap();
+            let opts = GenerateOptions {
+                max_tokens: 6,
+                ignore_eos: true,
+                sampling: SamplingParams {
+                    temperature: 1.0,
+                    seed: 40 + i as u32,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let full = LayerPath::full(m.n_layer());
+            let g = generate(&mut sess, &tok, &prompt, Route::Fixed(&full), &opts, |_| {
+                true
+            })
+            .unwrap();
+            assert_eq!(c["text"], g.text, "batch {batch}, choice {i}");
+            texts.push(g.text);
+        }
+        assert!(
+            texts[0] != texts[1] || texts[1] != texts[2],
+            "three equal samples: {texts:?}"
+        );
+        // streamed: each choice's chunks make its text; every choice ends
+        let mut sbody = body.clone();
+        sbody["stream"] = json!(true);
+        let r = post(s.addr, "/v1/completions", &sbody);
+        let mut got = vec![String::new(); 3];
+        let mut finished = 0;
+        for d in r.sse_data() {
+            let Ok(c) = serde_json::from_str::<Value>(d) else {
+                continue;
+            };
+            let ch = &c["choices"][0];
+            let i = ch["index"].as_u64().unwrap() as usize;
+            got[i].push_str(ch["text"].as_str().unwrap_or(""));
+            finished += usize::from(!ch["finish_reason"].is_null());
+        }
+        assert_eq!(got, texts, "batch {batch}");
+        assert_eq!(finished, 3);
+        // chat too
+        let chat = json!({"messages": [{"role": "user", "content": "a b"}], "max_tokens": 3,
+                          "n": 2, "temperature": 0});
+        let v = post(s.addr, "/v1/chat/completions", &chat).v();
+        assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            v["choices"][0]["message"], v["choices"][1]["message"],
+            "greedy twice"
+        );
+        for bad in [0, 17] {
+            let mut b = body.clone();
+            b["n"] = json!(bad);
+            let r = post(s.addr, "/v1/completions", &b);
+            assert_eq!((r.status, r.error().1.as_deref()), (400, Some("n")));
+        }
+    }
+}
+
 fn generation(s: &Server) -> Value {
     get(s.addr, "/v1/routers").v()["generation"].clone()
 }
