@@ -43,6 +43,11 @@ pub struct ServeArgs {
     #[arg(short = 'c', long, env = "DRLLM_CTX_SIZE",
           help = with_default("Context length per request, tokens", defaults::CTX_SIZE))]
     ctx_size: Option<usize>,
+    #[arg(long, env = "DRLLM_UBATCH_SIZE", value_name = "TOKENS", help = with_default(
+        "Most prompt tokens per prefill graph (llama.cpp's -ub)",
+        defaults::UBATCH_SIZE,
+    ))]
+    ubatch_size: Option<usize>,
     #[arg(long, env = "DRLLM_PARALLEL", help = with_default(
         "Workers: requests run at once (times --batch), each with its own KV cache",
         defaults::PARALLEL,
@@ -132,6 +137,13 @@ pub struct ServeArgs {
         defaults::CACHE_MB,
     ))]
     cache_mb: Option<usize>,
+    #[arg(long, env = "DRLLM_CACHE_EXACT", value_name = "BOOL", help = with_default(
+        "Restore a cached conversation only as far as keeps its answer bit-identical to the \
+         same request uncached (false: restore every shared token; faster first tokens, answers \
+         that may differ in the last bits)",
+        defaults::CACHE_EXACT,
+    ))]
+    cache_exact: Option<bool>,
     #[arg(long, env = "DRLLM_LOG_DAYS", value_name = "DAYS", help = with_default(
         "Days the routing log keeps its rows; older ones are deleted at start and hourly \
          (0 keeps them forever)",
@@ -154,6 +166,7 @@ impl ServeArgs {
             port: self.port,
             threads: self.threads,
             ctx_size: self.ctx_size,
+            ubatch_size: self.ubatch_size,
             parallel: self.parallel,
             queue: self.queue,
             batch: self.batch,
@@ -170,6 +183,7 @@ impl ServeArgs {
             allowed_origins: self.allowed_origins.clone(),
             body_timeout_secs: self.body_timeout_secs,
             cache_mb: self.cache_mb,
+            cache_exact: self.cache_exact,
             log_days: self.log_days,
             api_key_file: self.api_key_file.clone(),
         }

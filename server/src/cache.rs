@@ -45,6 +45,18 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// How many of `n` reusable tokens to restore so that the rest, prefilled in chunks of
+    /// `n_ubatch` from there, runs the very ubatches a fresh prefill of the whole prompt runs
+    /// (then the logits are bit-identical to an uncached request's): `n` cut to the rows this
+    /// entry's prefill computed (its prompt; an answer's rows were decoded one at a time, which
+    /// rounds differently) and down to a multiple of `n_ubatch`. Those rows came from prefill
+    /// chunks that started at multiples of `n_ubatch` too (every prefill, fresh or resumed
+    /// this way, does), so they are the fresh prefill's own.
+    pub fn exact_reuse(&self, n: usize, n_ubatch: usize) -> usize {
+        let ub = n_ubatch.max(1);
+        (n.min(self.prompt_len) / ub) * ub
+    }
+
     /// Bytes the entry holds.
     pub fn bytes(&self) -> usize {
         self.snap.bytes() + self.tokens.len() * 4
@@ -89,18 +101,23 @@ struct Inner {
 pub struct PromptCache {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// Restore only what keeps answers bit-identical to uncached ones
+    /// ([`Entry::exact_reuse`]).
+    exact: bool,
     metrics: Arc<Metrics>,
 }
 
 impl PromptCache {
-    /// A cache of at most `capacity` bytes (0: nothing is kept).
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> PromptCache {
+    /// A cache of at most `capacity` bytes (0: nothing is kept); `exact`: see
+    /// [`Entry::exact_reuse`].
+    pub fn new(capacity: usize, exact: bool, metrics: Arc<Metrics>) -> PromptCache {
         PromptCache {
             inner: Mutex::new(Inner {
                 slots: Vec::new(),
                 clock: 0,
             }),
             capacity,
+            exact,
             metrics,
         }
     }
@@ -113,6 +130,11 @@ impl PromptCache {
     /// Whether entries are kept at all.
     pub fn enabled(&self) -> bool {
         self.capacity > 0
+    }
+
+    /// Whether restores keep answers bit-identical ([`Entry::exact_reuse`]).
+    pub fn exact(&self) -> bool {
+        self.exact
     }
 
     /// The entry a request can reuse the most tokens of (see [`Entry::reusable`]), and how

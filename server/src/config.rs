@@ -21,6 +21,7 @@ pub mod defaults {
     pub const HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
     pub const PORT: u16 = 8088;
     pub const CTX_SIZE: usize = 4096;
+    pub const UBATCH_SIZE: usize = 512;
     pub const PARALLEL: usize = 1;
     pub const QUEUE: usize = 16;
     pub const BATCH: usize = 1;
@@ -33,6 +34,7 @@ pub mod defaults {
     pub const DEVICE: &str = "auto";
     pub const BODY_TIMEOUT_SECS: u64 = 30;
     pub const CACHE_MB: usize = 512;
+    pub const CACHE_EXACT: bool = true;
     pub const LOG_DAYS: u64 = 30;
 }
 
@@ -83,6 +85,9 @@ pub struct Settings {
     pub threads: Option<usize>,
     /// Context length per request, tokens ([`defaults::CTX_SIZE`]).
     pub ctx_size: Option<usize>,
+    /// Most prompt tokens per prefill graph, llama.cpp's `n_ubatch`
+    /// ([`defaults::UBATCH_SIZE`], at most ctx_size).
+    pub ubatch_size: Option<usize>,
     /// Workers: requests run at once, each with its own KV cache ([`defaults::PARALLEL`]).
     pub parallel: Option<usize>,
     /// Requests that may wait for a worker; more get 503 ([`defaults::QUEUE`]).
@@ -125,6 +130,11 @@ pub struct Settings {
     pub body_timeout_secs: Option<u64>,
     /// Host memory for the conversation cache, MiB ([`defaults::CACHE_MB`]; 0 turns it off).
     pub cache_mb: Option<usize>,
+    /// Restore a cached conversation only as far as keeps its answer bit-identical to the
+    /// same request uncached (to a multiple of the prefill's chunk size within the previous
+    /// turn's prompt) ([`defaults::CACHE_EXACT`]); false restores every shared token (faster
+    /// first tokens, answers that may differ in the last bits).
+    pub cache_exact: Option<bool>,
     /// Days the routing log keeps its rows ([`defaults::LOG_DAYS`]; 0 keeps them forever).
     pub log_days: Option<u64>,
     /// File holding the bearer token (e.g. a systemd credential); instead of `api_key`.
@@ -155,6 +165,7 @@ every_key!(
     port,
     threads,
     ctx_size,
+    ubatch_size,
     parallel,
     queue,
     batch,
@@ -171,6 +182,7 @@ every_key!(
     allowed_origins,
     body_timeout_secs,
     cache_mb,
+    cache_exact,
     log_days,
     api_key_file,
 );
@@ -254,6 +266,12 @@ impl Settings {
                 16,
                 1 << 20,
             )?,
+            ubatch_size: in_range(
+                "ubatch_size",
+                self.ubatch_size.unwrap_or(defaults::UBATCH_SIZE),
+                1,
+                1 << 16,
+            )?,
             parallel,
             batch: in_range("batch", self.batch.unwrap_or(defaults::BATCH), 1, 64)?,
             queue: at_most("queue", self.queue.unwrap_or(defaults::QUEUE), 100_000)?,
@@ -289,6 +307,7 @@ impl Settings {
                 0,
                 1 << 20,
             )? << 20,
+            cache_exact: self.cache_exact.unwrap_or(defaults::CACHE_EXACT),
             log_keep: self.log_keep()?,
             reload_debounce: Duration::from_millis(
                 self.reload_debounce_ms
@@ -510,6 +529,7 @@ pub struct ServeConfig {
     pub port: u16,
     pub threads: usize,
     pub ctx_size: usize,
+    pub ubatch_size: usize,
     pub parallel: usize,
     pub queue: usize,
     pub batch: usize,
@@ -527,6 +547,7 @@ pub struct ServeConfig {
     pub body_timeout: Duration,
     /// Bytes the conversation cache may hold (0: off).
     pub cache_bytes: usize,
+    pub cache_exact: bool,
     /// How long the routing log keeps rows (None: forever).
     pub log_keep: Option<Duration>,
     /// Called by the workers at each fault point (tests inject panics with it).

@@ -197,18 +197,20 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         routers: routers.clone(),
         metrics: metrics.clone(),
         log: log.clone(),
-        cache: Arc::new(cache::PromptCache::new(config.cache_bytes, metrics.clone())),
+        cache: Arc::new(cache::PromptCache::new(
+            config.cache_bytes,
+            config.cache_exact,
+            metrics.clone(),
+        )),
         fault: config.fault.clone(),
     });
-    let pool = Pool::start(
-        shared,
-        config.parallel,
-        config.threads,
-        config.ctx_size,
-        config.queue,
-        config.batch,
-    )
-    .map_err(|e| ServeError::Load(format!("starting the workers: {e}")))?;
+    let session = drllm_engine::SessionOptions {
+        n_ctx: config.ctx_size,
+        n_threads: config.threads,
+        n_ubatch: config.ubatch_size,
+    };
+    let pool = Pool::start(shared, config.parallel, session, config.queue, config.batch)
+        .map_err(|e| ServeError::Load(format!("starting the workers: {e}")))?;
     eprintln!(
         "[drllm] {} loaded in {:.1}s: {} blocks, {} worker(s) x {} thread(s), context {}, queue {}",
         config.model.display(),

@@ -341,16 +341,15 @@ impl Shared {
 }
 
 impl Pool {
-    /// Starts `workers` threads with `threads` CPU threads and a context of `n_ctx` each; at
-    /// most `queue` jobs wait beyond the free sessions (a queue of 0 admits a job only when a
-    /// session is free to take it). With `batch` > 1 each worker keeps up to `batch` requests
-    /// going at once, in as many sessions, and decodes the next tokens of those on the same
-    /// path in one graph.
+    /// Starts `workers` threads, each with sessions of `session`'s threads, context and prefill
+    /// chunk; at most `queue` jobs wait beyond the free sessions (a queue of 0 admits a job
+    /// only when a session is free to take it). With `batch` > 1 each worker keeps up to
+    /// `batch` requests going at once, in as many sessions, and decodes the next tokens of
+    /// those on the same path in one graph.
     pub fn start(
         shared: Arc<Shared>,
         workers: usize,
-        threads: usize,
-        n_ctx: usize,
+        session: SessionOptions,
         queue: usize,
         batch: usize,
     ) -> Result<Pool, EngineError> {
@@ -374,19 +373,13 @@ impl Pool {
             let queue = queue.clone();
             let shared = shared.clone();
             let ready = ready_tx.clone();
+            let session = session.clone();
             std::thread::Builder::new()
                 .name(format!("drllm-worker-{i}"))
                 .spawn(move || {
                     let mut sessions = Vec::new();
                     for _ in 0..batch.max(1) {
-                        let session = Session::new(
-                            shared.model.clone(),
-                            SessionOptions {
-                                n_ctx,
-                                n_threads: threads,
-                                ..Default::default()
-                            },
-                        );
+                        let session = Session::new(shared.model.clone(), session.clone());
                         match session {
                             Ok(s) => sessions.push(s),
                             Err(e) => {
@@ -564,19 +557,52 @@ fn begin(
         let own_n = own
             .as_ref()
             .map_or(0, |r| r.reusable(&key, prompt, current));
+        // with exact restores, only what keeps the ubatches of a fresh prefill
+        let ub = session.options().n_ubatch;
+        let cut = |e: &Entry, n: usize| {
+            if cache.exact() {
+                e.exact_reuse(n, ub)
+            } else {
+                n
+            }
+        };
+        // the session's own entry only if this request may continue it at all
+        let own = own.filter(|_| own_n > 0);
+        let own_n = own.as_ref().map_or(0, |r| cut(r, own_n));
+        let found = found.map(|(e, n)| {
+            let n = cut(&e, n);
+            (e, n)
+        });
         // the session's own sequence when it gives as much (cut back, no copy), else a copy
         let found_n = found.as_ref().map_or(0, |(_, n)| *n);
         let from = if own_n > 0 && own_n >= found_n {
             session.truncate(own_n)?;
             own.map(|r| (r, own_n))
-        } else if let Some((entry, n)) = found {
-            session.restore(&entry.snap, n)?;
-            Some((entry, n))
         } else {
-            None
+            match found {
+                Some((entry, n)) if n > 0 => {
+                    session.restore(&entry.snap, n)?;
+                    Some((entry, n))
+                }
+                // nothing to restore exactly, but a routed conversation keeps its path
+                found => found
+                    .or(own.map(|r| (r, 0)))
+                    .filter(|(e, _)| e.key.routed && prompt.len() > e.decided_at),
+            }
         };
         if let Some((entry, n)) = from {
-            let stepper = Stepper::resume(session, &shared.tokenizer, prompt, n, opts)?;
+            let stepper = if n > 0 {
+                Stepper::resume(session, &shared.tokenizer, prompt, n, opts)?
+            } else {
+                let path = entry.snap.path().clone();
+                Stepper::start(
+                    session,
+                    &shared.tokenizer,
+                    prompt,
+                    Route::Fixed(&path),
+                    opts,
+                )?
+            };
             let m = &shared.metrics;
             m.cache_hits.fetch_add(1, Ordering::Relaxed);
             m.cache_tokens_reused.fetch_add(n as u64, Ordering::Relaxed);

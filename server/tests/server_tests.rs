@@ -293,7 +293,8 @@ fn chat_completion_follows_the_routed_path_and_matches_the_engine() {
 
 #[test]
 fn streaming_gives_the_same_text_with_routing_and_usage() {
-    let s = server(|_| {});
+    // every shared token restored (below: the same prompt again reuses all but its last)
+    let s = server(|c| c.cache_exact = Some(false));
     let whole = post(s.addr, "/v1/chat/completions", &chat_body(4, 10)).v();
     let mut b = chat_body(4, 10);
     b["stream"] = json!(true);
@@ -1735,6 +1736,66 @@ fn turn_body(messages: &[(&str, String)], routing: bool, cache: bool, max_tokens
            "ignore_eos": true, "routing": routing, "cache_prompt": cache})
 }
 
+#[test]
+fn exact_cached_turns_give_the_uncached_logits_bit_for_bit() {
+    for (routing, batch) in [(false, 1), (true, 1), (false, 2)] {
+        // prefill graphs of 16 tokens, so that a short conversation has whole chunks to keep
+        let s = server(|c| {
+            c.ubatch_size = Some(16);
+            c.batch = Some(batch);
+        });
+        let mut msgs = vec![
+            ("system", "be brief".to_string()),
+            ("user", prompt_text(30, 5)),
+        ];
+        let mut last_prompt = 0;
+        for turn in 0..4 {
+            let mut body = turn_body(&msgs, routing, true, 6);
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(20);
+            let cached = post(s.addr, "/v1/chat/completions", &body).v();
+            body["cache_prompt"] = json!(false);
+            let fresh = post(s.addr, "/v1/chat/completions", &body).v();
+            let what = format!("routing {routing}, batch {batch}, turn {turn}");
+            // the same tokens, and every one of the 20 most likely tokens' log-probability at
+            // every step equal to the last bit: the logits are the uncached request's
+            assert_eq!(
+                cached["choices"][0]["logprobs"], fresh["choices"][0]["logprobs"],
+                "{what}"
+            );
+            assert_eq!(
+                cached["choices"][0]["message"],
+                fresh["choices"][0]["message"]
+            );
+            assert_eq!(cached["drllm"]["path"], fresh["drllm"]["path"], "{what}");
+            let n = cached_tokens(&cached);
+            let n_prompt = cached["usage"]["prompt_tokens"].as_u64().unwrap();
+            assert_eq!(
+                n % 16,
+                0,
+                "{what}: restored {n}, not a whole number of chunks"
+            );
+            assert!(
+                n <= last_prompt,
+                "{what}: restored {n}, beyond the previous prompt"
+            );
+            if turn > 0 {
+                assert!(n > 0, "{what}: nothing reused");
+            }
+            last_prompt = n_prompt;
+            msgs.push((
+                "assistant",
+                cached["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            ));
+            msgs.push(("user", prompt_text(9, turn + 20)));
+        }
+        assert!(metric(s.addr, "drllm_cache_hits_total") >= 3);
+    }
+}
+
 fn cached_tokens(v: &Value) -> u64 {
     v["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
@@ -1752,7 +1813,11 @@ fn a_batched_worker_continues_conversations_the_same_way() {
 }
 
 fn conversation_turns(batch: usize) {
-    let s = server(|c| c.batch = Some(batch));
+    // every shared token restored (cache_exact false; exact restores: the test below)
+    let s = server(|c| {
+        c.batch = Some(batch);
+        c.cache_exact = Some(false);
+    });
     let addr = s.addr;
     // two conversations, one routed and one plain, interleaved so that each next turn is
     // restored from the shared cache (the worker's session holds the other one)
@@ -1867,7 +1932,13 @@ fn conversation_turns(batch: usize) {
 fn the_conversation_cache_stays_within_its_bytes() {
     // room for about one conversation of the tiny model (768 bytes of KV per token)
     let cap = 150_000;
-    let s = server_with(|c| c.no_routers = Some(true), |c| c.cache_bytes = cap);
+    let s = server_with(
+        |c| {
+            c.no_routers = Some(true);
+            c.cache_exact = Some(false);
+        },
+        |c| c.cache_bytes = cap,
+    );
     let addr = s.addr;
     let conv = |seed: u64| {
         vec![
