@@ -3,7 +3,8 @@
 drllm's own fields (routing, depth_bias, max_passes) travel in `extra_body`; the routing
 information of the answer is in the response's `drllm` field. JSON mode and JSON schemas use
 the SDK's own `response_format`; a conversation's next turn reuses the cached KV of the earlier
-ones (`usage.prompt_tokens_details.cached_tokens`).
+ones (`usage.prompt_tokens_details.cached_tokens`). Log-probabilities come as in OpenAI's API,
+and a completion with `echo` and `max_tokens=0` scores a text without generating.
 
     python3 examples/openai_sdk.py [BASE_URL]     (default http://127.0.0.1:8088/v1)
 """
@@ -40,6 +41,32 @@ for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
         print(chunk.choices[0].delta.content, end="", flush=True)
 print()
+
+# each token's log-probability and its two likeliest alternatives
+resp = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Say hello."}],
+    max_tokens=5,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=2,
+)
+for e in resp.choices[0].logprobs.content:
+    alts = ", ".join(f"{a.token!r} {a.logprob:.2f}" for a in e.top_logprobs)
+    print(f"{e.token!r}: {e.logprob:.2f}  ({alts})")
+
+
+# scoring continuations by their log-probabilities (lm-evaluation-harness style)
+def score(context, continuation):
+    r = client.completions.create(model=model, prompt=context + continuation, echo=True,
+                                  logprobs=0, max_tokens=0)
+    lp = r.choices[0].logprobs
+    return sum(x for x, o in zip(lp.token_logprobs, lp.text_offset)
+               if o >= len(context) and x is not None)
+
+
+for city in [" Paris", " London"]:
+    print(f"The capital of France is{city}: {score('The capital of France is', city):.2f}")
 
 # JSON mode with a schema: the answer is JSON that follows it
 schema = {

@@ -1,0 +1,118 @@
+"""drllm's OpenAI surface driven by the real `openai` Python SDK (run by tests/sdk_tests.rs
+against a `drllm serve` it starts; scripts/sdk-env.sh installs the pinned SDK).
+
+    python3 tests/sdk/openai_check.py BASE_URL [--smollm2]
+
+Every check raises on failure; the last line printed is a JSON summary. `--smollm2`: the
+server runs SmolLM2-135M-Instruct, and the answers' content is checked too.
+"""
+
+import json
+import math
+import sys
+
+import openai
+from openai import OpenAI
+
+base = sys.argv[1]
+smollm2 = "--smollm2" in sys.argv[2:]
+client = OpenAI(base_url=base, api_key="none", max_retries=0)
+summary = {"sdk": openai.__version__}
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+# models: the served model, and any name a request gives is answered by it
+models = client.models.list().data
+check(len(models) >= 1, f"models.list: {models}")
+model = models[0].id
+summary["model"] = model
+for name in [model, "gpt-4o-mini"]:
+    r = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
+    check(r.model == model, f"a request naming {name} is answered by {r.model}")
+
+# chat, whole and streamed: the same text at temperature 0
+msgs = [{"role": "user", "content": "Name three colours."}]
+whole = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
+text = whole.choices[0].message.content
+parts = []
+for chunk in client.chat.completions.create(
+    model=model, messages=msgs, max_tokens=12, temperature=0, stream=True,
+    stream_options={"include_usage": True},
+):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+check("".join(parts) == text, f"stream {''.join(parts)!r} vs whole {text!r}")
+
+# logprobs on chat: every token with its value and its alternatives, streamed the same
+r = client.chat.completions.create(
+    model=model, messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+)
+content = r.choices[0].logprobs.content
+check(len(content) == r.usage.completion_tokens, f"{len(content)} logprobs for {r.usage.completion_tokens} tokens")
+for e in content:
+    check(e.logprob <= 0 and len(e.top_logprobs) == 3, f"logprob entry {e}")
+    check(e.top_logprobs[0].logprob >= e.logprob - 1e-6, "greedy: the chosen token is the most likely")
+    check(bytes(e.bytes).decode("utf-8", "replace") == e.token or not e.bytes, f"bytes of {e}")
+streamed = []
+for chunk in client.chat.completions.create(
+    model=model, messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+    stream=True,
+):
+    if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+        streamed.extend(chunk.choices[0].logprobs.content)
+check([(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content],
+      "streamed logprobs equal the whole answer's")
+
+# completions: echo + logprobs + max_tokens 0 scores the prompt (the first token has none)
+prompt = "The capital of France is Paris"
+r = client.completions.create(model=model, prompt=prompt, echo=True, logprobs=2, max_tokens=0)
+lp = r.choices[0].logprobs
+check(r.choices[0].text == prompt, f"echo: {r.choices[0].text!r}")
+check(lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:]), f"{lp.token_logprobs}")
+check(len(lp.tokens) == len(lp.text_offset) == len(lp.top_logprobs), "parallel lists")
+summary["echo_tokens"] = len(lp.tokens)
+
+
+def continuation(cand):
+    p = "The capital of France is"
+    r = client.completions.create(model=model, prompt=p + cand, echo=True, logprobs=0, max_tokens=0)
+    lp = r.choices[0].logprobs
+    return sum(x for x, o in zip(lp.token_logprobs, lp.text_offset) if o >= len(p) and x is not None)
+
+
+paris, london = continuation(" Paris"), continuation(" London")
+summary["paris"], summary["london"] = paris, london
+if smollm2:
+    check(paris > london, f"' Paris' {paris} should score above ' London' {london}")
+
+# n choices from one prompt
+r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, n=3, temperature=1.0, seed=7)
+check([c.index for c in r.choices] == [0, 1, 2], f"choices {r.choices}")
+r = client.chat.completions.create(model=model, messages=msgs, max_tokens=5, n=3, temperature=1.0, seed=7)
+check(len(r.choices) == 3, f"{len(r.choices)} chat choices")
+summary["n"] = len(r.choices)
+
+# penalties and logit bias (OpenAI's fields): a +100 bias makes one token every choice
+r = client.completions.create(model=model, prompt="a b c", max_tokens=3, temperature=0,
+                              frequency_penalty=0.5, presence_penalty=0.5)
+check(r.choices[0].text is not None, "penalties accepted")
+tok = client.completions.create(model=model, prompt="x", max_tokens=1, temperature=0, logprobs=0)
+r = client.completions.create(model=model, prompt="a b c", max_tokens=1, temperature=0, logprobs=0,
+                              logit_bias={"42": 100})
+# the forced token's log-probability is the model's own (the bias is not part of it)
+check(math.isfinite(r.choices[0].logprobs.token_logprobs[0]), f"{r.choices[0].logprobs}")
+
+# an error is an OpenAI error: the SDK raises BadRequestError with the field named
+try:
+    client.chat.completions.create(model=model, messages=msgs, max_tokens=4, top_logprobs=50, logprobs=True)
+    raise AssertionError("top_logprobs 50 was accepted")
+except openai.BadRequestError as e:
+    check("top_logprobs" in str(e), f"error names the field: {e}")
+
+print(json.dumps(summary))
