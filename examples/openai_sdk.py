@@ -68,6 +68,12 @@ def score(context, continuation):
 for city in [" Paris", " London"]:
     print(f"The capital of France is{city}: {score('The capital of France is', city):.2f}")
 
+# embeddings (unit vectors, pooled as `drllm serve --pooling` says) and their cosine similarity
+texts = ["A cat sat on the mat.", "A kitten slept on the rug.", "Stock markets fell today."]
+vecs = [d.embedding for d in client.embeddings.create(model=model, input=texts).data]
+for t, v in zip(texts[1:], vecs[1:]):
+    print(f"cos({texts[0]!r}, {t!r}) = {sum(a * b for a, b in zip(vecs[0], v)):.3f}")
+
 # JSON mode with a schema: the answer is JSON that follows it
 schema = {
     "type": "object",

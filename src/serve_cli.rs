@@ -144,6 +144,12 @@ pub struct ServeArgs {
         defaults::CACHE_EXACT,
     ))]
     cache_exact: Option<bool>,
+    #[arg(long, env = "DRLLM_POOLING", value_name = "POOLING", help = with_default(
+        "How /v1/embeddings pools a prompt: auto (the file's pooling_type; mean for a file \
+         that declares none, as causal LMs do), mean, cls or last (llama.cpp's --pooling)",
+        defaults::POOLING,
+    ))]
+    pooling: Option<String>,
     #[arg(long, env = "DRLLM_LOG_DAYS", value_name = "DAYS", help = with_default(
         "Days the routing log keeps its rows; older ones are deleted at start and hourly \
          (0 keeps them forever)",
@@ -184,6 +190,7 @@ impl ServeArgs {
             body_timeout_secs: self.body_timeout_secs,
             cache_mb: self.cache_mb,
             cache_exact: self.cache_exact,
+            pooling: self.pooling.clone(),
             log_days: self.log_days,
             api_key_file: self.api_key_file.clone(),
         }

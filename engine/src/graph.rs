@@ -618,6 +618,21 @@ impl<'m> GraphBuilder<'m> {
     }
 
     /// Final norm and LM head: logits `[n_vocab, rows]`.
+    /// What a prefill returns for the rows `x`: the logits ([`GraphBuilder::head`]), or with
+    /// `embeddings` the hidden states after the final norm (llama.cpp's `result_norm`, the
+    /// `t_embd` its embeddings pool).
+    pub(crate) fn output(&self, x: Tensor, embeddings: bool) -> Tensor {
+        if !embeddings {
+            return self.head(x);
+        }
+        let cur = self.rms_norm(x, self.m.output_norm);
+        ffi::set_name(cur, "result_norm");
+        // SAFETY: marking a live tensor.
+        unsafe { sys::ggml_set_output(cur) };
+        self.expand(cur);
+        cur
+    }
+
     pub(crate) fn head(&self, x: Tensor) -> Tensor {
         let m = self.m;
         let c = self.c();

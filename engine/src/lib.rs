@@ -9,6 +9,7 @@
 
 pub mod arch;
 mod config;
+mod embed;
 mod error;
 mod ffi;
 mod generate;
@@ -26,6 +27,7 @@ mod tokenizer;
 pub use arch::{Family, Keys, SUPPORTED_ARCHITECTURES};
 pub use config::{ModelConfig, RopeConfig};
 pub use drllm_router_format as router_format;
+pub use embed::{normalized, Pooling};
 pub use error::{EngineError, Result};
 pub use generate::{
     generate, run_to_end, FinishReason, GenerateOptions, Generation, Step, Stepper, StopScanner,

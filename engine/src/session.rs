@@ -98,6 +98,9 @@ pub enum Logits {
     Last,
     /// Every token's, in order.
     All,
+    /// Instead of logits, every token's hidden state after the final norm (`n_embd` floats a
+    /// row: llama.cpp's `t_embd`, what its embeddings pool); the session cannot decode after.
+    Embeddings,
 }
 
 /// Chooses how many passes each block gets while the prompt is prefilled (the router plugs in
@@ -628,7 +631,7 @@ impl Session {
             let n_kv = graph::n_kv_for(pos0 + n, self.opts.n_ctx);
             let mut b = GraphBuilder::new(&model, passes.len(), n)?;
             let want_rows = match mode {
-                Logits::All => n,
+                Logits::All | Logits::Embeddings => n,
                 Logits::Last if last_chunk => 1,
                 Logits::Last => 0,
             };
@@ -648,7 +651,7 @@ impl Session {
                 }
             }
             let logits = if want_rows > 0 {
-                Some(b.head(x))
+                Some(b.output(x, mode == Logits::Embeddings))
             } else {
                 b.expand(x);
                 None
@@ -673,8 +676,10 @@ impl Session {
             self.n_past += n;
         }
         self.logits.clear();
-        self.logits
-            .extend_from_slice(&out[out.len().saturating_sub(cfg.n_vocab)..]);
+        if mode != Logits::Embeddings {
+            self.logits
+                .extend_from_slice(&out[out.len().saturating_sub(cfg.n_vocab)..]);
+        }
         Ok((out, rows))
     }
 
@@ -726,7 +731,7 @@ impl Session {
             let mut b = GraphBuilder::new(&model, 1, n)?;
             let want_rows = match (final_pass, mode) {
                 (false, _) => 0,
-                (true, Logits::All) => n,
+                (true, Logits::All | Logits::Embeddings) => n,
                 (true, Logits::Last) => usize::from(last_chunk),
             };
             // every block's pass graph has the same structure (weights and KV slot aside)
@@ -744,7 +749,7 @@ impl Session {
             let prune = (want_rows == 1 && n > 1).then(|| b.out_ids_input(1));
             let out = b.block(x, p, slot, &inp, prune);
             let logits = if want_rows > 0 {
-                Some(b.head(out))
+                Some(b.output(out, mode == Logits::Embeddings))
             } else {
                 if !final_pass {
                     b.store(out, b.columns(self.resid, s, n));
@@ -779,13 +784,13 @@ impl Session {
         let model = self.model.clone();
         let spans: Vec<(usize, usize)> = match mode {
             Logits::Last => vec![(t_total - 1, 1)],
-            Logits::All => self.chunks(t_total),
+            Logits::All | Logits::Embeddings => self.chunks(t_total),
         };
         let mut out = Vec::new();
         for (s, n) in spans {
             let mut b = GraphBuilder::new(&model, 0, n)?;
-            b.set_shape(("head", n, s));
-            let l = b.head(b.columns(self.resid, s, n));
+            b.set_shape(("head", n, s, mode == Logits::Embeddings));
+            let l = b.output(b.columns(self.resid, s, n), mode == Logits::Embeddings);
             self.compute(&b, |_| Ok(()))?;
             let mut v = Vec::new();
             ffi::tensor_get_f32(l, &mut v);
@@ -794,13 +799,15 @@ impl Session {
         Ok(out)
     }
 
-    fn finish_prefill(&mut self, path: &LayerPath, t_total: usize, logits: &[f32]) {
+    fn finish_prefill(&mut self, path: &LayerPath, t_total: usize, logits: &[f32], mode: Logits) {
         let v = self.model.cfg.n_vocab;
         self.path = Some(path.clone());
         self.n_past = t_total;
         self.logits.clear();
-        self.logits
-            .extend_from_slice(&logits[logits.len().saturating_sub(v)..]);
+        if mode != Logits::Embeddings {
+            self.logits
+                .extend_from_slice(&logits[logits.len().saturating_sub(v)..]);
+        }
     }
 
     /// Layer-major prefill: embed the whole prompt into the residual stream, then for each block
@@ -843,8 +850,12 @@ impl Session {
         let path = LayerPath::new(&blocks, n_layer)?;
         // release the slots the hook's path does not use (skipped blocks, passes from before)
         self.kv.fit(&path)?;
-        self.finish_prefill(&path, t_total, &logits);
-        let rows = logits.len() / self.model.cfg.n_vocab;
+        self.finish_prefill(&path, t_total, &logits, mode);
+        let width = match mode {
+            Logits::Embeddings => self.model.cfg.n_embd,
+            _ => self.model.cfg.n_vocab,
+        };
+        let rows = logits.len() / width;
         Ok(Prefill { path, logits, rows })
     }
 
@@ -946,7 +957,7 @@ impl Session {
             Some(l) => l,
             None => self.lm_head(t_total, Logits::Last)?,
         };
-        self.finish_prefill(path, t_total, &logits);
+        self.finish_prefill(path, t_total, &logits, Logits::Last);
         Ok((logits, saved))
     }
 

@@ -65,6 +65,49 @@ impl StockModel {
     }
 }
 
+impl StockModel {
+    /// llama.cpp's own pooled embedding of `tokens` (one sequence, in one batch; not
+    /// normalised), from a context made for embeddings with `pooling`.
+    pub fn embeddings(
+        &self,
+        tokens: &[i32],
+        pooling: crate::embed::Pooling,
+        n_threads: usize,
+    ) -> Result<Vec<f32>> {
+        use llama_cpp_2::context::params::LlamaPoolingType;
+        let backend = crate::backend()?;
+        let n = tokens.len().max(1) as u32;
+        let kind = match pooling {
+            crate::embed::Pooling::Mean => LlamaPoolingType::Mean,
+            crate::embed::Pooling::Cls => LlamaPoolingType::Cls,
+            crate::embed::Pooling::Last => LlamaPoolingType::Last,
+        };
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n.max(64)))
+            .with_n_batch(n)
+            .with_n_ubatch(n)
+            .with_n_threads(n_threads as i32)
+            .with_n_threads_batch(n_threads as i32)
+            .with_embeddings(true)
+            .with_pooling_type(kind);
+        let mut ctx = self
+            .model
+            .new_context(backend, params)
+            .map_err(|e| EngineError::Stock(format!("context: {e}")))?;
+        let mut batch = LlamaBatch::new(tokens.len(), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch
+                .add(LlamaToken(t), i as i32, &[0], true)
+                .map_err(|e| EngineError::Stock(format!("batch: {e}")))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| EngineError::Stock(format!("decode: {e}")))?;
+        ctx.embeddings_seq_ith(0)
+            .map(<[f32]>::to_vec)
+            .map_err(|e| EngineError::Stock(format!("embeddings: {e}")))
+    }
+}
+
 /// One llama.cpp context (one sequence).
 pub struct StockContext<'m> {
     ctx: LlamaContext<'m>,

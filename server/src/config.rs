@@ -35,6 +35,7 @@ pub mod defaults {
     pub const BODY_TIMEOUT_SECS: u64 = 30;
     pub const CACHE_MB: usize = 512;
     pub const CACHE_EXACT: bool = true;
+    pub const POOLING: &str = "auto";
     pub const LOG_DAYS: u64 = 30;
 }
 
@@ -135,6 +136,10 @@ pub struct Settings {
     /// turn's prompt) ([`defaults::CACHE_EXACT`]); false restores every shared token (faster
     /// first tokens, answers that may differ in the last bits).
     pub cache_exact: Option<bool>,
+    /// How `/v1/embeddings` pools a prompt's token states: `auto` (the file's
+    /// `pooling_type`; a file that declares none, as causal LMs do, gets `mean`), `mean`,
+    /// `cls` or `last` (llama.cpp's `--pooling`) ([`defaults::POOLING`]).
+    pub pooling: Option<String>,
     /// Days the routing log keeps its rows ([`defaults::LOG_DAYS`]; 0 keeps them forever).
     pub log_days: Option<u64>,
     /// File holding the bearer token (e.g. a systemd credential); instead of `api_key`.
@@ -183,6 +188,7 @@ every_key!(
     body_timeout_secs,
     cache_mb,
     cache_exact,
+    pooling,
     log_days,
     api_key_file,
 );
@@ -308,6 +314,7 @@ impl Settings {
                 1 << 20,
             )? << 20,
             cache_exact: self.cache_exact.unwrap_or(defaults::CACHE_EXACT),
+            pooling: self.pooling()?,
             log_keep: self.log_keep()?,
             reload_debounce: Duration::from_millis(
                 self.reload_debounce_ms
@@ -333,6 +340,21 @@ impl Settings {
                         .into(),
                 )
             })?)),
+        }
+    }
+
+    /// `pooling`: None for `auto` (the file decides at load), else the pooling asked for.
+    fn pooling(&self) -> Result<Option<drllm_engine::Pooling>, ConfigError> {
+        use drllm_engine::Pooling;
+        match self.pooling.as_deref().unwrap_or(defaults::POOLING) {
+            "auto" => Ok(None),
+            "mean" => Ok(Some(Pooling::Mean)),
+            "cls" => Ok(Some(Pooling::Cls)),
+            "last" => Ok(Some(Pooling::Last)),
+            other => Err(invalid(
+                "pooling",
+                format!("must be auto, mean, cls or last, got '{other}'"),
+            )),
         }
     }
 
@@ -548,6 +570,8 @@ pub struct ServeConfig {
     /// Bytes the conversation cache may hold (0: off).
     pub cache_bytes: usize,
     pub cache_exact: bool,
+    /// None: the file's pooling (mean when it declares none).
+    pub pooling: Option<drllm_engine::Pooling>,
     /// How long the routing log keeps rows (None: forever).
     pub log_keep: Option<Duration>,
     /// Called by the workers at each fault point (tests inject panics with it).

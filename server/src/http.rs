@@ -6,6 +6,7 @@ use crate::api::{
     RouteRequest, Usage,
 };
 use crate::clock;
+use crate::embeddings::EmbeddingRequest;
 use crate::logprobs;
 use crate::pool::{Event, Job, Outcome, Refused, Task};
 use crate::reload::Reload;
@@ -35,19 +36,21 @@ pub enum Route {
     Models,
     /// The routes that run the model on a request body: chat, completion and route.
     Run(Endpoint),
+    Embeddings,
     Routers,
     Reload,
 }
 
 impl Route {
     /// Every route, in the order the API documents them.
-    pub const ALL: [Route; 8] = [
+    pub const ALL: [Route; 9] = [
         Route::Health,
         Route::Metrics,
         Route::Models,
         Route::Run(Endpoint::Chat),
         Route::Run(Endpoint::Completion),
         Route::Run(Endpoint::Route),
+        Route::Embeddings,
         Route::Routers,
         Route::Reload,
     ];
@@ -65,6 +68,7 @@ impl Route {
             Route::Run(Endpoint::Chat) => "/v1/chat/completions",
             Route::Run(Endpoint::Completion) => "/v1/completions",
             Route::Run(Endpoint::Route) => "/v1/route",
+            Route::Embeddings => "/v1/embeddings",
             Route::Routers => "/v1/routers",
             Route::Reload => "/v1/routers/reload",
         }
@@ -74,7 +78,7 @@ impl Route {
     pub fn method(self) -> Method {
         match self {
             Route::Health | Route::Metrics | Route::Models | Route::Routers => Method::GET,
-            Route::Run(_) | Route::Reload => Method::POST,
+            Route::Run(_) | Route::Embeddings | Route::Reload => Method::POST,
         }
     }
 
@@ -87,6 +91,7 @@ impl Route {
             Route::Run(Endpoint::Chat) => "chat",
             Route::Run(Endpoint::Completion) => "completion",
             Route::Run(Endpoint::Route) => "route",
+            Route::Embeddings => "embeddings",
             Route::Routers => "routers",
             Route::Reload => "reload",
         }
@@ -317,6 +322,12 @@ async fn dispatch(
             r.pool.admits().map_err(refused)?;
             let body = read_body(state, req).await?;
             completion(state, &r, endpoint, body).await
+        }
+        Route::Embeddings => {
+            let r = ready(state)?.clone();
+            r.pool.admits().map_err(refused)?;
+            let body = read_body(state, req).await?;
+            embeddings(state, &r, body).await
         }
     }
 }
@@ -693,6 +704,56 @@ struct Shape {
 
 /// Most bytes of prompt logits an `echo` with `logprobs` may hold (every prompt row's).
 const MAX_PROMPT_LOGITS_BYTES: usize = 1 << 30;
+
+/// `POST /v1/embeddings`: parsed and tokenized off the async threads, then one job embeds
+/// every input (each along its own routed, or plain, path).
+async fn embeddings(
+    state: &Arc<State>,
+    r: &Arc<Ready>,
+    body: Bytes,
+) -> Result<Response<ResBody>, ApiError> {
+    let (st, rd) = (state.clone(), r.clone());
+    let req = tokio::task::spawn_blocking(move || {
+        EmbeddingRequest::from_body(&body, &rd.tokenizer, st.config.ctx_size, rd.model.n_layer())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("request parsing task: {e}")))??;
+    if req.routing == Some(true) && r.routers.current().is_none() {
+        return Err(ApiError::no_routers());
+    }
+    let (tx, rx) = mpsc::channel::<Event>(8);
+    let job = Job {
+        id: new_id("embd"),
+        endpoint: Route::Embeddings.label(),
+        task: Task::Embed {
+            inputs: req.inputs.clone(),
+        },
+        routing: api::RoutingSettings {
+            routing: req.routing,
+            depth_bias: req.depth_bias,
+            max_passes: req.max_passes,
+        },
+        events: tx,
+        stream_text: false,
+        arrived: Instant::now(),
+        arrived_unix: clock::unix_now(),
+    };
+    r.pool.submit(job).map_err(refused)?;
+    let o = collect(rx).await?;
+    let paths: Vec<String> = o.paths.iter().map(|p| p.to_string()).collect();
+    Ok(json_response(
+        200,
+        &json!({
+            "object": "list",
+            "data": crate::embeddings::data(&o.embeddings, req.base64),
+            "model": state.config.model_id(),
+            "usage": {"prompt_tokens": o.n_prompt, "total_tokens": o.n_prompt},
+            "drllm": {"paths": paths, "routed": o.routed, "router_generation": o.generation,
+                      "n_layer": o.path.n_layer(),
+                      "passes": o.paths.iter().map(|p| p.len()).collect::<Vec<_>>()},
+        }),
+    ))
+}
 
 /// Parses the body, compiles the grammar and tokenizes the prompt. CPU work on bodies of up
 /// to max_body_bytes: off the async threads, so /health, /metrics and streams stay

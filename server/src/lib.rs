@@ -19,6 +19,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod embeddings;
 pub mod http;
 pub mod logprobs;
 pub mod metrics;
@@ -191,7 +192,16 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         )),
         None => None,
     };
+    // embeddings: the pooling asked for, else the file's; llama-server refuses OpenAI
+    // embeddings of a file that declares none (causal LMs), drllm pools those by the mean
+    let pooling = match config.pooling {
+        Some(p) => p,
+        None => drllm_engine::Pooling::of_file(model.gguf())
+            .map_err(|e| ServeError::Load(e.to_string()))?
+            .unwrap_or(drllm_engine::Pooling::Mean),
+    };
     let shared = Arc::new(Shared {
+        pooling,
         model: model.clone(),
         tokenizer: tokenizer.clone(),
         routers: routers.clone(),

@@ -33,6 +33,9 @@ pub enum Task {
     },
     /// Only choose the path (a prefill with the routers), no generation.
     Route { prompt: Vec<i32> },
+    /// The pooled, normalised embedding of each input, each along its own routed (or plain)
+    /// path.
+    Embed { inputs: Vec<Vec<i32>> },
 }
 
 /// A request for a worker.
@@ -93,6 +96,9 @@ pub struct Outcome {
     /// The choices after the first (`n` > 1); the fields above are the first's, except
     /// `n_completion`, which counts every choice's tokens.
     pub more: Vec<Choice>,
+    /// Embeddings: one unit vector per input, and each input's path (`path` is the first's).
+    pub embeddings: Vec<Vec<f32>>,
+    pub paths: Vec<LayerPath>,
     pub queue_secs: f64,
     pub prefill_secs: f64,
     pub decode_secs: f64,
@@ -328,6 +334,8 @@ pub struct Shared {
     pub log: Option<Arc<db::Writer>>,
     /// The conversation cache.
     pub cache: Arc<PromptCache>,
+    /// How `/v1/embeddings` pools a prompt's token states.
+    pub pooling: drllm_engine::Pooling,
     /// Called at each [`FaultPoint`] (tests only).
     pub fault: Option<FaultHook>,
 }
@@ -553,43 +561,7 @@ fn begin(
     // prompt logprobs need every prompt token prefilled: no cached prefix
     if *cache_prompt && cache.enabled() && opts.prompt_logprobs.is_none() {
         let current = routers.as_ref().map(|r| r.generation());
-        let found = cache.lookup(&key, prompt, current);
-        let own_n = own
-            .as_ref()
-            .map_or(0, |r| r.reusable(&key, prompt, current));
-        // with exact restores, only what keeps the ubatches of a fresh prefill
-        let ub = session.options().n_ubatch;
-        let cut = |e: &Entry, n: usize| {
-            if cache.exact() {
-                e.exact_reuse(n, ub)
-            } else {
-                n
-            }
-        };
-        // the session's own entry only if this request may continue it at all
-        let own = own.filter(|_| own_n > 0);
-        let own_n = own.as_ref().map_or(0, |r| cut(r, own_n));
-        let found = found.map(|(e, n)| {
-            let n = cut(&e, n);
-            (e, n)
-        });
-        // the session's own sequence when it gives as much (cut back, no copy), else a copy
-        let found_n = found.as_ref().map_or(0, |(_, n)| *n);
-        let from = if own_n > 0 && own_n >= found_n {
-            session.truncate(own_n)?;
-            own.map(|r| (r, own_n))
-        } else {
-            match found {
-                Some((entry, n)) if n > 0 => {
-                    session.restore(&entry.snap, n)?;
-                    Some((entry, n))
-                }
-                // nothing to restore exactly, but a routed conversation keeps its path
-                found => found
-                    .or(own.map(|r| (r, 0)))
-                    .filter(|(e, _)| e.key.routed && prompt.len() > e.decided_at),
-            }
-        };
+        let from = restore_cached(shared, session, own, &key, prompt, current)?;
         if let Some((entry, n)) = from {
             let stepper = if n > 0 {
                 Stepper::resume(session, &shared.tokenizer, prompt, n, opts)?
@@ -646,6 +618,57 @@ fn begin(
     })
 }
 
+/// Puts the most of `prompt` a cached conversation may give into `session` (the lane's own
+/// entry cut back, or a copy of the shared cache's best entry), as far as exact restores
+/// allow; gives the entry and how many tokens it gave (0: nothing restorable, but a routed
+/// conversation keeps its path). None: a miss.
+fn restore_cached(
+    shared: &Shared,
+    session: &mut Session,
+    own: Option<Arc<Entry>>,
+    key: &CacheKey,
+    prompt: &[i32],
+    current: Option<&str>,
+) -> Result<Option<(Arc<Entry>, usize)>, EngineError> {
+    let cache = &shared.cache;
+    let found = cache.lookup(key, prompt, current);
+    let own_n = own.as_ref().map_or(0, |r| r.reusable(key, prompt, current));
+    // with exact restores, only what keeps the ubatches of a fresh prefill
+    let ub = session.options().n_ubatch;
+    let cut = |e: &Entry, n: usize| {
+        if cache.exact() {
+            e.exact_reuse(n, ub)
+        } else {
+            n
+        }
+    };
+    // the session's own entry only if this request may continue it at all
+    let own = own.filter(|_| own_n > 0);
+    let own_n = own.as_ref().map_or(0, |r| cut(r, own_n));
+    let found = found.map(|(e, n)| {
+        let n = cut(&e, n);
+        (e, n)
+    });
+    // the session's own sequence when it gives as much (cut back, no copy), else a copy
+    let found_n = found.as_ref().map_or(0, |(_, n)| *n);
+    let from = if own_n > 0 && own_n >= found_n {
+        session.truncate(own_n)?;
+        own.map(|r| (r, own_n))
+    } else {
+        match found {
+            Some((entry, n)) if n > 0 => {
+                session.restore(&entry.snap, n)?;
+                Some((entry, n))
+            }
+            // nothing to restore exactly, but a routed conversation keeps its path
+            found => found
+                .or(own.map(|r| (r, 0)))
+                .filter(|(e, _)| e.key.routed && prompt.len() > e.decided_at),
+        }
+    };
+    Ok(from)
+}
+
 /// The end of a generation: its outcome, and what to cache (a generation that ran to its end,
 /// when the request allows caching).
 fn conclude(
@@ -700,6 +723,8 @@ fn conclude(
         logprobs: g.logprobs,
         prompt_logprobs: g.prompt_logprobs,
         more: Vec::new(),
+        embeddings: Vec::new(),
+        paths: Vec::new(),
         queue_secs,
         prefill_secs: g.prefill_secs,
         decode_secs: g.decode_secs,
@@ -768,6 +793,18 @@ fn run_job(
     let result = match &job.task {
         Task::Generate { .. } => begin(shared, session, resident, job, routers, &ropts)
             .and_then(|b| run_choices(shared, session, job, b, queue_secs)),
+        Task::Embed { inputs } => {
+            *resident = None;
+            embed_all(
+                shared,
+                session,
+                job,
+                inputs,
+                routers.as_ref(),
+                &ropts,
+                queue_secs,
+            )
+        }
         Task::Route { prompt } => {
             *resident = None;
             let t0 = Instant::now();
@@ -791,6 +828,8 @@ fn run_job(
                     logprobs: Vec::new(),
                     prompt_logprobs: Vec::new(),
                     more: Vec::new(),
+                    embeddings: Vec::new(),
+                    paths: Vec::new(),
                     queue_secs,
                     prefill_secs: t0.elapsed().as_secs_f64(),
                     decode_secs: 0.0,
@@ -809,6 +848,63 @@ fn run_job(
         }
         Ok(done) => Some(done),
     }
+}
+
+/// The embedding of every input (normalised, as llama-server returns them), each routed on
+/// its own; stops early when the client went away.
+fn embed_all(
+    shared: &Shared,
+    session: &mut Session,
+    job: &Job,
+    inputs: &[Vec<i32>],
+    routers: Option<&Arc<Routers>>,
+    ropts: &RouteOptions,
+    queue_secs: f64,
+) -> Result<(Outcome, Option<Keep>), EngineError> {
+    let t0 = Instant::now();
+    let full = LayerPath::full(shared.model.n_layer());
+    let (mut embeddings, mut paths, mut decisions) = (Vec::new(), Vec::new(), Vec::new());
+    for tokens in inputs {
+        if job.events.is_closed() {
+            break;
+        }
+        let mut hook = routers.map(|r| r.hook(ropts));
+        let route = match hook.as_mut() {
+            Some(h) => Route::Hook(h),
+            None => Route::Fixed(&full),
+        };
+        let (e, path) = session.embed(tokens, route, shared.pooling)?;
+        if decisions.is_empty() {
+            decisions = hook.map(|h| h.decisions().to_vec()).unwrap_or_default();
+        }
+        embeddings.push(drllm_engine::normalized(&e));
+        paths.push(path);
+    }
+    let finish = if paths.len() == inputs.len() {
+        FinishReason::Stop
+    } else {
+        FinishReason::Cancelled
+    };
+    let outcome = Outcome {
+        path: paths.first().cloned().unwrap_or(full),
+        decisions,
+        routed: routers.is_some(),
+        generation: routers.map(|r| r.generation().to_string()),
+        n_prompt: inputs.iter().map(Vec::len).sum(),
+        n_cached: 0,
+        n_completion: 0,
+        text: String::new(),
+        finish,
+        logprobs: Vec::new(),
+        prompt_logprobs: Vec::new(),
+        more: Vec::new(),
+        embeddings,
+        paths,
+        queue_secs,
+        prefill_secs: t0.elapsed().as_secs_f64(),
+        decode_secs: 0.0,
+    };
+    Ok((outcome, None))
 }
 
 /// Runs the choices of a started generation: the first from the prefill, each further one

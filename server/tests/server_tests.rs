@@ -833,6 +833,141 @@ fn n_choices_come_from_one_prefill_each_with_its_own_seed() {
     }
 }
 
+fn b64_floats(s: &str) -> Vec<f32> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            _ => 63,
+        }
+    };
+    let mut bytes = Vec::new();
+    for q in s.as_bytes().chunks(4) {
+        let n = q.iter().filter(|&&c| c != b'=').count();
+        let mut x = 0u32;
+        for (i, &c) in q.iter().enumerate() {
+            x |= if c == b'=' { 0 } else { val(c) } << (18 - 6 * i);
+        }
+        bytes.extend_from_slice(&x.to_be_bytes()[1..n]);
+    }
+    bytes
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn embeddings_are_llama_cpp_pooled_unit_vectors_along_each_inputs_path() {
+    let s = server(|_| {});
+    let tok = Tokenizer::load(&s.model).unwrap();
+    let m = Arc::new(Model::load(&s.model, DeviceChoice::Cpu).unwrap());
+    let texts = ["the cat sat on the mat", "a big red dog"];
+    // plain: llama.cpp's mean pooling (the tiny file declares none), normalised
+    let v = post(
+        s.addr,
+        "/v1/embeddings",
+        &json!({"input": texts, "model": "anything", "routing": false}),
+    )
+    .v();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], "tiny");
+    let stock = drllm_engine::stock::StockModel::load(&s.model, DeviceChoice::Cpu).unwrap();
+    let mut n_tokens = 0;
+    for (i, t) in texts.iter().enumerate() {
+        let ids = tok.tokenize(t, true, false);
+        n_tokens += ids.len();
+        let want = drllm_engine::normalized(
+            &stock
+                .embeddings(&ids, drllm_engine::Pooling::Mean, 1)
+                .unwrap(),
+        );
+        let got: Vec<f32> = v["data"][i]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(v["data"][i]["index"], i);
+        assert_eq!(got.len(), 64);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "input {i}: {d}");
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], n_tokens);
+    // routed: each input along the routers' path, as the engine gives it directly
+    let v = post(s.addr, "/v1/embeddings", &json!({"input": texts[0]})).v();
+    assert_eq!(v["drllm"]["paths"][0], path_of(&COUNTS_A).to_string());
+    let mut sess = Session::new(
+        m.clone(),
+        SessionOptions {
+            n_ctx: 256,
+            n_threads: 1,
+            n_ubatch: 512,
+        },
+    )
+    .unwrap();
+    let ids = tok.tokenize(texts[0], true, false);
+    let (e, _) = sess
+        .embed(
+            &ids,
+            Route::Fixed(&path_of(&COUNTS_A)),
+            drllm_engine::Pooling::Mean,
+        )
+        .unwrap();
+    let want = drllm_engine::normalized(&e);
+    let got: Vec<f32> = v["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(got, want);
+    // base64: the same floats, little-endian; token ids as input
+    let b = post(
+        s.addr,
+        "/v1/embeddings",
+        &json!({"input": [ids.clone()], "encoding_format": "base64"}),
+    )
+    .v();
+    assert_eq!(
+        b64_floats(b["data"][0]["embedding"].as_str().unwrap()),
+        want
+    );
+    // bad input: 400 naming the field
+    for (body, param) in [
+        (json!({"input": ""}), "input"),
+        (json!({"input": []}), "input"),
+        (json!({}), "input"),
+        (json!({"input": 5}), "input"),
+        (json!({"input": [[1, 999999]]}), "input"),
+        (json!({"input": prompt_text(400, 1)}), "input"),
+        (
+            json!({"input": "a", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (json!({"input": "a", "dimensions": 32}), "dimensions"),
+        (json!({"input": "a", "max_passes": 0}), "max_passes"),
+    ] {
+        let r = post(s.addr, "/v1/embeddings", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.error().1.as_deref(), Some(param), "{body}");
+    }
+    let t = get(s.addr, "/metrics");
+    assert!(
+        t.body
+            .contains("drllm_requests_total{route=\"embeddings\",status=\"200\"} 3"),
+        "{}",
+        t.body
+    );
+}
+
 fn generation(s: &Server) -> Value {
     get(s.addr, "/v1/routers").v()["generation"].clone()
 }

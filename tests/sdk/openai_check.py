@@ -108,6 +108,16 @@ r = client.completions.create(model=model, prompt="a b c", max_tokens=1, tempera
 # the forced token's log-probability is the model's own (the bias is not part of it)
 check(math.isfinite(r.choices[0].logprobs.token_logprobs[0]), f"{r.choices[0].logprobs}")
 
+# embeddings: the SDK asks for base64 and decodes it; floats when asked; unit vectors
+e = client.embeddings.create(model=model, input=["The cat sat.", "A dog ran."])
+check(len(e.data) == 2 and [d.index for d in e.data] == [0, 1], f"{e.data}")
+vec = e.data[0].embedding
+check(abs(math.sqrt(sum(x * x for x in vec)) - 1) < 1e-4, "unit length")
+f = client.embeddings.create(model=model, input="The cat sat.", encoding_format="float")
+check(max(abs(a - b) for a, b in zip(f.data[0].embedding, vec)) < 1e-6, "base64 and float agree")
+check(e.usage.prompt_tokens > 0, f"{e.usage}")
+summary["embedding_size"] = len(vec)
+
 # an error is an OpenAI error: the SDK raises BadRequestError with the field named
 try:
     client.chat.completions.create(model=model, messages=msgs, max_tokens=4, top_logprobs=50, logprobs=True)
