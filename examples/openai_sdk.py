@@ -4,7 +4,9 @@ drllm's own fields (routing, depth_bias, max_passes) travel in `extra_body`; the
 information of the answer is in the response's `drllm` field. JSON mode and JSON schemas use
 the SDK's own `response_format`; a conversation's next turn reuses the cached KV of the earlier
 ones (`usage.prompt_tokens_details.cached_tokens`). Log-probabilities come as in OpenAI's API,
-and a completion with `echo` and `max_tokens=0` scores a text without generating.
+and a completion with `echo` and `max_tokens=0` scores a text without generating. Tool calls
+need a chat template that can make them: for SmolLM2 (whose own template has none) start the
+server with `--chat-template-file templates/chatml-tools.jinja`; otherwise that part is skipped.
 
     python3 examples/openai_sdk.py [BASE_URL]     (default http://127.0.0.1:8088/v1)
 """
@@ -13,6 +15,7 @@ import json
 import os
 import sys
 
+import openai
 from openai import OpenAI
 
 base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8088/v1"
@@ -106,3 +109,25 @@ resp2 = client.chat.completions.create(
 cached = resp2.usage.prompt_tokens_details.cached_tokens if resp2.usage.prompt_tokens_details else 0
 print(f"JSON: {json.loads(resp2.choices[0].message.content)} "
       f"({cached} of {resp2.usage.prompt_tokens} prompt tokens from the cache)")
+
+# tool calls: the model asks for get_weather; we run it and give the result back
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+question = [{"role": "user", "content": "What is the weather in Paris?"}]
+try:
+    resp = client.chat.completions.create(model=model, messages=question, tools=tools,
+                                          tool_choice="required", max_tokens=60, temperature=0)
+except openai.BadRequestError as e:
+    print(f"tools: {e.body.get('message') if isinstance(e.body, dict) else e}")
+else:
+    call = resp.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    print(f"tool call: {call.function.name}({args})")
+    result = {"city": args.get("city"), "temperature_c": 18, "sky": "sunny"}
+    resp = client.chat.completions.create(
+        model=model, tools=tools, max_tokens=40, temperature=0,
+        messages=question + [resp.choices[0].message,
+                             {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}],
+    )
+    print(f"answer: {resp.choices[0].message.content}")

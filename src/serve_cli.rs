@@ -150,6 +150,11 @@ pub struct ServeArgs {
         defaults::POOLING,
     ))]
     pooling: Option<String>,
+    /// A Jinja chat template to use instead of the model file's (llama-server's
+    /// --chat-template-file), e.g. templates/chatml-tools.jinja for tool calls with a ChatML
+    /// model whose own template has none (SmolLM2)
+    #[arg(long, env = "DRLLM_CHAT_TEMPLATE_FILE", value_name = "PATH")]
+    chat_template_file: Option<PathBuf>,
     #[arg(long, env = "DRLLM_LOG_DAYS", value_name = "DAYS", help = with_default(
         "Days the routing log keeps its rows; older ones are deleted at start and hourly \
          (0 keeps them forever)",
@@ -191,6 +196,7 @@ impl ServeArgs {
             cache_mb: self.cache_mb,
             cache_exact: self.cache_exact,
             pooling: self.pooling.clone(),
+            chat_template_file: self.chat_template_file.clone(),
             log_days: self.log_days,
             api_key_file: self.api_key_file.clone(),
         }

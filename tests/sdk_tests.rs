@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// drllm's ChatML template with tool calls (SmolLM2's own has none).
+const TOOL_TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/templates/chatml-tools.jinja");
+
 struct Daemon(Child);
 
 impl Drop for Daemon {
@@ -107,8 +110,20 @@ fn openai_check(sdk: &Path, port: u16, extra: &[&str]) -> serde_json::Value {
 fn the_openai_sdk_drives_every_feature_on_a_tiny_model() {
     let Some(sdk) = sdk() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny(dir.path(), Family::Llama, |s| s.with_chat_template = true);
-    let (_d, port) = serve(&model, &["--model-alias", "tiny-one,tiny-two"]);
+    // no space prefix: see server_tests' tool test (the tool grammar and SentencePiece)
+    let model = tiny(dir.path(), Family::Llama, |s| {
+        s.with_chat_template = true;
+        s.add_space_prefix = Some(false);
+    });
+    let (_d, port) = serve(
+        &model,
+        &[
+            "--model-alias",
+            "tiny-one,tiny-two",
+            "--chat-template-file",
+            TOOL_TEMPLATE,
+        ],
+    );
     let v = openai_check(&sdk, port, &[]);
     assert_eq!(v["sdk"], "3.60.0");
     assert_eq!(v["model"], "tiny-one");
@@ -116,15 +131,20 @@ fn the_openai_sdk_drives_every_feature_on_a_tiny_model() {
 }
 
 #[test]
-fn the_openai_sdk_scores_paris_above_london_on_smollm2() {
+fn the_openai_sdk_scores_paris_above_london_and_calls_a_tool_on_smollm2() {
     let Some(sdk) = sdk() else { return };
     let Some(model) = real_model(SMOLLM2) else {
         return;
     };
-    let (_d, port) = serve(&model, &[]);
+    let (_d, port) = serve(&model, &["--chat-template-file", TOOL_TEMPLATE]);
     let v = openai_check(&sdk, port, &["--smollm2"]);
     assert!(
         v["paris"].as_f64().unwrap() > v["london"].as_f64().unwrap(),
         "{v}"
     );
+    assert!(
+        v["tool_call"]["city"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+    assert!(!v["tool_answer"].as_str().unwrap().is_empty(), "{v}");
 }

@@ -26,6 +26,47 @@ pub struct GenerateOptions {
     /// The same for every prompt token after the first (the prompt is then prefilled with
     /// every row's logits).
     pub prompt_logprobs: Option<usize>,
+    /// Special tokens that come out as their text (a chat format's tool-call tags), as
+    /// llama-server renders its preserved tokens.
+    pub preserved_tokens: Vec<i32>,
+    /// Stop once llama.cpp's chat parser reads more tool calls than this in the answer.
+    pub tool_call_limit: Option<Box<ToolCallLimit>>,
+}
+
+/// The most tool calls an answer may make (`parallel_tool_calls: false`: one), read by
+/// llama.cpp's parser for the chat's format as the answer grows: when a call beyond the limit
+/// begins, the ones before it are complete and the generation stops (finish: stop).
+#[derive(Debug, Clone)]
+pub struct ToolCallLimit {
+    pub chat: std::sync::Arc<crate::chat::ChatPrompt>,
+    /// Text the answer started with (in the prompt; the parser reads it first).
+    pub answer_prefix: String,
+    pub max_calls: usize,
+}
+
+/// A [`ToolCallLimit`] with its parser.
+struct CallLimit {
+    parser: crate::chat::ChatParser,
+    prefix: String,
+    max_calls: usize,
+}
+
+impl CallLimit {
+    fn new(l: &ToolCallLimit) -> Option<CallLimit> {
+        Some(CallLimit {
+            parser: crate::chat::ChatParser::new(&l.chat, true).ok()?,
+            prefix: l.answer_prefix.clone(),
+            max_calls: l.max_calls,
+        })
+    }
+
+    /// Whether `text` (the answer so far) begins a call beyond the limit.
+    fn exceeded(&mut self, text: &str) -> bool {
+        let whole = format!("{}{text}", self.prefix);
+        self.parser
+            .feed(&whole, true)
+            .is_ok_and(|(m, _)| m.tool_calls.len() > self.max_calls)
+    }
 }
 
 impl Default for GenerateOptions {
@@ -38,6 +79,8 @@ impl Default for GenerateOptions {
             grammar: None,
             logprobs: None,
             prompt_logprobs: None,
+            preserved_tokens: Vec::new(),
+            tool_call_limit: None,
         }
     }
 }
@@ -225,6 +268,7 @@ pub struct Stepper {
     path: crate::path::LayerPath,
     finish: Option<FinishReason>,
     stopped_by_string: bool,
+    call_limit: Option<CallLimit>,
     prefill_secs: f64,
     t_decode: Instant,
 }
@@ -328,6 +372,7 @@ impl Stepper {
             path,
             finish: None,
             stopped_by_string: false,
+            call_limit: opts.tool_call_limit.as_deref().and_then(CallLimit::new),
             prefill_secs,
             t_decode: Instant::now(),
         }
@@ -399,9 +444,19 @@ impl Stepper {
             self.logprobs.push(lp.clone());
         }
         self.tokens.push(t);
-        let piece = self.stream.push(&tokenizer.token_bytes(t));
+        let special = self.opts.preserved_tokens.contains(&t);
+        let piece = self.stream.push(&tokenizer.piece(t, special));
         let (show, hit) = self.stops.push(&piece);
-        let decode = if hit {
+        let too_many_calls = !hit
+            && !piece.is_empty()
+            && match self.call_limit.as_mut() {
+                Some(l) => l.exceeded(self.stops.text()),
+                None => false,
+            };
+        let decode = if too_many_calls {
+            self.finish = Some(FinishReason::Stop);
+            None
+        } else if hit {
             self.finish = Some(FinishReason::Stop);
             self.stopped_by_string = true;
             None

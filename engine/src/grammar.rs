@@ -8,20 +8,42 @@
 
 use std::cell::RefCell;
 
-/// A grammar that llama.cpp compiled against a vocabulary (see [`crate::Tokenizer::grammar`]).
+/// A grammar that llama.cpp compiled against a vocabulary (see [`crate::Tokenizer::grammar`]
+/// and [`crate::Tokenizer::chat_grammar`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grammar {
     gbnf: String,
+    /// Lazy: enforced only from a trigger on (tool_choice auto).
+    pub(crate) lazy: Option<Triggers>,
+    /// Tokens the grammar accepts before the first sampled one (a tool-call grammar that
+    /// starts with the generation prompt).
+    pub(crate) prefill: Vec<i32>,
+}
+
+/// What wakes a lazy grammar: text matching one of the regexes, or one of the tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Triggers {
+    pub patterns: Vec<String>,
+    pub tokens: Vec<i32>,
 }
 
 impl Grammar {
     pub(crate) fn new(gbnf: String) -> Grammar {
-        Grammar { gbnf }
+        Grammar {
+            gbnf,
+            lazy: None,
+            prefill: Vec::new(),
+        }
     }
 
     /// The GBNF text.
     pub fn gbnf(&self) -> &str {
         &self.gbnf
+    }
+
+    /// Whether it waits for a trigger.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy.is_some()
     }
 }
 

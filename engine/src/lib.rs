@@ -8,6 +8,7 @@
 //! - [`stock`] runs stock llama.cpp on the same file, the reference for parity and speed.
 
 pub mod arch;
+mod chat;
 mod config;
 mod embed;
 mod error;
@@ -25,13 +26,17 @@ pub mod stock;
 mod tokenizer;
 
 pub use arch::{Family, Keys, SUPPORTED_ARCHITECTURES};
+pub use chat::{
+    ChatError, ChatInput, ChatParser, ChatPrompt, ChatTemplates, GrammarTrigger, MessageDiff,
+    ParsedMessage, ToolCall, ToolChoice,
+};
 pub use config::{ModelConfig, RopeConfig};
 pub use drllm_router_format as router_format;
 pub use embed::{normalized, Pooling};
 pub use error::{EngineError, Result};
 pub use generate::{
     generate, run_to_end, FinishReason, GenerateOptions, Generation, Step, Stepper, StopScanner,
-    TokenLogprob, MAX_TOP_LOGPROBS,
+    TokenLogprob, ToolCallLimit, MAX_TOP_LOGPROBS,
 };
 pub use grammar::{json_schema_to_gbnf, Grammar, GrammarError};
 pub use model::{DeviceChoice, Model};

@@ -1,12 +1,15 @@
 //! Tokenizer and chat template from llama.cpp (a vocab-only load of the same GGUF file).
 
+use crate::chat::{ChatError, ChatInput, ChatPrompt, ChatTemplates};
 use crate::error::{EngineError, Result};
+use crate::grammar::Triggers;
 use crate::grammar::{self, Grammar, GrammarError};
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// A chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,9 +30,13 @@ impl ChatMessage {
     }
 }
 
-/// llama.cpp's tokenizer for one model file.
+/// llama.cpp's tokenizer for one model file, with its chat templates (loaded on first use).
 pub struct Tokenizer {
     model: LlamaModel,
+    path: PathBuf,
+    /// Jinja source used instead of the file's chat template.
+    template: Option<String>,
+    chat: OnceLock<std::result::Result<ChatTemplates, ChatError>>,
 }
 
 impl Tokenizer {
@@ -50,7 +57,29 @@ impl Tokenizer {
         let params = LlamaModelParams::default().with_vocab_only(true);
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer { model })
+        Ok(Tokenizer {
+            model,
+            path: path.to_path_buf(),
+            template: None,
+            chat: OnceLock::new(),
+        })
+    }
+
+    /// Uses this Jinja chat template instead of the file's (llama-server's
+    /// `--chat-template-file`). It is checked by loading it now.
+    pub fn with_chat_template(mut self, template: String) -> Result<Self> {
+        self.template = Some(template);
+        self.chat = OnceLock::new();
+        self.chat()?;
+        Ok(self)
+    }
+
+    /// The chat templates, as llama.cpp loads them (see [`ChatTemplates`]).
+    pub fn chat(&self) -> Result<&ChatTemplates> {
+        self.chat
+            .get_or_init(|| ChatTemplates::open(&self.path, self.template.as_deref()))
+            .as_ref()
+            .map_err(|e| EngineError::Tokenizer(format!("chat template: {e}")))
     }
 
     /// Token ids of `text`. `add_special` adds BOS/EOS as the model wants; `parse_special`
@@ -66,9 +95,14 @@ impl Tokenizer {
 
     /// The bytes a token stands for (control tokens render as nothing).
     pub fn token_bytes(&self, token: i32) -> Vec<u8> {
+        self.piece(token, false)
+    }
+
+    /// The bytes a token stands for; with `special`, control tokens render as their text.
+    pub fn piece(&self, token: i32, special: bool) -> Vec<u8> {
         self.model
             .vocab()
-            .token_to_piece(LlamaToken(token), false, None)
+            .token_to_piece(LlamaToken(token), special, None)
     }
 
     /// Compiles a GBNF grammar (root rule `root`) for this vocabulary; the error says why
@@ -85,10 +119,55 @@ impl Tokenizer {
         }
     }
 
-    /// A fresh grammar sampler (one per generation: it tracks the text so far).
+    /// The grammar of a chat's tool calls (None: the chat has none), lazy or strict as
+    /// llama.cpp's chat layer made it; the error says why llama.cpp refused it.
+    pub fn chat_grammar(
+        &self,
+        chat: &ChatPrompt,
+    ) -> std::result::Result<Option<Grammar>, GrammarError> {
+        if chat.grammar.is_empty() {
+            return Ok(None);
+        }
+        let mut g = self.grammar(&chat.grammar)?;
+        if chat.grammar_lazy {
+            g.lazy = Some(Triggers {
+                patterns: chat.trigger_patterns.clone(),
+                tokens: chat.trigger_tokens.clone(),
+            });
+        } else {
+            g.prefill = chat.grammar_prefill_tokens.clone();
+        }
+        // built once here so that a trigger llama.cpp refuses is reported now
+        self.grammar_sampler(&g)
+            .map_err(|e| GrammarError(format!("the tool-call grammar: {e}")))?;
+        Ok(Some(g))
+    }
+
+    /// A fresh grammar sampler (one per generation: it tracks the text so far), lazy when
+    /// the grammar is, and past its prefill tokens.
     pub(crate) fn grammar_sampler(&self, g: &Grammar) -> Result<LlamaSampler> {
-        LlamaSampler::grammar(&self.model, g.gbnf(), "root")
-            .map_err(|e| EngineError::State(format!("grammar: {e}")))
+        let mut s = match &g.lazy {
+            None => LlamaSampler::grammar(&self.model, g.gbnf(), "root"),
+            Some(t) => {
+                let tokens: Vec<LlamaToken> = t.tokens.iter().map(|&t| LlamaToken(t)).collect();
+                LlamaSampler::grammar_lazy_patterns(
+                    &self.model,
+                    g.gbnf(),
+                    "root",
+                    &t.patterns,
+                    &tokens,
+                )
+            }
+        }
+        .map_err(|e| EngineError::State(format!("grammar: {e}")))?;
+        for &t in &g.prefill {
+            s.try_accept(LlamaToken(t)).map_err(|e| {
+                EngineError::State(format!(
+                    "grammar: it refuses the generation prompt's token {t}: {e}"
+                ))
+            })?;
+        }
+        Ok(s)
     }
 
     /// Text of a token sequence (lossy for invalid UTF-8).
@@ -110,25 +189,30 @@ impl Tokenizer {
         self.model.vocab().n_tokens().max(0) as usize
     }
 
-    /// True when the model file carries a chat template.
+    /// True when the model file carries a chat template, or one was given.
     pub fn has_chat_template(&self) -> bool {
-        self.model.chat_template(None).is_ok()
+        self.template.is_some() || self.model.chat_template(None).is_ok()
     }
 
-    /// Formats a conversation with the model's chat template, ending with the assistant's turn
-    /// opened when `add_assistant` is set.
+    /// Formats a conversation with the chat template as llama.cpp does by default (its Jinja
+    /// engine, [`ChatTemplates::apply`]), ending with the assistant's turn opened when
+    /// `add_assistant` is set.
     pub fn apply_chat(&self, messages: &[ChatMessage], add_assistant: bool) -> Result<String> {
-        let tmpl = self
-            .model
-            .chat_template(None)
-            .map_err(|_| EngineError::Tokenizer("the model has no chat template".into()))?;
-        let msgs = messages
+        if !self.has_chat_template() {
+            return Err(EngineError::Tokenizer(
+                "the model has no chat template".into(),
+            ));
+        }
+        let msgs: Vec<serde_json::Value> = messages
             .iter()
-            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Tokenizer(format!("bad chat message: {e}")))?;
-        self.model
-            .apply_chat_template(&tmpl, &msgs, add_assistant)
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        let msgs = serde_json::Value::Array(msgs);
+        let mut input = ChatInput::messages(&msgs);
+        input.add_generation_prompt = add_assistant;
+        self.chat()?
+            .apply(&input)
+            .map(|p| p.prompt)
             .map_err(|e| EngineError::Tokenizer(format!("chat template: {e}")))
     }
 }

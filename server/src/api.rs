@@ -264,7 +264,12 @@ pub fn check_fields(endpoint: Endpoint, body: &Value) -> Result<(), ApiError> {
             continue;
         }
         let implemented = match endpoint {
-            Endpoint::Chat => key == "messages" || COMMON_FIELDS.contains(&key.as_str()),
+            Endpoint::Chat => {
+                matches!(
+                    key.as_str(),
+                    "messages" | "tools" | "tool_choice" | "parallel_tool_calls"
+                ) || COMMON_FIELDS.contains(&key.as_str())
+            }
             Endpoint::Completion => {
                 key == "prompt" || key == "echo" || COMMON_FIELDS.contains(&key.as_str())
             }
@@ -311,10 +316,13 @@ pub fn check_fields(endpoint: Endpoint, body: &Value) -> Result<(), ApiError> {
             for (key, v) in m {
                 let ok = v.is_null()
                     || match key.as_str() {
-                        "role" | "content" => true,
-                        // a participant's name and the id a tool result answers: labels
-                        "name" | "tool_call_id" => v.is_string(),
-                        "tool_calls" | "annotations" => v.as_array().is_some_and(|a| a.is_empty()),
+                        "role" | "content" | "tool_calls" => true,
+                        // a participant's (or a tool's) name, the id a tool result answers,
+                        // the reasoning of an earlier answer
+                        "name" | "tool_call_id" | "reasoning_content" => v.is_string(),
+                        "annotations" | "refusal" => {
+                            v.as_array().is_some_and(|a| a.is_empty()) || v == &json!("")
+                        }
                         _ => false,
                     };
                 if !ok {
@@ -371,6 +379,17 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's tool calls (`[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`), checked by llama.cpp's parser.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A tool turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 /// `stream_options`.
@@ -986,6 +1005,8 @@ impl CommonFields {
 pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub common: CommonFields,
+    /// The tools the model may call (None: none given).
+    pub tools: Option<crate::tools::Tools>,
 }
 
 #[derive(Deserialize)]
@@ -1007,11 +1028,13 @@ impl ChatRequest {
         Ok(ChatRequest {
             messages: m.messages,
             common: from_value(&v)?,
+            tools: crate::tools::Tools::from_body(&v)?,
         })
     }
 
-    /// The messages as (role, text), checked.
-    pub fn messages(&self) -> Result<Vec<(String, String)>, ApiError> {
+    /// The messages as llama.cpp's chat layer takes them (OpenAI's shape), checked: known
+    /// roles, text parts only, tool calls only in assistant turns.
+    pub fn messages(&self) -> Result<Value, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid(
                 "messages must hold at least one message",
@@ -1050,15 +1073,33 @@ impl ChatRequest {
                     t
                 }
             };
-            // the "developer" role is OpenAI's new name for "system"
-            let role = if m.role == "developer" {
-                "system".to_string()
-            } else {
-                m.role.clone()
-            };
-            out.push((role, text));
+            let mut msg = json!({"role": m.role, "content": text});
+            if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
+                if m.role != "assistant" {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "messages[{i}].tool_calls: only assistant messages make tool calls"
+                        ),
+                        Some(&format!("messages[{i}].tool_calls")),
+                    ));
+                }
+                msg["tool_calls"] = Value::Array(calls.clone());
+                if m.content.is_none() {
+                    msg["content"] = Value::Null;
+                }
+            }
+            for (key, v) in [
+                ("tool_call_id", &m.tool_call_id),
+                ("name", &m.name),
+                ("reasoning_content", &m.reasoning_content),
+            ] {
+                if let Some(v) = v {
+                    msg[key] = json!(v);
+                }
+            }
+            out.push(msg);
         }
-        Ok(out)
+        Ok(Value::Array(out))
     }
 }
 
@@ -1239,10 +1280,28 @@ mod tests {
         .unwrap();
         assert_eq!(
             r.messages().unwrap(),
-            vec![
-                ("system".to_string(), "be brief".to_string()),
-                ("user".to_string(), "ab".to_string())
-            ]
+            json!([{"role": "developer", "content": "be brief"},
+                   {"role": "user", "content": "ab"}])
+        );
+        // tool calls and results pass through to llama.cpp's chat layer
+        let r = ChatRequest::from_body(
+            br#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+                 {"role":"tool","tool_call_id":"c1","name":"f","content":"42"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.messages().unwrap(),
+            json!([{"role": "assistant", "content": null,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                   {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}])
+        );
+        let r = ChatRequest::from_body(
+            br#"{"messages":[{"role":"user","content":"x","tool_calls":[{"id":"c1"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.messages().unwrap_err().param.as_deref(),
+            Some("messages[0].tool_calls")
         );
         let r =
             ChatRequest::from_body(br#"{"messages":[{"role":"wizard","content":"x"}]}"#).unwrap();

@@ -140,6 +140,10 @@ pub struct Settings {
     /// `pooling_type`; a file that declares none, as causal LMs do, gets `mean`), `mean`,
     /// `cls` or `last` (llama.cpp's `--pooling`) ([`defaults::POOLING`]).
     pub pooling: Option<String>,
+    /// A Jinja chat template used instead of the model file's (llama-server's
+    /// `--chat-template-file`), e.g. `templates/chatml-tools.jinja` for tool calls with a
+    /// ChatML model whose own template has none. Default: the file's.
+    pub chat_template_file: Option<PathBuf>,
     /// Days the routing log keeps its rows ([`defaults::LOG_DAYS`]; 0 keeps them forever).
     pub log_days: Option<u64>,
     /// File holding the bearer token (e.g. a systemd credential); instead of `api_key`.
@@ -189,6 +193,7 @@ every_key!(
     cache_mb,
     cache_exact,
     pooling,
+    chat_template_file,
     log_days,
     api_key_file,
 );
@@ -315,6 +320,7 @@ impl Settings {
             )? << 20,
             cache_exact: self.cache_exact.unwrap_or(defaults::CACHE_EXACT),
             pooling: self.pooling()?,
+            chat_template: self.chat_template()?,
             log_keep: self.log_keep()?,
             reload_debounce: Duration::from_millis(
                 self.reload_debounce_ms
@@ -341,6 +347,26 @@ impl Settings {
                 )
             })?)),
         }
+    }
+
+    /// `chat_template_file`, read: (its path, its text).
+    fn chat_template(&self) -> Result<Option<(PathBuf, String)>, ConfigError> {
+        let Some(p) = &self.chat_template_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            invalid(
+                "chat_template_file",
+                format!("cannot read {}: {e}", p.display()),
+            )
+        })?;
+        if text.trim().is_empty() {
+            return Err(invalid(
+                "chat_template_file",
+                format!("{} is empty", p.display()),
+            ));
+        }
+        Ok(Some((p.clone(), text)))
     }
 
     /// `pooling`: None for `auto` (the file decides at load), else the pooling asked for.
@@ -572,6 +598,8 @@ pub struct ServeConfig {
     pub cache_exact: bool,
     /// None: the file's pooling (mean when it declares none).
     pub pooling: Option<drllm_engine::Pooling>,
+    /// The chat template used instead of the file's: its path and its Jinja text.
+    pub chat_template: Option<(PathBuf, String)>,
     /// How long the routing log keeps rows (None: forever).
     pub log_keep: Option<Duration>,
     /// Called by the workers at each fault point (tests inject panics with it).

@@ -10,10 +10,12 @@ use crate::embeddings::EmbeddingRequest;
 use crate::logprobs;
 use crate::pool::{Event, Job, Outcome, Refused, Task};
 use crate::reload::Reload;
+use crate::tools::{ChatShape, ChoiceParser, Tools};
 use crate::{Ready, State};
 use bytes::Bytes;
 use drllm_engine::{
-    ChatMessage, FinishReason, GenerateOptions, Grammar, SamplingParams, Tokenizer,
+    ChatInput, ChatPrompt, FinishReason, GenerateOptions, Grammar, SamplingParams, Tokenizer,
+    ToolChoice,
 };
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
@@ -463,30 +465,100 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:x}{n:06x}", std::process::id())
 }
 
-/// Turns the request into prompt tokens, checked against the context.
+/// A conversation as llama.cpp's chat layer rendered it, and the text the answer starts with.
+struct Rendered {
+    prompt: ChatPrompt,
+    /// Put at the end of the prompt and read by the parser before the generated text: the
+    /// format's tool-call marker when a call is required.
+    answer_prefix: String,
+}
+
+/// A conversation rendered by llama.cpp's chat layer (with the request's tools), its
+/// template checked to call tools when the request lets the model call them.
+///
+/// A required call (`tool_choice` required or a named function) starts the answer at the
+/// tool-call marker: llama.cpp's grammar for `required` lets free text come first, and a small
+/// model then talks until max_tokens instead of calling. The marker is llama.cpp's own (the
+/// word that triggers the same format's lazy grammar under `auto`); it goes at the end of the
+/// prompt, the grammar accepts it before the first sampled token, and the parser reads it
+/// before the answer. A format without such a word keeps llama.cpp's grammar as it is.
+fn render_chat(r: &Ready, messages: &Value, tools: Option<&Tools>) -> Result<Rendered, ApiError> {
+    if !r.tokenizer.has_chat_template() {
+        return Err(ApiError::invalid(
+            "the model has no chat template: use /v1/completions with a prompt, or give one \
+             with --chat-template-file",
+            Some("messages"),
+        ));
+    }
+    let chat = r
+        .tokenizer
+        .chat()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let unsupported = || {
+        ApiError::invalid(
+            "this model's chat template cannot call tools (llama.cpp finds no tool-call format \
+             in it, and would leave the tools out of the prompt); serve the model with a \
+             template that can, e.g. --chat-template-file templates/chatml-tools.jinja for a \
+             ChatML model",
+            Some("tools"),
+        )
+        .with_code("tools_unsupported")
+    };
+    let active = tools.filter(|t| t.active());
+    if active.is_some() && !chat.calls_tools().unwrap_or(false) {
+        return Err(unsupported());
+    }
+    let mut input = ChatInput::messages(messages);
+    if let Some(t) = tools {
+        input.tools = Some(&t.tools);
+        input.tool_choice = t.choice;
+        input.parallel_tool_calls = t.parallel;
+    }
+    let apply = |input: &ChatInput<'_>| {
+        chat.apply(input)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
+    };
+    let mut answer_prefix = String::new();
+    if active.is_some_and(|t| t.choice == ToolChoice::Required) {
+        let auto = apply(&ChatInput {
+            tool_choice: ToolChoice::Auto,
+            ..input.clone()
+        })?;
+        if let Some(m) = auto
+            .grammar_triggers
+            .iter()
+            .find(|t| t.kind == "word" && !t.value.is_empty())
+        {
+            answer_prefix = m.value.clone();
+        }
+    }
+    input.answer_prefix = &answer_prefix;
+    let p = apply(&input)?;
+    if active.is_some_and(|t| t.choice == ToolChoice::Required) && p.grammar.is_empty() {
+        return Err(unsupported());
+    }
+    Ok(Rendered {
+        prompt: p,
+        answer_prefix: answer_prefix.clone(),
+    })
+}
+
+/// Turns the request into prompt tokens, checked against the context (a chat: rendered by
+/// llama.cpp's chat layer, returned too).
 fn prompt_tokens(
     state: &State,
     r: &Ready,
-    messages: Option<Vec<(String, String)>>,
+    messages: Option<&Value>,
+    tools: Option<&Tools>,
     prompt: Option<&Prompt>,
-) -> Result<Vec<i32>, ApiError> {
+) -> Result<(Vec<i32>, Option<Rendered>), ApiError> {
+    let mut chat = None;
     let tokens = match (messages, prompt) {
         (Some(msgs), _) => {
-            if !r.tokenizer.has_chat_template() {
-                return Err(ApiError::invalid(
-                    "the model has no chat template: use /v1/completions with a prompt",
-                    Some("messages"),
-                ));
-            }
-            let msgs: Vec<ChatMessage> = msgs
-                .into_iter()
-                .map(|(role, content)| ChatMessage::new(role, content))
-                .collect();
-            let text = r
-                .tokenizer
-                .apply_chat(&msgs, true)
-                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-            r.tokenizer.tokenize(&text, true, true)
+            let p = render_chat(r, msgs, tools)?;
+            let tokens = r.tokenizer.tokenize(&p.prompt.prompt, true, true);
+            chat = Some(p);
+            tokens
         }
         (None, Some(Prompt::Text(t))) => r.tokenizer.tokenize(t, true, false),
         (None, Some(Prompt::Texts(v))) => match v.as_slice() {
@@ -533,11 +605,12 @@ fn prompt_tokens(
         )
         .with_code("context_length_exceeded"));
     }
-    Ok(tokens)
+    Ok((tokens, chat))
 }
 
 struct Parsed {
-    messages: Option<Vec<(String, String)>>,
+    messages: Option<Value>,
+    tools: Option<Tools>,
     prompt: Option<Prompt>,
     settings: GenSettings,
 }
@@ -555,6 +628,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
             let settings = q.common.validate(&limits, endpoint)?;
             Ok(Parsed {
                 messages: Some(q.messages()?),
+                tools: q.tools.clone(),
                 prompt: None,
                 settings,
             })
@@ -564,6 +638,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
             let settings = q.common.validate(&limits, endpoint)?;
             Ok(Parsed {
                 messages: None,
+                tools: None,
                 prompt: Some(q.prompt),
                 settings,
             })
@@ -582,6 +657,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
                     ChatRequest {
                         messages: m.clone(),
                         common: Default::default(),
+                        tools: None,
                     }
                     .messages()?,
                 ),
@@ -592,6 +668,7 @@ fn parse(state: &State, r: &Ready, endpoint: Endpoint, body: &[u8]) -> Result<Pa
             }
             Ok(Parsed {
                 messages,
+                tools: None,
                 prompt: q.prompt,
                 settings,
             })
@@ -631,6 +708,7 @@ async fn completion(
         prompt,
         grammar,
         echo,
+        chat,
     } = prepare(state, r, endpoint, body).await?;
     if s.routing.routing == Some(true) && r.routers.current().is_none() {
         return Err(ApiError::no_routers());
@@ -645,8 +723,9 @@ async fn completion(
         logprobs: s.logprobs.is_some(),
         echo: echo.map(|text| (text, prompt.first().copied().unwrap_or(0))),
         n: s.n,
+        chat: chat.clone(),
     };
-    let task = task(endpoint, &s, prompt, grammar);
+    let task = task(endpoint, &s, prompt, grammar, chat.as_ref());
     let streamed = s.stream && endpoint != Endpoint::Route;
     // small buffers: a worker runs at most a few tokens ahead of a client, so a disconnect
     // stops it quickly
@@ -689,6 +768,8 @@ struct Prepared {
     grammar: Option<Grammar>,
     /// With `echo`: the prompt's text, returned before the answer.
     echo: Option<String>,
+    /// A chat: how llama.cpp's chat layer rendered it (its parser reads the answer back).
+    chat: Option<ChatShape>,
 }
 
 /// How an answer is written beyond its text: token texts for logprobs, the echoed prompt.
@@ -700,6 +781,8 @@ struct Shape {
     echo: Option<(String, i32)>,
     /// Choices.
     n: usize,
+    /// A chat: its answers are read back by llama.cpp's chat parser.
+    chat: Option<ChatShape>,
 }
 
 /// Most bytes of prompt logits an `echo` with `logprobs` may hold (every prompt row's).
@@ -769,8 +852,24 @@ async fn prepare(
         let p = parse(&st, &rd, endpoint, &body)?;
         // with one model served, whatever model a request names is answered by it (the
         // response's `model` says which), as llama-server does
-        // a grammar (JSON mode, a schema, GBNF) compiled against the model's vocabulary
+        let tools_active = p.tools.as_ref().is_some_and(Tools::active);
+        if tools_active && p.settings.constraint.is_some() {
+            return Err(ApiError::invalid(
+                "tools come with their own grammar: give response_format or grammar, or tools, \
+                 not both (or tool_choice: none)",
+                Some("tools"),
+            ));
+        }
+        let (prompt, chat) =
+            prompt_tokens(&st, &rd, p.messages.as_ref(), p.tools.as_ref(), p.prompt.as_ref())?;
+        // a grammar (JSON mode, a schema, GBNF, tool calls) compiled against the vocabulary
         let grammar = match &p.settings.constraint {
+            None if tools_active => match &chat {
+                Some(c) => rd.tokenizer.chat_grammar(&c.prompt).map_err(|e| {
+                    ApiError::invalid(format!("the tool-call grammar does not compile: {e}"), Some("tools"))
+                })?,
+                None => None,
+            },
             None => None,
             Some(c) => Some(rd.tokenizer.grammar(&c.gbnf).map_err(|e| {
                 let (what, code) = if c.param == "grammar" {
@@ -782,7 +881,6 @@ async fn prepare(
                     .with_code(code)
             })?),
         };
-        let prompt = prompt_tokens(&st, &rd, p.messages, p.prompt.as_ref())?;
         let echo = p.settings.echo.then(|| match &p.prompt {
             Some(Prompt::Text(t)) => t.clone(),
             Some(Prompt::Texts(v)) => v.concat(),
@@ -803,11 +901,18 @@ async fn prepare(
                 Some("echo"),
             ));
         }
+        let chat = chat.map(|c| ChatShape {
+            prompt: Arc::new(c.prompt),
+            tools: tools_active,
+            answer_prefix: c.answer_prefix,
+            parallel: p.tools.as_ref().is_some_and(|t| t.parallel),
+        });
         Ok::<_, ApiError>(Prepared {
             settings: p.settings,
             prompt,
             grammar,
             echo,
+            chat,
         })
     })
     .await
@@ -815,13 +920,35 @@ async fn prepare(
 }
 
 /// What a worker runs for the request: the path only (route), or a generation.
-fn task(endpoint: Endpoint, s: &GenSettings, prompt: Vec<i32>, grammar: Option<Grammar>) -> Task {
+fn task(
+    endpoint: Endpoint,
+    s: &GenSettings,
+    prompt: Vec<i32>,
+    grammar: Option<Grammar>,
+    chat: Option<&ChatShape>,
+) -> Task {
     if endpoint == Endpoint::Route {
         return Task::Route { prompt };
     }
+    // the chat format's own stop strings, and its tags that must come out as text
+    let mut stop = s.stop.clone();
+    let mut preserved_tokens = Vec::new();
+    let mut tool_call_limit = None;
+    if let Some(c) = chat {
+        stop.extend(c.prompt.additional_stops.iter().cloned());
+        preserved_tokens = c.prompt.preserved_token_ids.clone();
+        // one call without parallel_tool_calls: stop when a second begins
+        if c.tools && !c.parallel {
+            tool_call_limit = Some(Box::new(drllm_engine::ToolCallLimit {
+                chat: c.prompt.clone(),
+                answer_prefix: c.answer_prefix.clone(),
+                max_calls: 1,
+            }));
+        }
+    }
     Task::Generate {
         prompt,
-        opts: GenerateOptions {
+        opts: Box::new(GenerateOptions {
             max_tokens: s.max_tokens,
             sampling: SamplingParams {
                 temperature: s.temperature,
@@ -837,12 +964,14 @@ fn task(endpoint: Endpoint, s: &GenSettings, prompt: Vec<i32>, grammar: Option<G
                 presence_penalty: s.penalties.presence,
                 logit_bias: s.logit_bias.clone(),
             },
-            stop: s.stop.clone(),
+            stop,
             ignore_eos: s.ignore_eos,
             grammar,
             logprobs: s.logprobs,
             prompt_logprobs: if s.echo { s.logprobs } else { None },
-        },
+            preserved_tokens,
+            tool_call_limit,
+        }),
         cache_prompt: s.cache_prompt,
         n: s.n,
     }
@@ -867,10 +996,17 @@ fn answer(
             let choices: Vec<Value> = all
                 .enumerate()
                 .map(|(i, (text, finish, lps))| {
+                    let (message, calls) = match &shape.chat {
+                        Some(c) => {
+                            let (_, m, calls) = ChoiceParser::new(tok, c).finish(text);
+                            (m, calls)
+                        }
+                        None => (json!({"role": "assistant", "content": text}), false),
+                    };
                     json!({"index": i,
-                           "message": {"role": "assistant", "content": text},
+                           "message": message,
                            "logprobs": shape.logprobs.then(|| logprobs::chat(tok, lps)),
-                           "finish_reason": finish.as_str()})
+                           "finish_reason": finish_reason(finish, calls)})
                 })
                 .collect();
             json!({
@@ -928,6 +1064,15 @@ fn answer(
     }
 }
 
+/// OpenAI's finish reason: `tool_calls` when an answer that ended by itself calls tools.
+fn finish_reason(finish: FinishReason, calls: bool) -> &'static str {
+    if calls && finish == FinishReason::Stop {
+        "tool_calls"
+    } else {
+        finish.as_str()
+    }
+}
+
 /// Waits for the job's end (non-streaming).
 async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Outcome, ApiError> {
     while let Some(ev) = rx.recv().await {
@@ -971,6 +1116,8 @@ struct Chunks {
     shape: Shape,
     /// Each choice's completions logprobs so far (their text offsets run across chunks).
     completion_logprobs: Vec<logprobs::Completion>,
+    /// A chat: each choice's answer as llama.cpp's parser reads it so far.
+    parsers: Vec<ChoiceParser>,
 }
 
 impl Chunks {
@@ -985,9 +1132,11 @@ impl Chunks {
         self.chunk_with(0, content, Value::Null, finish, extra)
     }
 
-    /// A text chunk of choice `index` with the log-probabilities of its tokens (when the
-    /// request asked).
-    fn text(&mut self, index: usize, text: &str, lps: &[drllm_engine::TokenLogprob]) -> Value {
+    /// The chunks for more text of choice `index`, with the log-probabilities of its tokens
+    /// (when the request asked; on the first chunk). A chat's text goes through its parser:
+    /// the chunks carry the content, reasoning and tool-call deltas it finds (none while a
+    /// tool call's tag is incomplete).
+    fn text(&mut self, index: usize, text: &str, lps: &[drllm_engine::TokenLogprob]) -> Vec<Value> {
         let logprobs = if !self.shape.logprobs {
             Value::Null
         } else if self.chat {
@@ -1003,7 +1152,38 @@ impl Chunks {
             }
             c.take()
         };
-        self.chunk_with(index, Some(text), logprobs, None, None)
+        if !self.chat {
+            return vec![self.chunk_with(index, Some(text), logprobs, None, None)];
+        }
+        let mut deltas = match self.parser(index) {
+            Some(p) => p.push(text),
+            None => vec![json!({ "content": text })],
+        };
+        if deltas.is_empty() && !logprobs.is_null() {
+            deltas.push(json!({}));
+        }
+        let mut logprobs = Some(logprobs);
+        deltas
+            .into_iter()
+            .map(|d| self.delta(index, d, logprobs.take().unwrap_or(Value::Null), None))
+            .collect()
+    }
+
+    /// Choice `index`'s parser (a chat's).
+    fn parser(&mut self, index: usize) -> Option<&mut ChoiceParser> {
+        let c = self.shape.chat.as_ref()?;
+        while self.parsers.len() <= index {
+            self.parsers
+                .push(ChoiceParser::new(&self.shape.tokenizer, c));
+        }
+        self.parsers.get_mut(index)
+    }
+
+    /// A chat chunk with this delta.
+    fn delta(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
+        let mut v = self.chunk_with(index, None, logprobs, finish, None);
+        v["choices"][0]["delta"] = delta;
+        v
     }
 
     fn chunk_with(
@@ -1056,6 +1236,7 @@ fn stream_response(
         chat,
         shape,
         completion_logprobs: Vec::new(),
+        parsers: Vec::new(),
     };
     tokio::spawn(pump(events, tx, chunks, include_usage));
     let mut r = Response::new(ResBody::Stream(rx));
@@ -1114,12 +1295,14 @@ async fn pump(
                 text,
                 logprobs,
             } => {
-                if !send(&tx, sse(&chunks.text(index, &text, &logprobs))).await {
-                    return;
+                for c in chunks.text(index, &text, &logprobs) {
+                    if !send(&tx, sse(&c)).await {
+                        return;
+                    }
                 }
             }
             Event::Failed(e) => return send_error(&tx, &e).await,
-            Event::Done(o) => return send_end(&tx, &chunks, &o, include_usage).await,
+            Event::Done(o) => return send_end(&tx, &mut chunks, &o, include_usage).await,
         }
     }
 }
@@ -1131,15 +1314,31 @@ async fn send_error(tx: &mpsc::Sender<Bytes>, e: &ApiError) {
     }
 }
 
-/// The finish chunk of each choice (the last with the drllm object), the usage chunk when
-/// asked for, `[DONE]`.
-async fn send_end(tx: &mpsc::Sender<Bytes>, chunks: &Chunks, o: &Outcome, include_usage: bool) {
-    let finishes: Vec<FinishReason> = std::iter::once(o.finish)
-        .chain(o.more.iter().map(|c| c.finish))
+/// The finish chunk of each choice (the last with the drllm object; a chat's after the
+/// deltas its parser finds in the whole answer), the usage chunk when asked for, `[DONE]`.
+async fn send_end(tx: &mpsc::Sender<Bytes>, chunks: &mut Chunks, o: &Outcome, include_usage: bool) {
+    let ends: Vec<(FinishReason, &str)> = std::iter::once((o.finish, o.text.as_str()))
+        .chain(o.more.iter().map(|c| (c.finish, c.text.as_str())))
         .collect();
-    for (index, f) in finishes.iter().enumerate() {
-        let extra = (index + 1 == finishes.len()).then(|| ("drllm", drllm_object(o)));
-        let last = chunks.chunk_with(index, None, Value::Null, Some(f.as_str()), extra);
+    for (index, &(f, text)) in ends.iter().enumerate() {
+        let mut calls = false;
+        if chunks.chat {
+            if let Some(p) = chunks.parser(index) {
+                let (deltas, _, c) = p.finish(text);
+                calls = c;
+                for d in deltas {
+                    let _ = send(tx, sse(&chunks.delta(index, d, Value::Null, None))).await;
+                }
+            }
+        }
+        let extra = (index + 1 == ends.len()).then(|| ("drllm", drllm_object(o)));
+        let last = chunks.chunk_with(
+            index,
+            None,
+            Value::Null,
+            Some(finish_reason(f, calls)),
+            extra,
+        );
         let _ = send(tx, sse(&last)).await;
     }
     if include_usage {

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pool;
 pub mod reload;
+pub mod tools;
 
 use crate::config::ServeConfig;
 use crate::metrics::Metrics;
@@ -156,10 +157,14 @@ fn load(config: &ServeConfig) -> Result<Ready, ServeError> {
         Model::load(&config.model, config.device)
             .map_err(|e| ServeError::Load(format!("loading {}: {e}", config.model.display())))?,
     );
-    let tokenizer =
-        Arc::new(Tokenizer::load(&config.model).map_err(|e| {
-            ServeError::Load(format!("tokenizer of {}: {e}", config.model.display()))
-        })?);
+    let mut tokenizer = Tokenizer::load(&config.model)
+        .map_err(|e| ServeError::Load(format!("tokenizer of {}: {e}", config.model.display())))?;
+    if let Some((path, text)) = &config.chat_template {
+        tokenizer = tokenizer
+            .with_chat_template(text.clone())
+            .map_err(|e| ServeError::Load(format!("chat template {}: {e}", path.display())))?;
+    }
+    let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::new(model.n_layer()));
     let routers = Arc::new(RouterSlot::new(
         config.routers.clone(),

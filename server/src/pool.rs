@@ -24,7 +24,7 @@ pub enum Task {
     /// Prefill along the routed (or plain) path, then generate.
     Generate {
         prompt: Vec<i32>,
-        opts: GenerateOptions,
+        opts: Box<GenerateOptions>,
         /// Reuse a cached prefix of the prompt and keep this conversation's KV cache for its
         /// next turn (llama-server's `cache_prompt`).
         cache_prompt: bool,

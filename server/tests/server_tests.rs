@@ -38,11 +38,15 @@ impl Drop for Server {
     }
 }
 
-fn tiny_model(dir: &Path) -> PathBuf {
+fn tiny_spec() -> TinySpec {
     let mut spec = TinySpec::default_for(Family::Llama);
     spec.with_chat_template = true;
+    spec
+}
+
+fn tiny_model(dir: &Path, spec: &TinySpec) -> PathBuf {
     let p = dir.join("tiny.gguf");
-    write_tiny_model(&spec, &p).unwrap();
+    write_tiny_model(spec, &p).unwrap();
     p
 }
 
@@ -67,8 +71,17 @@ fn server(f: impl FnOnce(&mut Settings)) -> Server {
 /// A server with settings `f` and, after they are resolved, changes `g` to the config (e.g.
 /// a fault hook).
 fn server_with(f: impl FnOnce(&mut Settings), g: impl FnOnce(&mut ServeConfig)) -> Server {
+    server_on(&tiny_spec(), f, g)
+}
+
+/// A server on a tiny model of this spec.
+fn server_on(
+    spec: &TinySpec,
+    f: impl FnOnce(&mut Settings),
+    g: impl FnOnce(&mut ServeConfig),
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = tiny_model(dir.path(), spec);
     let sidecar = sidecar_path_for(&model);
     write_routers(&model, &COUNTS_A, &sidecar);
     let db = dir.path().join("log/routing.sqlite");
@@ -1731,19 +1744,14 @@ fn fields_drllm_does_not_implement_are_refused_by_name() {
         post(addr, chat, &b)
     };
     for (extra, param) in [
-        (
-            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
-            "tools",
-        ),
-        (json!({"tool_choice": "required"}), "tool_choice"),
         (json!({"store": true}), "store"),
         (
             json!({"stream_options": {"include_usage": true, "chunk_size": 4}}),
             "stream_options.chunk_size",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "hi", "tool_calls": [{"id": "x"}]}]}),
-            "messages[0].tool_calls",
+            json!({"messages": [{"role": "user", "content": "hi", "audio": {"id": "x"}}]}),
+            "messages[0].audio",
         ),
     ] {
         let r = with(extra.clone());
@@ -2333,4 +2341,217 @@ fn echo_logprobs_score_a_continuation_on_smollm2() {
     };
     let (paris, london) = (score(" Paris"), score(" London"));
     assert!(paris > london, "Paris {paris} vs London {london}");
+}
+
+/// The tool template drllm ships (ChatML with tool calls).
+fn tool_template() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/chatml-tools.jinja")
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather now",
+         "parameters": {"type": "object", "required": ["unit"],
+                        "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+    ])
+}
+
+/// A tool call as the API gives it: (name, arguments parsed).
+fn call_of(c: &Value) -> (String, Value) {
+    assert_eq!(c["type"], "function", "{c}");
+    assert!(
+        c["id"].as_str().is_some_and(|i| i.starts_with("call_")),
+        "{c}"
+    );
+    let args = c["function"]["arguments"]
+        .as_str()
+        .expect("arguments are JSON text");
+    let args: Value = serde_json::from_str(args).unwrap_or_else(|e| panic!("{args}: {e}"));
+    (c["function"]["name"].as_str().unwrap().to_string(), args)
+}
+
+/// The weather call's arguments follow its schema (the grammar's doing, on a random model).
+fn assert_weather_args(args: &Value) {
+    let unit = args["unit"].as_str().unwrap_or_default();
+    assert!(["celsius", "fahrenheit"].contains(&unit), "{args}");
+    assert_eq!(args.as_object().map(|o| o.len()), Some(1), "{args}");
+}
+
+#[test]
+fn tool_calls_are_llama_cpps_chat_format_and_grammar_even_on_a_random_model() {
+    // llama.cpp's SentencePiece tokenizer puts a space after a special token when the file
+    // asks for a space prefix, and then the tool-call grammar (which starts with the
+    // generation prompt, "<|im_start|>assistant\n") refuses the prompt's own tokens: the tiny
+    // model says it wants none, as byte-level BPE models (SmolLM2) effectively do
+    let mut spec = tiny_spec();
+    spec.add_space_prefix = Some(false);
+    let s = server_on(
+        &spec,
+        |c| {
+            c.chat_template_file = Some(tool_template());
+            c.ctx_size = Some(2048);
+        },
+        |_| {},
+    );
+    let chat = "/v1/chat/completions";
+    let user = json!([{"role": "user", "content": prompt_text(4, 5)}]);
+    let body = |choice: Value, stream: bool| {
+        json!({"model": "tiny", "messages": user, "tools": weather_tools(), "tool_choice": choice,
+               "max_tokens": 300, "temperature": 0, "stream": stream})
+    };
+    // required: the random tiny model answers with one call that parses and fits its schema
+    let v = post(s.addr, chat, &body(json!("required"), false)).v();
+    let choice = &v["choices"][0];
+    let m = &choice["message"];
+    let calls = m["tool_calls"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(calls.len(), 1, "parallel_tool_calls is false: {v}");
+    let (name, args) = call_of(&calls[0]);
+    match name.as_str() {
+        "get_weather" => assert_weather_args(&args),
+        "get_time" => assert_eq!(args, json!({})),
+        other => panic!("called {other}"),
+    }
+    assert_eq!(m["content"], Value::Null, "{v}");
+    // without parallel_tool_calls the generation stops when a second call begins
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    // a named function: that one
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let v = post(s.addr, chat, &body(named.clone(), false)).v();
+    let calls = v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let (name, args) = call_of(&calls[0]);
+    assert_eq!(name, "get_weather");
+    assert_weather_args(&args);
+    let finish = v["choices"][0]["finish_reason"].clone();
+    assert_eq!(finish, "tool_calls", "{v}");
+    // streamed: the deltas add up to the same call (id, type and name on the first)
+    let r = post(s.addr, chat, &body(named, true));
+    let mut streamed_args = String::new();
+    let mut firsts = Vec::new();
+    let mut last_finish = Value::Null;
+    for d in r.sse_data() {
+        if d == "[DONE]" {
+            break;
+        }
+        let c: Value = serde_json::from_str(d).unwrap();
+        let ch = &c["choices"][0];
+        if !ch["finish_reason"].is_null() {
+            last_finish = ch["finish_reason"].clone();
+        }
+        assert!(ch["delta"].get("content").is_none_or(|t| t == ""), "{c}");
+        for tc in ch["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(tc["index"], 0, "{c}");
+            if tc.get("id").is_some() {
+                firsts.push(tc.clone());
+            }
+            streamed_args.push_str(tc["function"]["arguments"].as_str().unwrap());
+        }
+    }
+    assert_eq!(firsts.len(), 1, "{}", r.body);
+    assert_eq!(firsts[0]["function"]["name"], "get_weather");
+    assert_eq!(firsts[0]["type"], "function");
+    assert_eq!(
+        serde_json::from_str::<Value>(&streamed_args).unwrap(),
+        args,
+        "{}",
+        r.body
+    );
+    assert_eq!(last_finish, finish);
+    // a tool's result in the history is rendered by the template and answered
+    let history = json!([
+        {"role": "user", "content": prompt_text(4, 5)},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"unit\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 and sunny"},
+    ]);
+    let r = post(
+        s.addr,
+        chat,
+        &json!({"messages": history, "tools": weather_tools(), "max_tokens": 8, "temperature": 0}),
+    );
+    let v = r.v();
+    assert_eq!(r.status, 200, "{v}");
+    // the prompt is the template's rendering, made here by llama.cpp's chat layer directly
+    let tok = Tokenizer::load(&s.model)
+        .unwrap()
+        .with_chat_template(std::fs::read_to_string(tool_template()).unwrap())
+        .unwrap();
+    let tools = weather_tools();
+    let mut input = drllm_engine::ChatInput::messages(&history);
+    input.tools = Some(&tools);
+    let rendered = tok.chat().unwrap().apply(&input).unwrap().prompt;
+    assert!(rendered.contains("<|im_start|>tool\n<tool_response>\n18 and sunny\n</tool_response>"));
+    assert!(
+        rendered.contains("{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"celsius\"}}")
+    );
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        json!(tok.tokenize(&rendered, true, true).len())
+    );
+    // what cannot be served is refused by name
+    for (extra, param) in [
+        (json!({"response_format": {"type": "json_object"}}), "tools"),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": [{"type": "function"}]}),
+            "tools[0].function.name",
+        ),
+    ] {
+        let mut b = body(json!("auto"), false);
+        for (k, x) in extra.as_object().unwrap() {
+            b[k] = x.clone();
+        }
+        let r = post(s.addr, chat, &b);
+        assert_eq!(
+            (r.status, r.error().1.as_deref()),
+            (400, Some(param)),
+            "{extra}: {}",
+            r.body
+        );
+    }
+    let r = post(
+        s.addr,
+        chat,
+        &json!({"messages": user, "tool_choice": "required"}),
+    );
+    assert_eq!(
+        (r.status, r.error().1.as_deref()),
+        (400, Some("tool_choice"))
+    );
+    let r = post(
+        s.addr,
+        chat,
+        &json!({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}]}),
+    );
+    assert_eq!(
+        (r.status, r.error().1.as_deref()),
+        (400, Some("messages[0].tool_calls"))
+    );
+}
+
+#[test]
+fn a_template_without_tool_calls_refuses_tools_instead_of_dropping_them() {
+    let s = server(|_| {});
+    let chat = "/v1/chat/completions";
+    let mut b = chat_body(3, 4);
+    b["tools"] = weather_tools();
+    let r = post(s.addr, chat, &b);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let (_, param, code) = r.error();
+    assert_eq!(
+        (param.as_deref(), code.as_deref()),
+        (Some("tools"), Some("tools_unsupported"))
+    );
+    assert!(r.body.contains("--chat-template-file"), "{}", r.body);
+    // tool_choice none asks for no call: served
+    b["tool_choice"] = json!("none");
+    let r = post(s.addr, chat, &b);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.v()["choices"][0]["message"].get("tool_calls").is_none());
 }

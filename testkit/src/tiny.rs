@@ -41,6 +41,10 @@ pub struct TinySpec {
     pub experts: Option<TinyExperts>,
     /// Granite: `rope.scaling.finetuned` (false turns RoPE off).
     pub rope: bool,
+    /// `tokenizer.ggml.add_space_prefix` when set (llama.cpp's SentencePiece tokenizer then
+    /// puts no space before a prompt's first word, nor after a special token); unset: not
+    /// written (llama.cpp's default, true).
+    pub add_space_prefix: Option<bool>,
 }
 
 /// The mixture-of-experts FFN of a tiny model.
@@ -98,6 +102,7 @@ impl TinySpec {
                 n_ff: 64,
             }),
             rope: true,
+            add_space_prefix: None,
         }
     }
 
@@ -389,6 +394,9 @@ fn tokenizer_keys(w: &mut GgufWriter, spec: &TinySpec) {
     w.set("tokenizer.ggml.add_eos_token", Value::Bool(false));
     if spec.with_chat_template {
         w.set("tokenizer.chat_template", Value::string(CHATML_TEMPLATE));
+    }
+    if let Some(b) = spec.add_space_prefix {
+        w.set("tokenizer.ggml.add_space_prefix", Value::Bool(b));
     }
 }
 

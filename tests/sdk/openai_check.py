@@ -4,7 +4,8 @@ against a `drllm serve` it starts; scripts/sdk-env.sh installs the pinned SDK).
     python3 tests/sdk/openai_check.py BASE_URL [--smollm2]
 
 Every check raises on failure; the last line printed is a JSON summary. `--smollm2`: the
-server runs SmolLM2-135M-Instruct, and the answers' content is checked too.
+server runs SmolLM2-135M-Instruct, and the answers' content is checked too. The server runs
+with `--chat-template-file templates/chatml-tools.jinja` (tool calls).
 """
 
 import json
@@ -117,6 +118,60 @@ f = client.embeddings.create(model=model, input="The cat sat.", encoding_format=
 check(max(abs(a - b) for a, b in zip(f.data[0].embedding, vec)) < 1e-6, "base64 and float agree")
 check(e.usage.prompt_tokens > 0, f"{e.usage}")
 summary["embedding_size"] = len(vec)
+
+# tools (the server runs with --chat-template-file templates/chatml-tools.jinja): a required
+# call is grammar-constrained, so even a random model's is a parseable get_weather call
+# (a random tiny model would write a free string forever: it gets a choice of cities)
+city = {"type": "string"} if smollm2 else {"type": "string", "enum": ["Paris", "London"]}
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": city}, "required": ["city"]}}}]
+q = [{"role": "user", "content": "What is the weather in Paris?"}]
+named = {"type": "function", "function": {"name": "get_weather"}}
+calls = {}
+for choice in ["required", named]:
+    r = client.chat.completions.create(model=model, messages=q, tools=tools, tool_choice=choice,
+                                       max_tokens=250, temperature=0)
+    c = r.choices[0]
+    tc = c.message.tool_calls
+    check(tc and len(tc) == 1 and tc[0].type == "function", f"{choice}: {c.message}")
+    check(tc[0].function.name == "get_weather" and tc[0].id.startswith("call_"), f"{tc[0]}")
+    args = json.loads(tc[0].function.arguments)
+    check(isinstance(args.get("city"), str), f"arguments {args}")
+    check(c.finish_reason in ("tool_calls", "length"), f"finish {c.finish_reason}")
+    if smollm2:
+        check(c.finish_reason == "tool_calls" and "Paris" in args["city"], f"{c}")
+    calls[str(choice)] = (r, args)
+summary["tool_call"] = calls["required"][1]
+# streamed: the deltas add up to the same call
+acc = {}
+finish = None
+for chunk in client.chat.completions.create(model=model, messages=q, tools=tools, tool_choice=named,
+                                            max_tokens=250, temperature=0, stream=True):
+    if not chunk.choices:
+        continue
+    d = chunk.choices[0].delta
+    finish = chunk.choices[0].finish_reason or finish
+    for t in d.tool_calls or []:
+        e = acc.setdefault(t.index, {"id": None, "name": "", "args": ""})
+        e["id"] = t.id or e["id"]
+        if t.function:
+            e["name"] += t.function.name or ""
+            e["args"] += t.function.arguments or ""
+r, args = calls[str(named)]
+check(list(acc) == [0] and acc[0]["name"] == "get_weather" and acc[0]["id"], f"streamed calls {acc}")
+check(json.loads(acc[0]["args"]) == args, f"streamed {acc[0]['args']!r} vs {args}")
+check(finish == r.choices[0].finish_reason, f"streamed finish {finish}")
+# the tool's result goes back in the history (the SDK's own message object) and is answered
+call = r.choices[0].message.tool_calls[0]
+history = q + [r.choices[0].message,
+               {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "sunny"})}]
+a = client.chat.completions.create(model=model, messages=history, tools=tools, max_tokens=40, temperature=0)
+m = a.choices[0].message
+check(m.content or m.tool_calls, f"the tool-result turn answers: {m}")
+if smollm2:
+    check(m.content and not m.tool_calls and a.choices[0].finish_reason == "stop", f"{a.choices[0]}")
+summary["tool_answer"] = m.content
 
 # an error is an OpenAI error: the SDK raises BadRequestError with the field named
 try:
