@@ -15,12 +15,16 @@ fn tiny(dir: &Path) -> PathBuf {
     p
 }
 
+/// The repository (cargo's run-time `CARGO_MANIFEST_DIR` first: a test binary reused from a
+/// clone elsewhere that shares the target folder would read that clone's files).
+fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn tool_template() -> String {
-    std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/templates/chatml-tools.jinja"
-    ))
-    .unwrap()
+    std::fs::read_to_string(repo().join("templates/chatml-tools.jinja")).unwrap()
 }
 
 fn weather() -> Value {
@@ -97,9 +101,9 @@ fn the_tool_template_gives_llama_cpps_grammar_triggers_and_parser() {
     assert_eq!(req.prompt, format!("{}<tool_call>\n", auto.prompt));
     let tok = Tokenizer::load(&model).unwrap();
     assert_eq!(
-        tok.detokenize(&req.grammar_prefill_tokens).trim_start(),
-        "assistant\n<tool_call>\n",
-        "the prefill is the generation prompt and the prefix (the control token renders empty)"
+        req.grammar_prefill_tokens,
+        tok.tokenize("<|im_start|>assistant\n<tool_call>\n", false, true),
+        "the prefill is the generation prompt and the prefix"
     );
     // tool_choice none: no grammar
     input.tool_choice = ToolChoice::None;
@@ -154,5 +158,45 @@ fn malformed_conversations_get_llama_cpps_reason() {
     let e = t.apply(&ChatInput::messages(&bad)).unwrap_err();
     assert!(e.0.contains("Missing tool call name"), "{e}");
     let e = ChatTemplates::open(&tiny(dir.path()), Some("{% for %}")).unwrap_err();
-    assert!(!e.0.is_empty());
+    assert!(
+        e.0.starts_with("the Jinja template does not parse: "),
+        "{e}"
+    );
+    assert!(
+        e.0.len() > "the Jinja template does not parse: ".len() + 3,
+        "{e}"
+    );
+}
+
+#[test]
+fn the_tool_call_limit_sees_a_second_call_begin() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = ChatTemplates::open(&tiny(dir.path()), Some(&tool_template())).unwrap();
+    let msgs = json!([{"role": "user", "content": "weather?"}]);
+    let tools = weather();
+    let mut input = ChatInput::messages(&msgs);
+    input.tools = Some(&tools);
+    let limit = drllm_engine::ToolCallLimit {
+        chat: std::sync::Arc::new(t.apply(&input).unwrap()),
+        answer_prefix: String::new(),
+        max_calls: 1,
+    };
+    let one = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    assert!(!limit.exceeded_by(&one[..30]).unwrap());
+    assert!(!limit.exceeded_by(one).unwrap());
+    assert!(!limit.exceeded_by(&format!("{one}\n")).unwrap());
+    // a second call counts once llama.cpp's parser has its name
+    assert!(!limit
+        .exceeded_by(&format!("{one}\n<tool_call>\n{{\"na"))
+        .unwrap());
+    let second = format!("{one}\n<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{");
+    assert!(limit.exceeded_by(&second).unwrap());
+    // the answer prefix counts as the answer's start
+    let prefixed = drllm_engine::ToolCallLimit {
+        answer_prefix: "<tool_call>\n".into(),
+        ..limit.clone()
+    };
+    assert!(prefixed
+        .exceeded_by(&second["<tool_call>\n".len()..])
+        .unwrap());
 }

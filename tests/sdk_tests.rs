@@ -12,8 +12,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The repository (cargo's run-time `CARGO_MANIFEST_DIR` first: a test binary reused from a
+/// clone elsewhere that shares the target folder would read that clone's files).
+fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// drllm's ChatML template with tool calls (SmolLM2's own has none).
-const TOOL_TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/templates/chatml-tools.jinja");
+fn tool_template() -> String {
+    repo()
+        .join("templates/chatml-tools.jinja")
+        .to_string_lossy()
+        .into_owned()
+}
 
 struct Daemon(Child);
 
@@ -92,7 +105,7 @@ fn serve(model: &Path, extra: &[&str]) -> (Daemon, u16) {
 
 /// Runs the check script against the server; gives its JSON summary.
 fn openai_check(sdk: &Path, port: u16, extra: &[&str]) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_check.py");
+    let script = repo().join("tests/sdk/openai_check.py");
     let o = Command::new("python3")
         .arg(&script)
         .arg(format!("http://127.0.0.1:{port}/v1"))
@@ -121,7 +134,7 @@ fn the_openai_sdk_drives_every_feature_on_a_tiny_model() {
             "--model-alias",
             "tiny-one,tiny-two",
             "--chat-template-file",
-            TOOL_TEMPLATE,
+            &tool_template(),
         ],
     );
     let v = openai_check(&sdk, port, &[]);
@@ -136,7 +149,7 @@ fn the_openai_sdk_scores_paris_above_london_and_calls_a_tool_on_smollm2() {
     let Some(model) = real_model(SMOLLM2) else {
         return;
     };
-    let (_d, port) = serve(&model, &["--chat-template-file", TOOL_TEMPLATE]);
+    let (_d, port) = serve(&model, &["--chat-template-file", &tool_template()]);
     let v = openai_check(&sdk, port, &["--smollm2"]);
     assert!(
         v["paris"].as_f64().unwrap() > v["london"].as_f64().unwrap(),

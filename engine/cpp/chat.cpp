@@ -166,23 +166,42 @@ void drllm_chat_string_free(char * s) {
 // initialised) and its chat templates, as llama-server does; `template_override` (Jinja
 // source, empty for none) replaces the file's, as llama-server's --chat-template-file does.
 drllm_chat * drllm_chat_open(const char * path, const char * template_override, char ** err) {
+    const std::string tmpl = template_override ? template_override : "";
+    if (!tmpl.empty()) {
+        // parsed here first for the message: common_chat_templates_init rethrows a parse error
+        // as a plain std::exception
+        try {
+            jinja::lexer lexer;
+            auto         tokens = lexer.tokenize(tmpl);
+            (void) jinja::parse_from_tokens(tokens);
+        } catch (const std::exception & e) {
+            set_error(err, std::string("the Jinja template does not parse: ") + e.what());
+            return nullptr;
+        } catch (...) {
+            set_error(err, "the Jinja template does not parse");
+            return nullptr;
+        }
+    }
+    llama_model * model = nullptr;
     try {
         llama_model_params mp = llama_model_default_params();
         mp.vocab_only         = true;
-        llama_model * model   = llama_model_load_from_file(path, mp);
+        model                 = llama_model_load_from_file(path, mp);
         if (!model) {
             set_error(err, std::string("llama.cpp could not load the vocabulary of ") + path);
             return nullptr;
         }
-        auto * chat      = new drllm_chat();
-        chat->model      = model;
-        chat->templates  = common_chat_templates_init(model, template_override ? template_override : "");
+        common_chat_templates_ptr templates = common_chat_templates_init(model, tmpl);
+        auto * chat                         = new drllm_chat();
+        chat->model                         = model;
+        chat->templates                     = std::move(templates);
         return chat;
     } catch (const std::exception & e) {
-        set_error(err, e.what());
+        set_error(err, std::string("the chat template: ") + e.what());
     } catch (...) {
         set_error(err, "unknown C++ exception while reading the chat template");
     }
+    llama_model_free(model);
     return nullptr;
 }
 
@@ -242,7 +261,7 @@ char * drllm_chat_apply(const drllm_chat * chat, const char * request, char ** e
         in.add_generation_prompt = req.value("add_generation_prompt", true);
         in.enable_thinking       = req.value("enable_thinking", true);
         in.reasoning_format      = COMMON_REASONING_FORMAT_DEEPSEEK;
-        in.use_jinja             = true;
+        in.use_jinja             = req.value("use_jinja", true);
 
         common_chat_params p = common_chat_templates_apply(chat->templates.get(), in);
         const std::string answer_prefix = req.value("answer_prefix", std::string());
@@ -256,7 +275,13 @@ char * drllm_chat_apply(const drllm_chat * chat, const char * request, char ** e
         out["format"]            = static_cast<int>(p.format);
         out["format_name"]       = std::string(common_chat_format_name(p.format));
         out["parser"]            = p.parser;
-        out["supports_thinking"] = p.supports_thinking;
+        out["supports_thinking"]  = p.supports_thinking;
+        out["thinking_start_tag"] = p.thinking_start_tag;
+        common_json end_tags      = common_json::array();
+        for (const auto & t : p.thinking_end_tags) {
+            end_tags.push_back(t);
+        }
+        out["thinking_end_tags"] = end_tags;
         common_json triggers     = common_json::array();
         for (const auto & t : p.grammar_triggers) {
             common_json o = common_json::object();
@@ -327,19 +352,29 @@ char * drllm_chat_parser_feed(drllm_chat_parser * p, const char * text, bool par
         common_chat_msg msg = common_chat_parse(text, partial, p->params);
         msg.role            = "assistant";
         common_json diffs   = common_json::array();
-        for (const auto & d : common_chat_msg_diff::compute_diffs(p->previous, msg)) {
-            common_json o                = common_json::object();
-            o["content_delta"]           = d.content_delta;
-            o["reasoning_content_delta"] = d.reasoning_content_delta;
-            o["tool_call_index"] =
-                d.tool_call_index == std::string::npos ? static_cast<int64_t>(-1) : static_cast<int64_t>(d.tool_call_index);
-            o["tool_call"] = tool_call_json(d.tool_call_delta);
-            diffs.push_back(o);
+        std::string diff_error;
+        try {
+            for (const auto & d : common_chat_msg_diff::compute_diffs(p->previous, msg)) {
+                common_json o                = common_json::object();
+                o["content_delta"]           = d.content_delta;
+                o["reasoning_content_delta"] = d.reasoning_content_delta;
+                o["tool_call_index"]         = d.tool_call_index == std::string::npos ?
+                                                   static_cast<int64_t>(-1) :
+                                                   static_cast<int64_t>(d.tool_call_index);
+                o["tool_call"]               = tool_call_json(d.tool_call_delta);
+                diffs.push_back(o);
+            }
+        } catch (const std::exception & e) {
+            // the new parse does not extend the previous one (llama.cpp refuses to diff): the
+            // message still stands, and the next diff is against it
+            diffs      = common_json::array();
+            diff_error = e.what();
         }
-        common_json out = common_json::object();
-        out["message"]  = msg_json(msg);
-        out["diffs"]    = diffs;
-        p->previous     = msg;
+        common_json out   = common_json::object();
+        out["message"]    = msg_json(msg);
+        out["diffs"]      = diffs;
+        out["diff_error"] = diff_error;
+        p->previous       = msg;
         return dup_string(out.dump());
     } catch (const std::exception & e) {
         set_error(err, e.what());

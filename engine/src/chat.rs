@@ -184,6 +184,9 @@ pub struct ChatPrompt {
     /// The output parser, serialised.
     pub parser: String,
     pub supports_thinking: bool,
+    /// The format's reasoning tags (e.g. `<think>`, `</think>`).
+    pub thinking_start_tag: String,
+    pub thinking_end_tags: Vec<String>,
     /// The preserved texts that are one token each: generated, they come out as text.
     pub preserved_token_ids: Vec<i32>,
     /// The lazy grammar's triggers as the sampler takes them (regexes, and tokens).
@@ -205,7 +208,11 @@ impl std::fmt::Debug for ChatTemplates {
 }
 
 // SAFETY: after loading, the templates are only read (`common_chat_templates_apply` takes
-// them const and renders in a context of its own); the vocabulary is read-only.
+// them const, the autoparser and the specialised formats take the template const, and each
+// render builds its own Jinja context; llama.cpp's runtime states that the AST is shared
+// between threads). The vocabulary is read-only. One shared thing remains, as in
+// llama-server: Jinja's `strftime_now` goes through `std::localtime`'s static buffer, so two
+// renders at the same instant could read each other's broken-down time.
 unsafe impl Send for ChatTemplates {}
 unsafe impl Sync for ChatTemplates {}
 
@@ -266,8 +273,24 @@ impl ChatTemplates {
     /// Renders a conversation (llama.cpp's `common_chat_templates_apply`, Jinja, reasoning
     /// parsed as llama-server's default `deepseek` does). The error is llama.cpp's message
     /// (a malformed message or tool, a template that fails).
+    ///
+    /// A conversation without tools whose template llama.cpp renders but cannot derive an
+    /// output parser for ("Unable to generate parser") is rendered by llama.cpp's built-in
+    /// formatter instead (its non-Jinja path, `use_jinja` false), the answer read as plain
+    /// content, so such a model still chats.
     pub fn apply(&self, input: &ChatInput<'_>) -> Result<ChatPrompt, ChatError> {
+        match self.apply_with(input, true) {
+            Err(e) if input.tools.is_none() && e.0.contains("Unable to generate parser") => {
+                eprintln!("[drllm] chat template: {e}; using llama.cpp's built-in formatter");
+                self.apply_with(input, false)
+            }
+            r => r,
+        }
+    }
+
+    fn apply_with(&self, input: &ChatInput<'_>, jinja: bool) -> Result<ChatPrompt, ChatError> {
         let mut req = serde_json::json!({
+            "use_jinja": jinja,
             "messages": input.messages,
             "tool_choice": input.tool_choice.as_str(),
             "parallel_tool_calls": input.parallel_tool_calls,
@@ -325,6 +348,8 @@ pub struct MessageDiff {
 struct Fed {
     message: ParsedMessage,
     diffs: Vec<MessageDiff>,
+    /// Why llama.cpp could not diff this parse against the previous one (empty: it could).
+    diff_error: String,
 }
 
 /// Parses one answer as it grows (llama.cpp's `common_chat_parse`), giving the message and
@@ -358,7 +383,9 @@ impl ChatParser {
         }
     }
 
-    /// Parses the whole text generated so far (`partial` while generation goes on).
+    /// Parses the whole text generated so far (`partial` while generation goes on). When a
+    /// parse does not extend the previous one (llama.cpp refuses to diff them), the message
+    /// comes with no diffs, and the next call diffs against it.
     pub fn feed(
         &mut self,
         text: &str,
@@ -371,6 +398,9 @@ impl ChatParser {
             unsafe { drllm_chat_parser_feed(self.raw.as_ptr(), t.as_ptr(), partial, &mut err) };
         let fed: Fed = serde_json::from_str(&take(out, err)?)
             .map_err(|e| ChatError(format!("the chat shim answered unreadable JSON: {e}")))?;
+        if !fed.diff_error.is_empty() && std::env::var_os("DRLLM_VERBOSE").is_some() {
+            eprintln!("[drllm] chat parser: {}", fed.diff_error);
+        }
         Ok((fed.message, fed.diffs))
     }
 }

@@ -44,6 +44,16 @@ pub struct ToolCallLimit {
     pub max_calls: usize,
 }
 
+impl ToolCallLimit {
+    /// Whether `answer` (the text generated so far) begins a call beyond the limit, as the
+    /// generation checks it after each token (a fresh parser; the generation keeps one).
+    pub fn exceeded_by(&self, answer: &str) -> std::result::Result<bool, crate::chat::ChatError> {
+        let mut p = crate::chat::ChatParser::new(&self.chat, true)?;
+        let (m, _) = p.feed(&format!("{}{answer}", self.answer_prefix), true)?;
+        Ok(m.tool_calls.len() > self.max_calls)
+    }
+}
+
 /// A [`ToolCallLimit`] with its parser.
 struct CallLimit {
     parser: crate::chat::ChatParser,
@@ -53,11 +63,17 @@ struct CallLimit {
 
 impl CallLimit {
     fn new(l: &ToolCallLimit) -> Option<CallLimit> {
-        Some(CallLimit {
-            parser: crate::chat::ChatParser::new(&l.chat, true).ok()?,
-            prefix: l.answer_prefix.clone(),
-            max_calls: l.max_calls,
-        })
+        match crate::chat::ChatParser::new(&l.chat, true) {
+            Ok(parser) => Some(CallLimit {
+                parser,
+                prefix: l.answer_prefix.clone(),
+                max_calls: l.max_calls,
+            }),
+            Err(e) => {
+                eprintln!("[drllm] no tool-call limit for this answer (the parser: {e})");
+                None
+            }
+        }
     }
 
     /// Whether `text` (the answer so far) begins a call beyond the limit.

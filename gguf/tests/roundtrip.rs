@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::{sample_bytes, sample_writer};
 use drllm_gguf::{GgmlType, GgufError, GgufFile, GgufWriter, TensorSource, Value, ValueType};
@@ -277,8 +277,13 @@ fn value_accessors() {
     assert_eq!(ValueType::from_id(13), None);
 }
 
-fn models_dir() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"))
+/// `../models` from cargo's run-time `CARGO_MANIFEST_DIR` (a binary reused from a clone
+/// elsewhere would look in that clone's).
+fn models_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../models")
 }
 
 #[test]

@@ -82,10 +82,14 @@ impl std::fmt::Display for HouseError {
 
 impl std::error::Error for HouseError {}
 
-/// The workspace root (the folder above this crate).
+/// The workspace root (the folder above this crate). Cargo's `CARGO_MANIFEST_DIR` of the run
+/// first (`cargo run`, `cargo test` set it): a build reused from a clone of the workspace at
+/// another place, sharing the target folder, would otherwise check that clone's sources.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
 }

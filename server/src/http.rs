@@ -524,10 +524,12 @@ fn render_chat(r: &Ready, messages: &Value, tools: Option<&Tools>) -> Result<Ren
             tool_choice: ToolChoice::Auto,
             ..input.clone()
         })?;
+        // not inside a reasoning block the generation prompt opens: the tag would be reasoning
         if let Some(m) = auto
             .grammar_triggers
             .iter()
             .find(|t| t.kind == "word" && !t.value.is_empty())
+            .filter(|_| !reasoning_open(&auto))
         {
             answer_prefix = m.value.clone();
         }
@@ -541,6 +543,23 @@ fn render_chat(r: &Ready, messages: &Value, tools: Option<&Tools>) -> Result<Ren
         prompt: p,
         answer_prefix: answer_prefix.clone(),
     })
+}
+
+/// Whether the answer starts inside a reasoning block: the generation prompt opens one (its
+/// last thinking tag is the start tag).
+fn reasoning_open(p: &ChatPrompt) -> bool {
+    let start = p.thinking_start_tag.trim();
+    if !p.supports_thinking || start.is_empty() {
+        return false;
+    }
+    let Some(opened) = p.generation_prompt.rfind(start) else {
+        return false;
+    };
+    !p.thinking_end_tags
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .any(|t| p.generation_prompt[opened..].contains(t))
 }
 
 /// Turns the request into prompt tokens, checked against the context (a chat: rendered by
@@ -1353,6 +1372,34 @@ async fn send_end(tx: &mpsc::Sender<Bytes>, chunks: &mut Chunks, o: &Outcome, in
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generation_prompt_that_opens_reasoning_is_seen() {
+        let prompt = |gp: &str, thinking: bool| -> ChatPrompt {
+            serde_json::from_value(json!({
+                "prompt": "", "grammar": "", "grammar_lazy": false, "grammar_triggers": [],
+                "preserved_tokens": [], "additional_stops": [], "generation_prompt": gp,
+                "format": 2, "format_name": "peg-native", "parser": "",
+                "supports_thinking": thinking, "thinking_start_tag": "<think>",
+                "thinking_end_tags": ["</think>"], "preserved_token_ids": [],
+                "trigger_patterns": [], "trigger_tokens": [], "grammar_prefill_tokens": [],
+            }))
+            .unwrap()
+        };
+        assert!(reasoning_open(&prompt(
+            "<|im_start|>assistant\n<think>\n",
+            true
+        )));
+        assert!(!reasoning_open(&prompt(
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            true
+        )));
+        assert!(!reasoning_open(&prompt("<|im_start|>assistant\n", true)));
+        assert!(!reasoning_open(&prompt(
+            "<|im_start|>assistant\n<think>\n",
+            false
+        )));
+    }
 
     #[test]
     fn every_route_is_found_by_its_path_and_labelled_once() {

@@ -20,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod embeddings;
+pub mod error;
 pub mod http;
 pub mod logprobs;
 pub mod metrics;

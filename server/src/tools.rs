@@ -4,7 +4,7 @@
 //! prompt, the grammar and the parser are comes from llama.cpp's chat layer
 //! ([`drllm_engine::ChatTemplates`]); nothing here knows a model's tool-call format.
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 use drllm_engine::{ChatParser, ChatPrompt, MessageDiff, ParsedMessage, Tokenizer, ToolChoice};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2345,7 +2345,11 @@ fn echo_logprobs_score_a_continuation_on_smollm2() {
 
 /// The tool template drllm ships (ChatML with tool calls).
 fn tool_template() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/chatml-tools.jinja")
+    // cargo's run-time CARGO_MANIFEST_DIR first (a binary reused from a clone elsewhere)
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../templates/chatml-tools.jinja")
 }
 
 fn weather_tools() -> Value {

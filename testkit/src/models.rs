@@ -13,12 +13,23 @@ pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 /// Set to `1`: a missing model file fails the test that needs it.
 pub const REQUIRE_MODELS_ENV: &str = "DRLLM_REQUIRE_MODELS";
 
+/// The workspace root, found at run time: the first folder holding `Cargo.lock` above cargo's
+/// `CARGO_MANIFEST_DIR` of the running test (a build reused from a clone of the workspace at
+/// another place, sharing the target folder, would otherwise look in that clone).
+pub fn workspace_root() -> PathBuf {
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    start
+        .ancestors()
+        .find(|d| d.join("Cargo.lock").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| start.parent().unwrap_or(Path::new(".")).to_path_buf())
+}
+
 /// The workspace's `models/` folder.
 pub fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("models")
+    workspace_root().join("models")
 }
 
 /// Whether missing model files fail tests (`DRLLM_REQUIRE_MODELS=1`).

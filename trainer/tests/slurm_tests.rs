@@ -15,7 +15,11 @@ const SHARDS: usize = 4;
 const QUESTIONS: usize = 16;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    // cargo's run-time CARGO_MANIFEST_DIR first (a binary reused from a clone elsewhere)
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
 }
 
 /// Questions SmolLM2 can be searched on (the tiny test models' vocabulary has no letter
